@@ -56,16 +56,21 @@ class DiffusionHost(Protocol):
     def predict_noise(
         self,
         latents: torch.Tensor,
-        timestep: int,
+        timestep: int | torch.Tensor,
         conditioning: object,
         attention: AttentionRequest | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """epsilon for every row of ``latents`` (B, C, h, w) at ``timestep`` under ``conditioning``.
+        """float32 epsilon for every row of ``latents`` (B, C, h, w) at ``timestep``.
 
-        With ``attention``, also returns maps of shape (len(attention.rows), h/4, w/4): the
+        ``timestep`` is a Python int or a 0-dim integer tensor on ``device`` (the latter avoids a
+        host-to-device copy per step). ``conditioning`` comes from ``encode_prompts`` with B rows.
+        Size-dependent conditioning (SDXL's micro-conditioning: original and target size (H, W),
+        crop (0, 0)) is derived from the latent shape.
+
+        With ``attention``, also returns float32 maps of shape (len(attention.rows), h/4, w/4): the
         softmax probabilities of the requested columns, summed over those columns and averaged
         over heads and over the cross-attention layers at latent/4 resolution in the down and up
-        blocks (the mid block excluded). Everything stays on the device.
+        blocks (the mid block excluded). Everything stays on the device: no host syncs.
         """
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,306 @@
+"""``DiffusionHost`` for a diffusers SDXL UNet, its two CLIP text encoders and its VAE.
+
+Prompt encoding is SDXL's: the penultimate hidden states of both text encoders concatenated
+(768 + 1280 = 2048 wide), the pooled projection of the second encoder, and for the empty prompt
+all zeros (``force_zeros_for_empty_prompt``). The micro-conditioning ``time_ids`` are
+(H, W, 0, 0, H, W) in pixels, height first. diffusers' LEDITS++ SDXL pipeline passes (W, H)
+there, which is wrong for non-square images; we derive (H, W) from the latent shape.
+
+Cross-attention capture: only while a call to ``predict_noise`` carries an ``AttentionRequest``,
+the attn2 layers at latent/4 resolution in the down and up blocks get a processor that computes
+the layer's normal output with SDPA and, on the side, softmax(q k^T * scale) for the requested
+rows only, reduced at once to the summed token columns and averaged over heads. Those maps are
+summed over layers on the device and averaged at the end. The layers' own processors are put
+back when the call returns, even when it raises; every other layer is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from csg.errors import CSGError, InputError, WeightsMissingError
+from csg.host import AttentionRequest
+
+SDXL_DOWNLOAD_HINT = (
+    "Download the SDXL base 1.0 model in diffusers format, e.g. "
+    "`huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0 --local-dir {folder}`"
+)
+SDXL_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+ATTENTION_LEVEL = 4  # CSG's cross-attention maps come from the layers at latent/4 resolution
+
+
+def scaled_linear_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012,
+                                 num_train_timesteps: int = 1000) -> torch.Tensor:
+    """SDXL's training noise schedule (diffusers' "scaled_linear"), float32 like diffusers computes it."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+@dataclass(frozen=True)
+class SDXLConditioning:
+    prompt_embeds: torch.Tensor  # (B, 77, 2048)
+    pooled_embeds: torch.Tensor  # (B, 1280)
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+
+def request_tensors(request: AttentionRequest, key_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices (R,) and a 0/1 column selector (R, key_length) for one request."""
+    selector = torch.zeros(len(request.rows), key_length)
+    for i, columns in enumerate(request.token_columns):
+        selector[i, list(columns)] = 1.0
+    return torch.tensor(request.rows, dtype=torch.long).to(device), selector.to(device)
+
+
+class _AttentionCapture:
+    """Sums, over the layers it is installed on, the head-averaged probability of the selected columns."""
+
+    def __init__(self, rows: torch.Tensor, selector: torch.Tensor) -> None:
+        self.rows, self.selector = rows, selector
+        self.total: torch.Tensor | None = None
+        self.layers = 0
+
+    def add(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        q = query.index_select(0, self.rows).float()  # (R, heads, Q, d)
+        k = key.index_select(0, self.rows).float()  # (R, heads, L, d)
+        probs = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # all columns normalise
+        selected = torch.einsum("rhql,rl->rq", probs, self.selector) / probs.shape[1]
+        self.total = selected if self.total is None else self.total + selected
+        self.layers += 1
+
+    def maps(self, height: int, width: int) -> torch.Tensor:
+        return (self.total / self.layers).view(len(self.rows), height, width)
+
+
+class _CapturingCrossAttention:
+    """SDXL cross-attention (attn2) with SDPA output plus probability capture for a few rows."""
+
+    def __init__(self, capture: _AttentionCapture) -> None:
+        self.capture = capture
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        batch = hidden_states.shape[0]
+        context = encoder_hidden_states
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query = attn.to_q(hidden_states)
+        key, value = attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        self.capture.add(query, key, attn.scale)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+def latent4_cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, Attention]:
+    """The attn2 modules at latent/4 resolution: down block 2 and the mirrored up block (mid excluded)."""
+    levels = len(unet.config.block_out_channels)
+    depth = ATTENTION_LEVEL.bit_length() - 1  # 4 = 2**2: two downsamplings
+    prefixes = (f"down_blocks.{depth}.", f"up_blocks.{levels - 1 - depth}.")
+    return {name: module for name, module in unet.named_modules()
+            if isinstance(module, Attention) and name.endswith("attn2") and name.startswith(prefixes)}
+
+
+class DiffusersSDXLHost:
+    """A ``csg.host.DiffusionHost`` over diffusers SDXL components (epsilon prediction)."""
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+                 text_encoder_2: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer, tokenizer_2: CLIPTokenizer,
+                 vae: AutoencoderKL, alphas_cumprod: torch.Tensor | None = None) -> None:
+        self.unet, self.vae = unet, vae
+        self.text_encoders = (text_encoder, text_encoder_2)
+        self.tokenizers = (tokenizer, tokenizer_2)
+        self.device, self.dtype = unet.device, unet.dtype
+        if alphas_cumprod is None:
+            alphas_cumprod = scaled_linear_alphas_cumprod()
+        self.alphas_cumprod = alphas_cumprod.to(self.device, torch.float32)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_multiple = 2 ** (len(unet.config.block_out_channels) - 1)
+        self.capture_layers = latent4_cross_attention_layers(unet)
+        self._time_ids: dict[tuple[int, int], torch.Tensor] = {}
+        self._request_cache: tuple[object, tuple[torch.Tensor, torch.Tensor] | None] = (None, None)
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_components(cls, components, alphas_cumprod: torch.Tensor | None = None) -> "DiffusersSDXLHost":
+        """From anything with unet, text_encoder(_2), tokenizer(_2) and vae attributes (e.g. SDXLComponents)."""
+        c = components
+        return cls(c.unet, c.text_encoder, c.text_encoder_2, c.tokenizer, c.tokenizer_2, c.vae, alphas_cumprod)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "DiffusersSDXLHost":
+        """Load a diffusers-format SDXL folder from local files only (never downloads)."""
+        folder = Path(folder)
+        missing = [sub for sub in SDXL_SUBFOLDERS if not (folder / sub).is_dir()]
+        if missing:
+            raise WeightsMissingError(
+                f"The SDXL folder {folder} lacks {', '.join(s + '/' for s in missing)}. "
+                + SDXL_DOWNLOAD_HINT.format(folder=folder) + "."
+            )
+        local = dict(local_files_only=True)
+        try:
+            unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **local)
+            vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # SDXL's VAE overflows in fp16
+            vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype, **local)
+            text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, **local)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=dtype, **local)
+            tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **local)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **local)
+        except (OSError, EnvironmentError) as exc:
+            raise WeightsMissingError(
+                f"Could not load SDXL from {folder}: {exc}. " + SDXL_DOWNLOAD_HINT.format(folder=folder) + "."
+            ) from None
+        alphas_cumprod = None
+        scheduler_config = folder / "scheduler" / "scheduler_config.json"
+        if scheduler_config.is_file():
+            config = json.loads(scheduler_config.read_text())
+            if config.get("beta_schedule", "scaled_linear") != "scaled_linear":
+                raise InputError(f"{scheduler_config}: only SDXL's 'scaled_linear' beta schedule is supported.")
+            alphas_cumprod = scaled_linear_alphas_cumprod(config.get("beta_start", 0.00085),
+                                                          config.get("beta_end", 0.012),
+                                                          config.get("num_train_timesteps", 1000))
+        modules = [unet, vae, text_encoder, text_encoder_2]
+        for m in modules:
+            m.to(device).requires_grad_(False).eval()
+        return cls(unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, vae, alphas_cumprod)
+
+    @classmethod
+    def from_single_file(cls, path: str | Path, config_folder: str | Path, device: str | torch.device = "cpu",
+                         dtype: torch.dtype = torch.float32) -> "DiffusersSDXLHost":
+        """Load an SDXL checkpoint file (.safetensors, as ComfyUI uses) from local files only.
+
+        A single file holds weights but no tokenizers or configs, so ``config_folder`` must be a
+        diffusers-format SDXL folder holding at least the JSON configs and both tokenizers.
+        """
+        path, config_folder = Path(path), Path(config_folder)
+        if not path.is_file():
+            raise WeightsMissingError(
+                f"The SDXL checkpoint {path} does not exist. Put an SDXL base checkpoint there, e.g. "
+                "sd_xl_base_1.0.safetensors from stabilityai/stable-diffusion-xl-base-1.0."
+            )
+        needed = ["model_index.json", *(f"{s}/config.json" for s in ("unet", "vae", "text_encoder", "text_encoder_2")),
+                  "tokenizer/vocab.json", "tokenizer_2/vocab.json"]
+        missing = [n for n in needed if not (config_folder / n).is_file()]
+        if missing:
+            raise WeightsMissingError(
+                f"The SDXL config folder {config_folder} lacks {', '.join(missing)}. Get the configs and tokenizers "
+                "(no weights needed) with `huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0 "
+                f"--include '*.json' '*.txt' --local-dir {config_folder}`."
+            )
+        from diffusers import StableDiffusionXLPipeline  # only this path needs the pipeline's converters
+
+        pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(config_folder), torch_dtype=dtype,
+                                                          local_files_only=True)
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            m.to(device).requires_grad_(False).eval()
+        if dtype == torch.float16:
+            pipe.vae.to(torch.float32)
+        return cls(pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2, pipe.vae,
+                   pipe.scheduler.alphas_cumprod if hasattr(pipe.scheduler, "alphas_cumprod") else None)
+
+    # -- text ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> SDXLConditioning:
+        prompts = list(prompts)
+        hidden = []
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(self.device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        embeds = torch.cat(hidden, dim=-1).to(self.dtype)
+        pooled = out.text_embeds.to(self.dtype)  # the second encoder's projection
+        keep = torch.tensor([p != "" for p in prompts]).to(self.device)  # "" is SDXL's all-zero uncond
+        return SDXLConditioning(torch.where(keep[:, None, None], embeds, 0.0), torch.where(keep[:, None], pooled, 0.0))
+
+    def token_indices(self, prompt: str) -> list[int]:
+        lengths = set()
+        for tokenizer in self.tokenizers:
+            ids = tokenizer(prompt, truncation=False).input_ids  # [BOS, tokens..., EOS]
+            if len(ids) > tokenizer.model_max_length:
+                raise InputError(
+                    f"The prompt {prompt!r} has {len(ids) - 2} tokens; the text encoder takes at most "
+                    f"{tokenizer.model_max_length - 2}. Shorten it."
+                )
+            lengths.add(len(ids) - 2)
+        if len(lengths) != 1:
+            raise InputError(f"The two SDXL tokenizers split {prompt!r} differently; they must share a vocabulary.")
+        return list(range(1, lengths.pop() + 1))
+
+    # -- denoiser ------------------------------------------------------------------------------------
+
+    def _time_ids_for(self, latent_height: int, latent_width: int) -> torch.Tensor:
+        size = (latent_height * self.vae_scale_factor, latent_width * self.vae_scale_factor)
+        if size not in self._time_ids:
+            original, crop, target = size, (0, 0), size
+            self._time_ids[size] = torch.tensor([[*original, *crop, *target]], dtype=self.dtype).to(self.device)
+        return self._time_ids[size]
+
+    @contextmanager
+    def _capturing(self, request: AttentionRequest | None, key_length: int) -> Iterator[_AttentionCapture | None]:
+        if request is None:
+            yield None
+            return
+        if not self.capture_layers:
+            raise CSGError("This UNet has no cross-attention at latent/4 resolution, so CSG's attention masks "
+                           "cannot be computed. Use an SDXL-shaped UNet or the 'noise' mask mode.")
+        if self._request_cache[0] != (request, key_length):  # a loop repeats one request every step
+            self._request_cache = ((request, key_length), request_tensors(request, key_length, self.device))
+        capture = _AttentionCapture(*self._request_cache[1])
+        saved = {name: module.processor for name, module in self.capture_layers.items()}
+        for name, processor in saved.items():
+            if type(processor) not in (AttnProcessor2_0, AttnProcessor):
+                raise CSGError(f"The UNet layer {name} uses a custom attention processor ({type(processor).__name__}); "
+                               "CSG can only capture attention on the default processors.")
+        processor = _CapturingCrossAttention(capture)
+        try:
+            for module in self.capture_layers.values():
+                module.processor = processor
+            yield capture
+        finally:
+            for name, module in self.capture_layers.items():
+                module.processor = saved[name]
+
+    @torch.no_grad()
+    def predict_noise(self, latents: torch.Tensor, timestep: int | torch.Tensor, conditioning: SDXLConditioning,
+                      attention: AttentionRequest | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, _, height, width = latents.shape
+        if len(conditioning) != batch:
+            raise InputError(f"{batch} latent rows but {len(conditioning)} conditioning rows; they must match.")
+        added = {"text_embeds": conditioning.pooled_embeds,
+                 "time_ids": self._time_ids_for(height, width).expand(batch, -1)}
+        with self._capturing(attention, conditioning.prompt_embeds.shape[1]) as capture:
+            eps = self.unet(latents.to(self.dtype), timestep, encoder_hidden_states=conditioning.prompt_embeds,
+                            added_cond_kwargs=added, return_dict=False)[0]
+        maps = None if capture is None else capture.maps(height // ATTENTION_LEVEL, width // ATTENTION_LEVEL)
+        return eps.float(), maps
+
+    # -- pixels --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = (images.to(self.device, self.vae.dtype) * 2.0 - 1.0)
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        return latents.float() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        pixels = self.vae.decode(latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0)
