@@ -218,3 +218,36 @@ def test_missing_weights_name_what_to_get_and_where(tmp_path):
     checkpoint.write_bytes(b"")
     with pytest.raises(WeightsMissingError, match=r"model_index\.json.*--include"):
         DiffusersSDXLHost.from_single_file(checkpoint, tmp_path)
+
+
+def test_non_square_images_edit_end_to_end(tiny_host):
+    inversion = invert(tiny_host, sample_image(64, 96), "a photo", num_steps=6)
+    assert inversion.image_size == (64, 96) and inversion.x0.shape == (1, 4, 32, 48)
+    result = edit(tiny_host, inversion, [EditSpec((ConceptTerm("black hair", warmup=1),))])
+    assert result.latents.shape == (1, 4, 32, 48) and result.masks[0].shape == (1, 32, 48)
+    assert tiny_host.decode_latents(result.latents).shape == (1, 3, 64, 96)
+
+
+# -- the random SDXL builder ---------------------------------------------------------------------------
+
+
+def test_tiny_components_are_deterministic_under_a_seed():
+    from csg.random_sdxl import build_sdxl_components
+
+    a, b, c = (build_sdxl_components("tiny", seed=s).text_encoder_2.state_dict() for s in (1, 1, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_full_size_configs_are_sdxl_base():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from csg.random_sdxl import clip_tokenizer, text_configs, unet_config, vae_config
+
+    tokenizer = clip_tokenizer("full")
+    config_1, config_2 = text_configs("full", len(tokenizer))
+    with torch.device("meta"):
+        parts = [UNet2DConditionModel(**unet_config("full")), CLIPTextModel(config_1),
+                 CLIPTextModelWithProjection(config_2), AutoencoderKL(**vae_config("full"))]
+    millions = [round(sum(p.numel() for p in m.parameters()) / 1e6) for m in parts]
+    assert len(tokenizer) == 49408 and millions == [2567, 123, 695, 84]
