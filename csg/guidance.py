@@ -212,20 +212,22 @@ def plan_guidance(host: DiffusionHost, specs: Sequence[EditSpec], num_steps: int
     owner, uncond, source, term_rows, term_owner, protect_rows, protect_owner = [], [], [], [], [], [], []
     terms: list[ConceptTerm] = []
     columns: dict[int, tuple[int, ...]] = {}
+
+    def add_row(prompt: str, intervention: int) -> int:
+        prompts.append(prompt)
+        owner.append(intervention)
+        return len(prompts) - 1
+
     for k, spec in enumerate(specs):
         if not spec.terms and not allow_empty:
             raise InputError(f"Intervention {k} has no concept to guide. Give at least one ConceptTerm "
                              "(the target concept's new value).")
-        def add_row(prompt: str) -> int:
-            prompts.append(prompt)
-            owner.append(k)
-            return len(prompts) - 1
-        uncond.append(add_row(""))
+        uncond.append(add_row("", k))
         if source_prompt is not None:
-            source.append(add_row(source_prompt))
+            source.append(add_row(source_prompt, k))
         for j, term in enumerate(spec.terms):
             _check_term(term, f"Intervention {k}, term {j} ({term.label or term.prompt!r})", num_steps)
-            row = add_row(term.prompt)
+            row = add_row(term.prompt, k)
             columns[row] = tuple(host.token_indices(term.prompt))
             term_rows.append(row)
             term_owner.append(k)
@@ -233,7 +235,7 @@ def plan_guidance(host: DiffusionHost, specs: Sequence[EditSpec], num_steps: int
         for phrase in spec.protect:
             if not phrase.strip():
                 raise InputError(f"Intervention {k} has an empty protected phrase.")
-            row = add_row(phrase)
+            row = add_row(phrase, k)
             columns[row] = tuple(host.token_indices(phrase))
             protect_rows.append(row)
             protect_owner.append(k)

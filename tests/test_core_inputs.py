@@ -4,7 +4,6 @@ processors left as found, loading from local files only)."""
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
-from PIL import Image
 
 from csg.abduction import image_to_tensor, invert, invert_latents
 from csg.diffusers_host import DiffusersSDXLHost
