@@ -106,6 +106,12 @@ class _CapturingCrossAttention:
         return out / attn.rescale_output_factor
 
 
+def is_plain_cross_attention(attn: Attention) -> bool:
+    """True when ``_CapturingCrossAttention`` reproduces the layer exactly (as for every SDXL attn2)."""
+    extras = (attn.spatial_norm, attn.group_norm, attn.norm_q, attn.norm_k)
+    return all(x is None for x in extras) and not attn.residual_connection
+
+
 def latent4_cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, Attention]:
     """The attn2 modules at latent/4 resolution: down block 2 and the mirrored up block (mid excluded)."""
     levels = len(unet.config.block_out_channels)
@@ -269,6 +275,9 @@ class DiffusersSDXLHost:
             if type(processor) not in (AttnProcessor2_0, AttnProcessor):
                 raise CSGError(f"The UNet layer {name} uses a custom attention processor ({type(processor).__name__}); "
                                "CSG can only capture attention on the default processors.")
+            if not is_plain_cross_attention(self.capture_layers[name]):
+                raise CSGError(f"The UNet layer {name} uses attention features SDXL's cross-attention does not "
+                               "(spatial/group/query-key norms or a residual); CSG cannot capture it faithfully.")
         processor = _CapturingCrossAttention(capture)
         try:
             for module in self.capture_layers.values():
