@@ -1,0 +1,512 @@
+"""Draw a causal graph, and optionally an intervention on it, as a layered picture.
+
+The layout is the classic layered (Sugiyama) one: each concept sits on the row of its
+topological generation, so every cause is drawn above its effects. An edge that skips rows gets
+invisible waypoints on the rows in between, so it runs between boxes instead of through them.
+The order within each row comes from barycenter sweeps (fewest crossings wins), and the
+horizontal positions pull each box towards the mean of its neighbours while keeping a fixed gap.
+
+With an intervention the target is amber and shows "old → new", the changed descendants are blue
+and show their new value, everything else is grey, and each change the causal check stripped is
+noted in red in the box it tried to change, with the reason listed under the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Hashable, Sequence
+
+import networkx as nx
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import InputError
+from .graph import CausalGraph, CausalViolation, Intervention, check_intervention
+
+Node = Hashable  # a concept id (str) or a waypoint ("waypoint", edge index, row)
+
+# Layout units are box widths.
+WAYPOINT_WIDTH = 0.1
+COLUMN_GAP = 0.28
+
+# Pixel sizes at scale 1.
+BOX_WIDTH = 190
+BOX_PADDING = 10
+ROW_GAP = 58
+MARGIN = 24
+CORNER_RADIUS = 10
+NAME_SIZE, VALUE_SIZE, NOTE_SIZE, HEADER_SIZE, LEGEND_SIZE = 17, 15, 13, 18, 13
+SUPERSAMPLE = 2  # draw at twice the size and shrink, which anti-aliases lines and arrowheads
+MIN_WIDTH = 64
+
+ARROW = "→"  # Pillow's built-in font has no glyph for it, so it is drawn as a vector arrow
+
+INK = (33, 37, 41)
+MUTED = (95, 102, 110)
+EDGE = (110, 117, 125)
+VIOLATION = (224, 49, 49)
+
+
+@dataclass(frozen=True)
+class _Palette:
+    fill: tuple[int, int, int]
+    outline: tuple[int, int, int]
+    label: str
+
+
+NEUTRAL = _Palette((241, 243, 245), (134, 142, 150), "unchanged")
+TARGET = _Palette((255, 232, 204), (240, 140, 0), "intervened target (old → new)")
+CHANGED = _Palette((208, 235, 255), (25, 113, 194), "changed descendant (new value)")
+
+
+# -- layout -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Layout:
+    rows: list[list[Node]]  # left to right, concepts and waypoints
+    x: dict[Node, float]  # horizontal centre, in box widths
+    routes: list[list[Node]]  # one per distinct edge: cause, waypoints..., effect
+
+
+def _distinct_edges(graph: CausalGraph) -> list[tuple[str, str]]:
+    return list(dict.fromkeys((r.cause_id, r.effect_id) for r in graph.relationships))
+
+
+def _layout(graph: CausalGraph) -> _Layout:
+    dag = nx.DiGraph()
+    dag.add_nodes_from(graph.ids)
+    edges = _distinct_edges(graph)
+    dag.add_edges_from(edges)
+    row_of: dict[Node, int] = {cid: row for row, generation in enumerate(nx.topological_generations(dag)) for cid in generation}
+    rows: list[list[Node]] = [[] for _ in range(max(row_of.values()) + 1)]
+    for cid in graph.ids:  # declaration order is the starting order
+        rows[row_of[cid]].append(cid)
+    routes = []
+    for k, (cause, effect) in enumerate(edges):
+        waypoints = [("waypoint", k, row) for row in range(row_of[cause] + 1, row_of[effect])]
+        for w in waypoints:
+            rows[w[2]].append(w)
+        routes.append([cause, *waypoints, effect])
+    links = [(u, v) for route in routes for u, v in zip(route, route[1:])]  # each joins adjacent rows
+    rows = _reduce_crossings(rows, links)
+    return _Layout(rows, _assign_x(rows, links), routes)
+
+
+def _neighbours(links: list[tuple[Node, Node]]) -> tuple[dict[Node, list[Node]], dict[Node, list[Node]]]:
+    above: dict[Node, list[Node]] = {}
+    below: dict[Node, list[Node]] = {}
+    for u, v in links:
+        below.setdefault(u, []).append(v)
+        above.setdefault(v, []).append(u)
+    return above, below
+
+
+def _count_crossings(rows: list[list[Node]], links: list[tuple[Node, Node]]) -> int:
+    position = {node: i for row in rows for i, node in enumerate(row)}
+    row_of = {node: r for r, row in enumerate(rows) for node in row}
+    by_row: dict[int, list[tuple[int, int]]] = {}
+    for u, v in links:
+        by_row.setdefault(row_of[u], []).append((position[u], position[v]))
+    return sum(
+        1
+        for pairs in by_row.values()
+        for i, (a1, b1) in enumerate(pairs)
+        for a2, b2 in pairs[i + 1:]
+        if (a1 - a2) * (b1 - b2) < 0
+    )
+
+
+def _by_barycenter(row: list[Node], fixed: list[Node], neighbours: dict[Node, list[Node]]) -> list[Node]:
+    """Sort a row by the mean position of each node's neighbours in the fixed row next to it."""
+    position = {node: i for i, node in enumerate(fixed)}
+
+    def key(item: tuple[int, Node]) -> float:
+        index, node = item
+        linked = [position[n] for n in neighbours.get(node, ()) if n in position]
+        return sum(linked) / len(linked) if linked else index  # unlinked nodes hold their place
+
+    return [node for _, node in sorted(enumerate(row), key=key)]
+
+
+def _reduce_crossings(rows: list[list[Node]], links: list[tuple[Node, Node]], sweeps: int = 4) -> list[list[Node]]:
+    above, below = _neighbours(links)
+    best, best_crossings = rows, _count_crossings(rows, links)
+    current = [list(row) for row in rows]
+    for _ in range(sweeps):
+        if best_crossings == 0:
+            break
+        for r in range(1, len(current)):
+            current[r] = _by_barycenter(current[r], current[r - 1], above)
+        for r in range(len(current) - 2, -1, -1):
+            current[r] = _by_barycenter(current[r], current[r + 1], below)
+        crossings = _count_crossings(current, links)
+        if crossings < best_crossings:
+            best, best_crossings = [list(row) for row in current], crossings
+    return best
+
+
+def _width(node: Node) -> float:
+    return 1.0 if isinstance(node, str) else WAYPOINT_WIDTH
+
+
+def _pack(desired: Sequence[float], gaps: Sequence[float]) -> list[float]:
+    """The positions closest (least squares) to ``desired`` that keep each neighbour ``gaps`` apart.
+
+    Subtracting the cumulative gaps turns the spacing constraints into "non-decreasing", which
+    is isotonic regression, solved exactly by pooling adjacent violators.
+    """
+    offsets = [0.0]
+    for gap in gaps:
+        offsets.append(offsets[-1] + gap)
+    blocks: list[tuple[float, int]] = []  # (mean, count)
+    for target in (d - o for d, o in zip(desired, offsets)):
+        blocks.append((target, 1))
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
+            blocks.append(((m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2))
+    fitted = [mean for mean, count in blocks for _ in range(count)]
+    return [y + o for y, o in zip(fitted, offsets)]
+
+
+def _assign_x(rows: list[list[Node]], links: list[tuple[Node, Node]], sweeps: int = 6) -> dict[Node, float]:
+    above, below = _neighbours(links)
+    gaps = [[(_width(a) + _width(b)) / 2 + COLUMN_GAP for a, b in zip(row, row[1:])] for row in rows]
+    x: dict[Node, float] = {}
+    for row, row_gaps in zip(rows, gaps):
+        start = -sum(row_gaps) / 2
+        x.update(zip(row, _pack([start] * len(row), row_gaps)))
+
+    def settle(r: int, neighbours: dict[Node, list[Node]]) -> None:
+        desired = []
+        for node in rows[r]:
+            linked = [x[n] for n in neighbours.get(node, ())]
+            desired.append(sum(linked) / len(linked) if linked else x[node])
+        x.update(zip(rows[r], _pack(desired, gaps[r])))
+
+    for _ in range(sweeps):
+        for r in range(1, len(rows)):
+            settle(r, above)
+        for r in range(len(rows) - 2, -1, -1):
+            settle(r, below)
+    left = min(x[n] - _width(n) / 2 for n in x)
+    return {n: v - left for n, v in x.items()}
+
+
+def layout_graph(graph: CausalGraph) -> dict[str, tuple[float, float]]:
+    """Concept id → (x, y) of its box centre: x in box widths from the left edge, y the row index.
+
+    Row 0 is the top; every cause sits on a smaller row than each of its effects.
+    """
+    layout = _layout(graph)
+    return {node: (layout.x[node], float(r)) for r, row in enumerate(layout.rows) for node in row if isinstance(node, str)}
+
+
+# -- text -----------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=max(size, 4))
+
+
+def _arrow_width(font: ImageFont.FreeTypeFont) -> float:
+    return font.size * 1.2
+
+
+def _text_width(text: str, font: ImageFont.FreeTypeFont) -> float:
+    parts = text.split(ARROW)
+    return sum(font.getlength(p) for p in parts) + (len(parts) - 1) * _arrow_width(font)
+
+
+def _line_height(font: ImageFont.FreeTypeFont) -> int:
+    ascent, descent = font.getmetrics()
+    return ascent + descent
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont, max_width: float) -> list[str]:
+    """Greedy word wrap; a word longer than a whole line is cut between characters."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        while _text_width(word, font) > max_width and len(word) > 1:
+            cut = next((i for i in range(len(word), 0, -1) if _text_width(word[:i], font) <= max_width), 1)
+            if line:
+                lines.append(line)
+                line = ""
+            lines.append(word[:cut])
+            word = word[cut:]
+        candidate = f"{line} {word}" if line else word
+        if _text_width(candidate, font) <= max_width:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    if line:
+        lines.append(line)
+    return lines or [""]
+
+
+def _draw_arrowhead(draw: ImageDraw.ImageDraw, tip: tuple[float, float], tail: tuple[float, float], length: float,
+                    colour: tuple[int, int, int]) -> None:
+    dx, dy = tip[0] - tail[0], tip[1] - tail[1]
+    norm = max((dx * dx + dy * dy) ** 0.5, 1e-6)
+    ux, uy = dx / norm, dy / norm
+    base = (tip[0] - ux * length, tip[1] - uy * length)
+    half = length * 0.5
+    draw.polygon([tip, (base[0] - uy * half, base[1] + ux * half), (base[0] + uy * half, base[1] - ux * half)], fill=colour)
+
+
+def _draw_text(draw: ImageDraw.ImageDraw, x: float, y: float, text: str, font: ImageFont.FreeTypeFont,
+               colour: tuple[int, int, int]) -> None:
+    """Draw one line, with each "→" drawn as a small vector arrow."""
+    _, top, _, bottom = font.getbbox("x")
+    middle = y + (top + bottom) / 2
+    for i, part in enumerate(text.split(ARROW)):
+        if i:
+            w = _arrow_width(font)
+            start, tip = (x + 0.1 * w, middle), (x + 0.9 * w, middle)
+            stroke = max(1, round(font.size / 10))
+            draw.line([start, (tip[0] - font.size * 0.25, middle)], fill=colour, width=stroke)
+            _draw_arrowhead(draw, tip, start, font.size * 0.45, colour)
+            x += w
+        draw.text((x, y), part, font=font, fill=colour)
+        x += font.getlength(part)
+
+
+@dataclass(frozen=True)
+class _Line:
+    text: str
+    size: int
+    colour: tuple[int, int, int]
+
+
+def _block(lines: Sequence[_Line], max_width: float, scale: float) -> list[_Line]:
+    """Scale and wrap lines to ``max_width`` pixels."""
+    out = []
+    for line in lines:
+        size = round(line.size * scale)
+        out.extend(_Line(t, size, line.colour) for t in _wrap(line.text, _font(size), max_width))
+    return out
+
+
+def _block_height(lines: Sequence[_Line], spacing: float) -> float:
+    return sum(_line_height(_font(line.size)) + spacing for line in lines) - (spacing if lines else 0)
+
+
+def _draw_block(draw: ImageDraw.ImageDraw, lines: Sequence[_Line], left: float, top: float, spacing: float,
+                centre_width: float | None = None) -> None:
+    y = top
+    for line in lines:
+        font = _font(line.size)
+        x = left if centre_width is None else left + (centre_width - _text_width(line.text, font)) / 2
+        _draw_text(draw, x, y, line.text, font, line.colour)
+        y += _line_height(font) + spacing
+
+
+# -- what each box says -----------------------------------------------------------------------------
+
+def _stripped(violation: CausalViolation) -> str:
+    return f"stripped {ARROW} {violation.new_value}" if violation.new_value else "stripped"
+
+
+def _box_content(graph: CausalGraph, intervention: Intervention | None) -> tuple[dict[str, list[_Line]], dict[str, _Palette]]:
+    changed = {p.concept_id: p for p in intervention.propagated_changes} if intervention else {}
+    violations: dict[str, list[CausalViolation]] = {}
+    for v in intervention.violations if intervention else ():
+        violations.setdefault(v.concept_id, []).append(v)
+    content, palette = {}, {}
+    for c in graph.concepts:
+        if intervention and c.id == intervention.target_concept_id:
+            value, palette[c.id] = f"{intervention.original_value or c.current_value} {ARROW} {intervention.new_value}", TARGET
+        elif c.id in changed:
+            value, palette[c.id] = changed[c.id].new_value, CHANGED
+        else:
+            value, palette[c.id] = c.current_value, NEUTRAL
+        lines = [_Line(c.name, NAME_SIZE, INK), _Line(value, VALUE_SIZE, MUTED)]
+        lines += [_Line(_stripped(v), NOTE_SIZE, VIOLATION) for v in violations.get(c.id, ())]
+        content[c.id] = lines
+    return content, palette
+
+
+def _header(graph: CausalGraph, intervention: Intervention | None) -> list[_Line]:
+    lines = []
+    if intervention:
+        target = graph.concept(intervention.target_concept_id)
+        lines.append(_Line(f"do({target.name} = {intervention.new_value})", HEADER_SIZE, INK))
+        if intervention.intervention_description:
+            lines.append(_Line(intervention.intervention_description, VALUE_SIZE, MUTED))
+    if graph.scene_summary:
+        lines.append(_Line(graph.scene_summary, VALUE_SIZE, MUTED))
+    return lines
+
+
+def _violation_reasons(intervention: Intervention | None) -> list[_Line]:
+    """Why each change was stripped; the boxes carry only the short note."""
+    return [_Line(f"{v.concept_id} {_stripped(v)}: {v.problem}", NOTE_SIZE, VIOLATION)
+            for v in (intervention.violations if intervention else ())]
+
+
+# -- drawing ------------------------------------------------------------------------------------
+
+def _legend_items(intervention: Intervention | None) -> list[tuple[str, object]]:
+    items: list[tuple[str, object]] = [("concept: name, value", NEUTRAL), ("cause → effect", "edge")]
+    if intervention:
+        items = [("intervened target: old → new", TARGET), ("changed descendant: new value", CHANGED),
+                 ("unchanged", NEUTRAL), ("cause → effect", "edge")]
+        if intervention.violations:
+            items.append(("change stripped by the causal check", "violation"))
+    return items
+
+
+def _legend_rows(items: list[tuple[str, object]], max_width: float, scale: float) -> list[list[tuple[str, object, float]]]:
+    font = _font(round(LEGEND_SIZE * scale))
+    swatch, gap = 26 * scale, 18 * scale
+    rows: list[list[tuple[str, object, float]]] = [[]]
+    used = 0.0
+    for label, kind in items:
+        w = swatch + 6 * scale + _text_width(label, font)
+        if rows[-1] and used + gap + w > max_width:
+            rows.append([])
+            used = 0.0
+        used += (gap if rows[-1] else 0) + w
+        rows[-1].append((label, kind, w))
+    return rows
+
+
+def _draw_legend(draw: ImageDraw.ImageDraw, rows: list[list[tuple[str, object, float]]], left: float, top: float,
+                 scale: float) -> None:
+    font = _font(round(LEGEND_SIZE * scale))
+    swatch, gap, row_height = 26 * scale, 18 * scale, _line_height(font) + 8 * scale
+    y = top
+    for row in rows:
+        x = left
+        mid = y + _line_height(font) / 2
+        for label, kind, w in row:
+            if isinstance(kind, _Palette):
+                draw.rounded_rectangle([x, mid - 7 * scale, x + swatch, mid + 7 * scale], radius=4 * scale,
+                                       fill=kind.fill, outline=kind.outline, width=max(1, round(2 * scale)))
+            elif kind == "edge":
+                draw.line([(x, mid), (x + swatch - 8 * scale, mid)], fill=EDGE, width=max(1, round(2 * scale)))
+                _draw_arrowhead(draw, (x + swatch, mid), (x, mid), 10 * scale, EDGE)
+            else:
+                draw.rounded_rectangle([x, mid - 7 * scale, x + swatch, mid + 7 * scale], radius=4 * scale,
+                                       fill=NEUTRAL.fill, outline=VIOLATION, width=max(1, round(2 * scale)))
+            _draw_text(draw, x + swatch + 6 * scale, y, label, font, MUTED)
+            x += w + gap
+        y += row_height
+
+
+def _ports(count: int, left: float, width: float) -> list[float]:
+    """Where ``count`` edges meet a box side: spread over its middle 60%."""
+    return [left + width * (0.2 + 0.6 * (i + 1) / (count + 1)) for i in range(count)]
+
+
+def _draw(graph: CausalGraph, intervention: Intervention | None, scale: float) -> Image.Image:
+    layout = _layout(graph)
+    box_w, pad, spacing = BOX_WIDTH * scale, BOX_PADDING * scale, 3 * scale
+    margin, row_gap = MARGIN * scale, ROW_GAP * scale
+    content, palette = _box_content(graph, intervention)
+    boxes = {cid: _block(lines, box_w - 2 * pad, scale) for cid, lines in content.items()}
+    box_h = {cid: _block_height(lines, spacing) + 2 * pad for cid, lines in boxes.items()}
+
+    graph_width = max(layout.x[n] + _width(n) / 2 for n in layout.x) * box_w
+    inner_width = max(graph_width, 420 * scale)
+    header = _block(_header(graph, intervention), inner_width, scale)
+    reasons = _block(_violation_reasons(intervention), inner_width, scale)
+    legend = _legend_rows(_legend_items(intervention), inner_width, scale)
+    legend_height = len(legend) * (_line_height(_font(round(LEGEND_SIZE * scale))) + 8 * scale)
+
+    row_heights = [max(box_h[n] for n in row if isinstance(n, str)) for row in layout.rows]
+    row_of = {n: r for r, row in enumerate(layout.rows) for n in row}
+    # Edges that travel far sideways get more vertical room, so they do not run nearly flat.
+    reach = [0.0] * len(layout.rows)
+    for route in layout.routes:
+        for u, v in zip(route, route[1:]):
+            reach[row_of[u]] = max(reach[row_of[u]], abs(layout.x[u] - layout.x[v]) * box_w)
+    row_gaps = [min(max(row_gap, 0.15 * dx), 3 * row_gap) for dx in reach]
+    top = margin + (_block_height(header, spacing) + 16 * scale if header else 0)
+    row_tops = []
+    for h, gap in zip(row_heights, row_gaps):
+        row_tops.append(top)
+        top += h + gap
+    graph_bottom = top - row_gaps[-1]
+    footer_top = graph_bottom + 22 * scale
+    reasons_height = _block_height(reasons, spacing) + 10 * scale if reasons else 0
+    height = footer_top + reasons_height + legend_height + margin
+
+    canvas = Image.new("RGB", (round(inner_width + 2 * margin), round(height)), "white")
+    draw = ImageDraw.Draw(canvas)
+    graph_left = margin + (inner_width - graph_width) / 2
+
+    def centre_x(node: Node) -> float:
+        return graph_left + layout.x[node] * box_w
+
+    def left_x(cid: str) -> float:
+        return centre_x(cid) - box_w / 2
+
+    # Edges first, so boxes sit on top of them. Each box spreads its in- and out-ports in the
+    # left-to-right order of the nodes at the other end, which keeps them from crossing at the box.
+    out_routes: dict[str, list[list[Node]]] = {}
+    in_routes: dict[str, list[list[Node]]] = {}
+    for route in layout.routes:
+        out_routes.setdefault(route[0], []).append(route)
+        in_routes.setdefault(route[-1], []).append(route)
+    start: dict[int, float] = {}
+    end: dict[int, float] = {}
+    for cid, routes in out_routes.items():
+        routes.sort(key=lambda r: layout.x[r[1]])
+        start.update((id(r), p) for r, p in zip(routes, _ports(len(routes), left_x(cid), box_w)))
+    for cid, routes in in_routes.items():
+        routes.sort(key=lambda r: layout.x[r[-2]])
+        end.update((id(r), p) for r, p in zip(routes, _ports(len(routes), left_x(cid), box_w)))
+
+    edited = {intervention.target_concept_id, *(p.concept_id for p in intervention.propagated_changes)} if intervention else set()
+    head = 11 * scale
+    for route in layout.routes:
+        cause, effect = route[0], route[-1]
+        points = [(start[id(route)], row_tops[row_of[cause]] + box_h[cause])]
+        for w in route[1:-1]:
+            r = row_of[w]
+            points += [(centre_x(w), row_tops[r]), (centre_x(w), row_tops[r] + row_heights[r])]
+        tip = (end[id(route)], row_tops[row_of[effect]])
+        on_path = cause in edited and effect in edited and palette[effect] is CHANGED
+        colour = CHANGED.outline if on_path else EDGE
+        last = points[-1]
+        seg = ((tip[0] - last[0]) ** 2 + (tip[1] - last[1]) ** 2) ** 0.5
+        shaft_end = (tip[0] - (tip[0] - last[0]) * head * 0.8 / seg, tip[1] - (tip[1] - last[1]) * head * 0.8 / seg)
+        draw.line(points + [shaft_end], fill=colour, width=max(1, round((3 if on_path else 2) * scale)), joint="curve")
+        _draw_arrowhead(draw, tip, last, head, colour)
+
+    for cid, lines in boxes.items():
+        left, top_y = left_x(cid), row_tops[row_of[cid]]
+        style = palette[cid]
+        outline = VIOLATION if any(line.colour == VIOLATION for line in lines) else style.outline
+        thick = 3 if style is TARGET else 2
+        draw.rounded_rectangle([left, top_y, left + box_w, top_y + box_h[cid]], radius=CORNER_RADIUS * scale,
+                               fill=style.fill, outline=outline, width=max(1, round(thick * scale)))
+        _draw_block(draw, lines, left + pad, top_y + pad, spacing, centre_width=box_w - 2 * pad)
+
+    _draw_block(draw, header, margin, margin, spacing)
+    _draw_block(draw, reasons, margin, footer_top, spacing)
+    _draw_legend(draw, legend, margin, footer_top + reasons_height, scale)
+    return canvas
+
+
+def render_graph(graph: CausalGraph, intervention: Intervention | None = None, *, width: int | None = None) -> Image.Image:
+    """An RGB picture of ``graph`` laid out cause above effect, with ``intervention`` highlighted.
+
+    The intervention is passed through ``check_intervention`` first, so what is drawn is what
+    the editor will do, and every change the check strips is shown in red, with its reason under the graph. ``width`` (pixels)
+    scales the whole drawing, text included; by default the canvas fits the graph at a size
+    where the text reads comfortably.
+    """
+    if intervention is not None:
+        intervention = check_intervention(graph, intervention)
+    if width is None:
+        scale = 1.0
+    else:
+        if not isinstance(width, int) or width < MIN_WIDTH:
+            raise InputError(f"render width must be an integer of at least {MIN_WIDTH} pixels, got {width!r}.")
+        scale = width / _draw(graph, intervention, 1.0).width
+    big = _draw(graph, intervention, scale * SUPERSAMPLE)
+    size = (width or round(big.width / SUPERSAMPLE), max(1, round(big.height * (width or big.width / SUPERSAMPLE) / big.width)))
+    return big.resize(size, Image.LANCZOS)
