@@ -395,99 +395,101 @@ def _draw_legend(draw: ImageDraw.ImageDraw, rows: list[list[tuple[str, object, f
         y += row_height
 
 
-def _ports(count: int, left: float, width: float) -> list[float]:
-    """Where ``count`` edges meet a box side: spread over its middle 60%."""
-    return [left + width * (0.2 + 0.6 * (i + 1) / (count + 1)) for i in range(count)]
+def _ports(layout: _Layout) -> tuple[list[float], list[float]]:
+    """Where each route leaves its cause and enters its effect, in box widths.
+
+    A box spreads its edges over the middle 60% of its side, in the left-to-right order of the
+    nodes at their other ends, so edges do not cross where they meet the box.
+    """
+    leaving: dict[Node, list[int]] = {}
+    entering: dict[Node, list[int]] = {}
+    for k, route in enumerate(layout.routes):
+        leaving.setdefault(route[0], []).append(k)
+        entering.setdefault(route[-1], []).append(k)
+    start, end = [0.0] * len(layout.routes), [0.0] * len(layout.routes)
+    for ports, groups, neighbour in ((start, leaving, 1), (end, entering, -2)):
+        for node, ks in groups.items():
+            ks.sort(key=lambda k: layout.x[layout.routes[k][neighbour]])
+            for i, k in enumerate(ks):
+                ports[k] = layout.x[node] - 0.5 + 0.2 + 0.6 * (i + 1) / (len(ks) + 1)
+    return start, end
+
+
+def _row_gaps(layout: _Layout, gap: float, box_w: float) -> list[float]:
+    """Vertical room under each row; edges that travel far sideways get more, so they do not run flat."""
+    row_of = {n: r for r, row in enumerate(layout.rows) for n in row}
+    reach = [0.0] * len(layout.rows)
+    for route in layout.routes:
+        for u, v in zip(route, route[1:]):
+            reach[row_of[u]] = max(reach[row_of[u]], abs(layout.x[u] - layout.x[v]) * box_w)
+    return [min(max(gap, 0.15 * dx), 3 * gap) for dx in reach]
+
+
+def _draw_edge(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], colour: tuple[int, int, int], width: int,
+               head: float) -> None:
+    """A polyline whose last point is the arrow's tip; the shaft stops inside the head."""
+    *shaft, tip = points
+    last = shaft[-1]
+    length = max(((tip[0] - last[0]) ** 2 + (tip[1] - last[1]) ** 2) ** 0.5, 1e-6)
+    back = 0.8 * head / length
+    draw.line(shaft + [(tip[0] - (tip[0] - last[0]) * back, tip[1] - (tip[1] - last[1]) * back)],
+              fill=colour, width=width, joint="curve")
+    _draw_arrowhead(draw, tip, last, head, colour)
 
 
 def _draw(graph: CausalGraph, intervention: Intervention | None, scale: float) -> Image.Image:
     layout = _layout(graph)
-    box_w, pad, spacing = BOX_WIDTH * scale, BOX_PADDING * scale, 3 * scale
-    margin, row_gap = MARGIN * scale, ROW_GAP * scale
+    box_w, pad, spacing, margin = BOX_WIDTH * scale, BOX_PADDING * scale, 3 * scale, MARGIN * scale
     content, palette = _box_content(graph, intervention)
     boxes = {cid: _block(lines, box_w - 2 * pad, scale) for cid, lines in content.items()}
     box_h = {cid: _block_height(lines, spacing) + 2 * pad for cid, lines in boxes.items()}
 
+    # Vertical plan: header, rows of boxes, stripped-change reasons, legend.
     graph_width = max(layout.x[n] + _width(n) / 2 for n in layout.x) * box_w
     inner_width = max(graph_width, 420 * scale)
     header = _block(_header(graph, intervention), inner_width, scale)
     reasons = _block(_violation_reasons(intervention), inner_width, scale)
     legend = _legend_rows(_legend_items(intervention), inner_width, scale)
-    legend_height = len(legend) * (_line_height(_font(round(LEGEND_SIZE * scale))) + 8 * scale)
-
     row_heights = [max(box_h[n] for n in row if isinstance(n, str)) for row in layout.rows]
-    row_of = {n: r for r, row in enumerate(layout.rows) for n in row}
-    # Edges that travel far sideways get more vertical room, so they do not run nearly flat.
-    reach = [0.0] * len(layout.rows)
-    for route in layout.routes:
-        for u, v in zip(route, route[1:]):
-            reach[row_of[u]] = max(reach[row_of[u]], abs(layout.x[u] - layout.x[v]) * box_w)
-    row_gaps = [min(max(row_gap, 0.15 * dx), 3 * row_gap) for dx in reach]
-    top = margin + (_block_height(header, spacing) + 16 * scale if header else 0)
-    row_tops = []
+    row_gaps = _row_gaps(layout, ROW_GAP * scale, box_w)
+    row_tops = [margin + (_block_height(header, spacing) + 16 * scale if header else 0)]
     for h, gap in zip(row_heights, row_gaps):
-        row_tops.append(top)
-        top += h + gap
-    graph_bottom = top - row_gaps[-1]
-    footer_top = graph_bottom + 22 * scale
-    reasons_height = _block_height(reasons, spacing) + 10 * scale if reasons else 0
-    height = footer_top + reasons_height + legend_height + margin
+        row_tops.append(row_tops[-1] + h + gap)
+    reasons_top = row_tops.pop() - row_gaps[-1] + 22 * scale
+    legend_top = reasons_top + (_block_height(reasons, spacing) + 10 * scale if reasons else 0)
+    height = legend_top + len(legend) * (_line_height(_font(round(LEGEND_SIZE * scale))) + 8 * scale) + margin
 
     canvas = Image.new("RGB", (round(inner_width + 2 * margin), round(height)), "white")
     draw = ImageDraw.Draw(canvas)
     graph_left = margin + (inner_width - graph_width) / 2
+    row_of = {n: r for r, row in enumerate(layout.rows) for n in row}
 
-    def centre_x(node: Node) -> float:
-        return graph_left + layout.x[node] * box_w
+    def px(x: float) -> float:
+        return graph_left + x * box_w
 
-    def left_x(cid: str) -> float:
-        return centre_x(cid) - box_w / 2
-
-    # Edges first, so boxes sit on top of them. Each box spreads its in- and out-ports in the
-    # left-to-right order of the nodes at the other end, which keeps them from crossing at the box.
-    out_routes: dict[str, list[list[Node]]] = {}
-    in_routes: dict[str, list[list[Node]]] = {}
-    for route in layout.routes:
-        out_routes.setdefault(route[0], []).append(route)
-        in_routes.setdefault(route[-1], []).append(route)
-    start: dict[int, float] = {}
-    end: dict[int, float] = {}
-    for cid, routes in out_routes.items():
-        routes.sort(key=lambda r: layout.x[r[1]])
-        start.update((id(r), p) for r, p in zip(routes, _ports(len(routes), left_x(cid), box_w)))
-    for cid, routes in in_routes.items():
-        routes.sort(key=lambda r: layout.x[r[-2]])
-        end.update((id(r), p) for r, p in zip(routes, _ports(len(routes), left_x(cid), box_w)))
-
+    # Edges first, so boxes sit on top of them. An edge along which the intervention propagates
+    # (both ends edited) is drawn in the changed colour.
     edited = {intervention.target_concept_id, *(p.concept_id for p in intervention.propagated_changes)} if intervention else set()
-    head = 11 * scale
-    for route in layout.routes:
+    for route, start, end in zip(layout.routes, *_ports(layout)):
         cause, effect = route[0], route[-1]
-        points = [(start[id(route)], row_tops[row_of[cause]] + box_h[cause])]
+        points = [(px(start), row_tops[row_of[cause]] + box_h[cause])]
         for w in route[1:-1]:
-            r = row_of[w]
-            points += [(centre_x(w), row_tops[r]), (centre_x(w), row_tops[r] + row_heights[r])]
-        tip = (end[id(route)], row_tops[row_of[effect]])
-        on_path = cause in edited and effect in edited and palette[effect] is CHANGED
-        colour = CHANGED.outline if on_path else EDGE
-        last = points[-1]
-        seg = ((tip[0] - last[0]) ** 2 + (tip[1] - last[1]) ** 2) ** 0.5
-        shaft_end = (tip[0] - (tip[0] - last[0]) * head * 0.8 / seg, tip[1] - (tip[1] - last[1]) * head * 0.8 / seg)
-        draw.line(points + [shaft_end], fill=colour, width=max(1, round((3 if on_path else 2) * scale)), joint="curve")
-        _draw_arrowhead(draw, tip, last, head, colour)
+            points += [(px(layout.x[w]), row_tops[row_of[w]]), (px(layout.x[w]), row_tops[row_of[w]] + row_heights[row_of[w]])]
+        points.append((px(end), row_tops[row_of[effect]]))
+        on_path = cause in edited and effect in edited
+        _draw_edge(draw, points, CHANGED.outline if on_path else EDGE, max(1, round((3 if on_path else 2) * scale)), 11 * scale)
 
     for cid, lines in boxes.items():
-        left, top_y = left_x(cid), row_tops[row_of[cid]]
+        left, top = px(layout.x[cid] - 0.5), row_tops[row_of[cid]]
         style = palette[cid]
         outline = VIOLATION if any(line.colour == VIOLATION for line in lines) else style.outline
-        thick = 3 if style is TARGET else 2
-        draw.rounded_rectangle([left, top_y, left + box_w, top_y + box_h[cid]], radius=CORNER_RADIUS * scale,
-                               fill=style.fill, outline=outline, width=max(1, round(thick * scale)))
-        _draw_block(draw, lines, left + pad, top_y + pad, spacing, centre_width=box_w - 2 * pad)
+        draw.rounded_rectangle([left, top, left + box_w, top + box_h[cid]], radius=CORNER_RADIUS * scale, fill=style.fill,
+                               outline=outline, width=max(1, round((3 if style is TARGET else 2) * scale)))
+        _draw_block(draw, lines, left + pad, top + pad, spacing, centre_width=box_w - 2 * pad)
 
     _draw_block(draw, header, margin, margin, spacing)
-    _draw_block(draw, reasons, margin, footer_top, spacing)
-    _draw_legend(draw, legend, margin, footer_top + reasons_height, scale)
+    _draw_block(draw, reasons, margin, reasons_top, spacing)
+    _draw_legend(draw, legend, margin, legend_top, scale)
     return canvas
 
 
@@ -495,9 +497,9 @@ def render_graph(graph: CausalGraph, intervention: Intervention | None = None, *
     """An RGB picture of ``graph`` laid out cause above effect, with ``intervention`` highlighted.
 
     The intervention is passed through ``check_intervention`` first, so what is drawn is what
-    the editor will do, and every change the check strips is shown in red, with its reason under the graph. ``width`` (pixels)
-    scales the whole drawing, text included; by default the canvas fits the graph at a size
-    where the text reads comfortably.
+    the editor will do, and every change the check strips is shown in red, with its reason
+    under the graph. ``width`` (pixels) scales the whole drawing, text included; by default the
+    canvas fits the graph at a size where the text reads comfortably.
     """
     if intervention is not None:
         intervention = check_intervention(graph, intervention)
@@ -508,5 +510,5 @@ def render_graph(graph: CausalGraph, intervention: Intervention | None = None, *
             raise InputError(f"render width must be an integer of at least {MIN_WIDTH} pixels, got {width!r}.")
         scale = width / _draw(graph, intervention, 1.0).width
     big = _draw(graph, intervention, scale * SUPERSAMPLE)
-    size = (width or round(big.width / SUPERSAMPLE), max(1, round(big.height * (width or big.width / SUPERSAMPLE) / big.width)))
-    return big.resize(size, Image.LANCZOS)
+    out_width = width or round(big.width / SUPERSAMPLE)
+    return big.resize((out_width, max(1, round(big.height * out_width / big.width))), Image.LANCZOS)

@@ -91,6 +91,20 @@ def test_graph_from_dict_strips_and_accepts_missing_optional_fields():
     assert graph.scene_summary == ""
 
 
+def test_graph_built_from_dataclasses_is_validated_too():
+    concepts = (Concept("c1", "Sky", "blue"), Concept("c2", "Sea", "calm"))
+    graph = CausalGraph(concepts, (Relationship("r1", "c1", "c2"),))
+    assert graph == CausalGraph.from_dict(graph.to_dict())
+    with pytest.raises(GraphError, match="'r2' has effect_id 'c3'"):
+        CausalGraph(concepts, (Relationship("r1", "c1", "c2"), Relationship("r2", "c2", "c3")))
+
+
+def test_propagated_change_round_trips_and_defaults_optional_fields():
+    change = PropagatedChange("c2", "Hair colour", "brown", "grey", "hair greys with age")
+    assert PropagatedChange.from_dict(change.to_dict()) == change
+    assert PropagatedChange.from_dict({"concept_id": "c2", "new_value": "grey"}) == PropagatedChange("c2", "", "", "grey", "")
+
+
 def test_numeric_fields_are_read_as_strings():
     graph = CausalGraph.from_dict({"concepts": [{"id": 1, "name": "Count", "current_value": 3}]})
     assert graph.concepts[0].id == "1" and graph.concepts[0].current_value == "3"
@@ -112,6 +126,13 @@ def test_intervention_without_violations_omits_the_field():
     iv = age_intervention()
     assert "violations" not in iv.to_dict()
     assert Intervention.from_json(iv.to_json()) == iv
+
+
+@pytest.mark.xfail(strict=True, reason="graph.py: Intervention is a frozen dataclass but its final_concept_states "
+                                       "field holds a dict, so hash() raises TypeError")
+def test_intervention_is_hashable_like_the_other_frozen_records():
+    iv = age_intervention()
+    assert hash(iv) == hash(Intervention.from_json(iv.to_json()))
 
 
 @pytest.mark.parametrize("text", ["{", "[1, 2", "not json"])
@@ -442,9 +463,9 @@ def test_planted_cycle_is_found(dag, data):
     planted = [(loop[k], loop[(k + 1) % length]) for k in range(length)]
     all_edges = list(dict.fromkeys(edges + planted))
     random.Random(data.draw(st.integers(0, 2**16))).shuffle(all_edges)
-    named = {(names[a], names[b]) for a, b in all_edges}
+    named = [(names[a], names[b]) for a, b in all_edges]
     with pytest.raises(GraphError, match="cycle") as err:
-        make_graph([names[i] for i in declared], sorted(named))
+        make_graph([names[i] for i in declared], named)
     reported = str(err.value).split("cycle: ")[1].split(". ")[0].split(" -> ")
     assert reported[0] == reported[-1] and len(reported) >= 3
     assert len(set(reported[:-1])) == len(reported) - 1  # a simple cycle
