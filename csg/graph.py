@@ -29,6 +29,13 @@ def _require_str(data: Mapping[str, Any], key: str, where: str, *, allow_empty: 
     return value
 
 
+def _optional_str(data: Mapping[str, Any], key: str, where: str) -> str:
+    """An optional string field; absent and JSON null both read as "" (VLMs often write null)."""
+    if data.get(key) is None:
+        return ""
+    return _require_str(data, key, where, allow_empty=True)
+
+
 def _require_list(data: Mapping[str, Any], key: str, where: str) -> list:
     if not isinstance(data, Mapping):
         raise GraphError(f"{where} must be a JSON object, got {type(data).__name__}.")
@@ -54,7 +61,7 @@ class Concept:
             id=_require_str(data, "id", where),
             name=_require_str(data, "name", where),
             current_value=_require_str(data, "current_value", where),
-            description=_require_str(data, "description", where, allow_empty=True) if "description" in data else "",
+            description=_optional_str(data, "description", where),
         )
 
     def to_dict(self) -> dict[str, str]:
@@ -75,7 +82,7 @@ class Relationship:
             id=_require_str(data, "id", where),
             cause_id=_require_str(data, "cause_id", where),
             effect_id=_require_str(data, "effect_id", where),
-            description=_require_str(data, "description", where, allow_empty=True) if "description" in data else "",
+            description=_optional_str(data, "description", where),
         )
 
     def to_dict(self) -> dict[str, str]:
@@ -136,6 +143,15 @@ class CausalGraph:
             if c.id in seen:
                 raise GraphError(f"Duplicate concept id '{c.id}'. Give every concept a unique id (c1, c2, ...).")
             seen.add(c.id)
+        names: dict[str, str] = {}
+        for c in self.concepts:
+            key = c.name.strip().lower()
+            if key in names:
+                raise GraphError(
+                    f"Concepts '{names[key]}' and '{c.id}' share the name '{c.name}'. Give every concept a distinct name "
+                    "so it can be named in an intervention."
+                )
+            names[key] = c.id
         seen_edges: set[str] = set()
         for r in self.relationships:
             if r.id in seen_edges:
@@ -215,7 +231,7 @@ class CausalGraph:
 
     def parents(self, concept_id: str) -> list[str]:
         self.concept(concept_id)
-        return [r.cause_id for r in self.relationships if r.effect_id == concept_id]
+        return list(dict.fromkeys(r.cause_id for r in self.relationships if r.effect_id == concept_id))
 
     def topological_order(self) -> list[str]:
         """Kahn's algorithm, ties broken by declaration order so the result is deterministic."""
@@ -224,6 +240,7 @@ class CausalGraph:
         for kids in children.values():
             for k in kids:
                 indegree[k] += 1
+        position = {cid: i for i, cid in enumerate(self.ids)}
         ready = [cid for cid in self.ids if indegree[cid] == 0]
         order: list[str] = []
         while ready:
@@ -233,6 +250,7 @@ class CausalGraph:
                 indegree[k] -= 1
                 if indegree[k] == 0:
                     ready.append(k)
+            ready.sort(key=position.__getitem__)
         return order
 
     def descendants(self, concept_id: str) -> list[str]:
@@ -267,10 +285,10 @@ class PropagatedChange:
         where = f"propagated change {data.get('concept_id', '?')!r}" if isinstance(data, Mapping) else "a propagated change"
         return cls(
             concept_id=_require_str(data, "concept_id", where),
-            concept_name=_require_str(data, "concept_name", where, allow_empty=True) if "concept_name" in data else "",
-            original_value=_require_str(data, "original_value", where, allow_empty=True) if "original_value" in data else "",
+            concept_name=_optional_str(data, "concept_name", where),
+            original_value=_optional_str(data, "original_value", where),
             new_value=_require_str(data, "new_value", where),
-            reason=_require_str(data, "reason", where, allow_empty=True) if "reason" in data else "",
+            reason=_optional_str(data, "reason", where),
         )
 
     def to_dict(self) -> dict[str, str]:
@@ -315,7 +333,7 @@ class Intervention:
     original_value: str
     new_value: str
     propagated_changes: tuple[PropagatedChange, ...] = ()
-    final_concept_states: Mapping[str, str] = field(default_factory=dict)
+    final_concept_states: Mapping[str, str] = field(default_factory=dict, hash=False)
     generation_prompt: str = ""
     violations: tuple[CausalViolation, ...] = ()
 
@@ -335,15 +353,15 @@ class Intervention:
         return cls(
             id=_require_str(data, "id", where),
             target_concept_id=_require_str(data, "target_concept_id", where),
-            target_concept_name=_require_str(data, "target_concept_name", where, allow_empty=True) if "target_concept_name" in data else "",
+            target_concept_name=_optional_str(data, "target_concept_name", where),
             intervention_description=(
-                _require_str(data, "intervention_description", where, allow_empty=True) if "intervention_description" in data else ""
+                _optional_str(data, "intervention_description", where)
             ),
-            original_value=_require_str(data, "original_value", where, allow_empty=True) if "original_value" in data else "",
+            original_value=_optional_str(data, "original_value", where),
             new_value=_require_str(data, "new_value", where),
             propagated_changes=tuple(PropagatedChange.from_dict(p) for p in _require_list(data, "propagated_changes", where)),
             final_concept_states={k.strip(): v.strip() for k, v in states.items()},
-            generation_prompt=_require_str(data, "generation_prompt", where, allow_empty=True) if "generation_prompt" in data else "",
+            generation_prompt=_optional_str(data, "generation_prompt", where),
             violations=violations,
         )
 
