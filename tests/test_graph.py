@@ -465,3 +465,11 @@ def test_planted_cycle_is_found(dag, data):
     assert len(set(reported[:-1])) == len(reported) - 1  # a simple cycle
     for a, b in zip(reported, reported[1:]):
         assert (a, b) in named
+
+
+def test_duplicate_concept_names_are_rejected_case_insensitively():
+    with pytest.raises(GraphError, match="share the name"):
+        CausalGraph.from_dict({"concepts": [
+            {"id": "c1", "name": "Hair colour", "current_value": "brown"},
+            {"id": "c2", "name": "hair colour ", "current_value": "black"},
+        ]})
