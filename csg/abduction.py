@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from csg.errors import InputError
-from csg.host import DiffusionHost
-from csg.schedule import Schedule, leading_timesteps, sde_dpmpp_2m_schedule
+from .errors import InputError
+from .host import DiffusionHost
+from .schedule import Schedule, leading_timesteps, sde_dpmpp_2m_schedule
 
 
 @dataclass(frozen=True)

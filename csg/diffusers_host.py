@@ -28,8 +28,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from csg.errors import CSGError, InputError, WeightsMissingError
-from csg.host import AttentionRequest
+from .errors import CSGError, InputError, WeightsMissingError
+from .host import AttentionRequest
 
 SDXL_DOWNLOAD_HINT = (
     "Download the SDXL base 1.0 model in diffusers format, e.g. "

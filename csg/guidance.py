@@ -38,9 +38,9 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from csg.errors import InputError
-from csg.graph import CausalGraph, EditConcept, Intervention
-from csg.host import AttentionRequest, DiffusionHost
+from .errors import InputError
+from .graph import CausalGraph, EditConcept, Intervention
+from .host import AttentionRequest, DiffusionHost
 
 MaskMode = Literal["intersect", "cross_attention", "noise"]
 MASK_MODES = ("intersect", "cross_attention", "noise")

@@ -19,10 +19,10 @@ from typing import Sequence
 
 import torch
 
-from csg.abduction import Inversion
-from csg.guidance import EditSpec, GuidanceParams, GuidancePlan, guided_epsilon, plan_guidance
-from csg.host import DiffusionHost
-from csg.schedule import SolverStep
+from .abduction import Inversion
+from .guidance import EditSpec, GuidanceParams, GuidancePlan, guided_epsilon, plan_guidance
+from .host import DiffusionHost
+from .schedule import SolverStep
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from csg.errors import InputError
+from .errors import InputError
 
 
 @dataclass(frozen=True)
