@@ -1,0 +1,251 @@
+"""The counterfactual API, in the paper's order: abduction, action, prediction.
+
+    counterfactual(host, image, graph, intervention, *, source_prompt=None, params=CSGParams())
+        -> CounterfactualResult
+    counterfactuals(host, image, graph, interventions, *, source_prompt=None, params=CSGParams())
+        -> list[CounterfactualResult]          # K interventions, ONE inversion, ONE batched loop
+    baseline_counterfactual(host, image, intervention, *, method="ddpm", source_prompt="",
+                            params=CSGParams(), guidance_scale=7.5) -> BaselineResult
+
+Per intervention: ``check_intervention`` strips changes the graph forbids (recorded in
+``violations``), ``edit_concepts`` gives the set E (the target and its changed descendants, or the
+target alone), abduction inverts the image once (``csg.abduction.invert``), and prediction samples
+every intervention under its CSG terms (``csg.prediction.edit``) before the VAE decodes.
+
+The source prompt (the caption the inversion is guided by) defaults to the graph's scene summary.
+
+Images: a PIL image or a file path. EXIF orientation is applied, grayscale and palette images
+become RGB, and transparent pixels are composited onto white. SDXL's UNet needs both sides to be
+multiples of 32 pixels (vae_scale_factor x latent_multiple); we **center-crop** to the largest such
+multiple (at most 31 pixels per side are lost) rather than resample, because resampling would
+soften every pixel and count against the edit's minimality. Images whose longer side exceeds
+``params.max_side`` (1024, SDXL's native size) are first downscaled with Lanczos, keeping their
+aspect ratio. The result carries the image actually edited (``result.source_image``) so
+comparisons use the same pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from PIL import Image, ImageOps
+
+from .abduction import Inversion, image_to_tensor, invert
+from .baselines import DEFAULT_TARGET_GUIDANCE, BaselineInversion, Method, invert_baseline, sample_with_guidance
+from .errors import GraphError, InputError
+from .graph import CausalGraph, EditConcept, Intervention, check_intervention
+from .guidance import MASK_MODES, ConceptTerm, EditSpec, GuidanceParams, MaskMode
+from .host import DiffusionHost
+from .prediction import edit
+
+
+@dataclass(frozen=True)
+class CSGParams:
+    """Every knob of one run. Defaults are the paper's settings (§6)."""
+
+    num_steps: int = 100  # kept inversion/sampling steps
+    skip: float = 0.15  # fraction of the noisiest steps left out
+    source_guidance: float = 3.5  # CFG of the source prompt during inversion
+    scale: float = 8.0  # edit guidance scale s_c of every concept ...
+    concept_scales: Mapping[str, float] = field(default_factory=dict, hash=False)  # ... unless set here (id or name)
+    threshold: float = 0.7  # lambda, the mask quantile
+    warmup: int = 10  # steps without guidance at the start
+    cooldown: int | None = None  # first step without guidance again; None guides to the end
+    mask_mode: MaskMode = "intersect"  # "intersect" (M1 * M2), "cross_attention" (M1) or "noise" (M2)
+    reverse: tuple[str, ...] = ()  # concepts (id or name) pushed away from their original value instead
+    non_descendant_protection: bool = False  # ours: keep edit masks off the non-descendants' regions
+    protect_threshold: float = 0.9  # a protected concept claims the top 10% of its attention map
+    exact: bool = False  # exact-reconstruction inversion (see csg.abduction) instead of the reference's
+    num_zero_noise_steps: int | None = None  # None: 3 (the reference) or 0 in exact mode
+    seed: int = 0  # draws the inversion's independent noise
+    max_side: int | None = 1024  # longer image side beyond which the input is downscaled; None: never
+
+    def __post_init__(self) -> None:
+        if self.mask_mode not in MASK_MODES:
+            raise InputError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got {self.mask_mode!r}.")
+        if self.max_side is not None and self.max_side < 1:
+            raise InputError(f"max_side must be positive or None, got {self.max_side}.")
+        object.__setattr__(self, "concept_scales", dict(self.concept_scales))
+        object.__setattr__(self, "reverse", tuple(self.reverse))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["concept_scales"], out["reverse"] = dict(self.concept_scales), list(self.reverse)
+        return out
+
+
+@dataclass(frozen=True)
+class CounterfactualResult:
+    image: Image.Image  # the counterfactual, same size as ``source_image``
+    latent: torch.Tensor  # (1, C, h, w) float32
+    masks: dict[str, torch.Tensor]  # concept id -> (h, w) in [0, 1]: share of guided steps that edited each latent pixel
+    inversion: Inversion  # shared by every intervention of one call
+    edit_concepts: tuple[EditConcept, ...]  # E, in guidance order
+    intervention: Intervention  # after check_intervention: stripped changes are in ``violations``
+    source_prompt: str
+    source_image: Image.Image  # the RGB input as edited (after any downscale and crop)
+
+    def mask_image(self, concept_id: str) -> Image.Image:
+        """The concept's mask as a grayscale image at the counterfactual's size (nearest upsampling)."""
+        if concept_id not in self.masks:
+            raise InputError(f"No mask for {concept_id!r}; this result has masks for {', '.join(self.masks)}.")
+        pixels = (self.masks[concept_id].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return Image.fromarray(pixels).resize(self.image.size, Image.Resampling.NEAREST)
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    image: Image.Image
+    latent: torch.Tensor
+    inversion: BaselineInversion
+    target_prompt: str
+    source_image: Image.Image
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+
+def load_image(image: Image.Image | str | Path) -> Image.Image:
+    """An RGB PIL image from a PIL image or a path (EXIF rotation applied, transparency on white)."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"The image {path} does not exist. Give the path of a PNG or JPEG file.")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = opened.copy()
+        except OSError as exc:
+            raise InputError(f"Could not read {path} as an image ({exc}). Give a PNG or JPEG file.") from None
+    if not isinstance(image, Image.Image):
+        raise InputError(f"Expected a PIL image or an image path, got {type(image).__name__}.")
+    image = ImageOps.exif_transpose(image)
+    has_alpha = "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def fit_to_model(image: Image.Image, multiple: int, max_side: int | None) -> Image.Image:
+    """Downscale past ``max_side``, then center-crop both sides to a multiple of ``multiple``."""
+    width, height = image.size
+    if max_side is not None and max(width, height) > max_side:
+        factor = max_side / max(width, height)
+        width, height = max(1, round(width * factor)), max(1, round(height * factor))
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    new_w, new_h = width // multiple * multiple, height // multiple * multiple
+    if new_w == 0 or new_h == 0:
+        raise InputError(f"The image is {width}x{height} (WxH); this model needs at least {multiple} pixels per side. "
+                         "Use a larger image.")
+    if (new_w, new_h) == (width, height):
+        return image
+    left, top = (width - new_w) // 2, (height - new_h) // 2
+    return image.crop((left, top, left + new_w, top + new_h))
+
+
+def prepare_image(host: DiffusionHost, image: Image.Image | str | Path, params: CSGParams) -> Image.Image:
+    return fit_to_model(load_image(image), host.vae_scale_factor * host.latent_multiple, params.max_side)
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    """(3, H, W) RGB in [0, 1] to an 8-bit PIL image."""
+    array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+# -- the action: interventions to guidance terms ---------------------------------------------------
+
+
+def _concept_ids(graph: CausalGraph, keys: Sequence[str], what: str) -> list[str]:
+    try:
+        return [graph.find_concept(key).id for key in keys]
+    except GraphError as exc:
+        raise InputError(f"{what}: {exc}") from None
+
+
+def edit_spec(graph: CausalGraph, intervention: Intervention, params: CSGParams) -> EditSpec:
+    """CSG's terms for one (checked) intervention: one per edit concept with its own scale and direction."""
+    scales = dict(zip(_concept_ids(graph, list(params.concept_scales), "concept_scales"), params.concept_scales.values()))
+    reverse = set(_concept_ids(graph, params.reverse, "reverse"))
+    terms = tuple(
+        ConceptTerm.from_edit_concept(concept, reverse=concept.concept_id in reverse,
+                                      scale=scales.get(concept.concept_id, params.scale), threshold=params.threshold,
+                                      warmup=params.warmup, cooldown=params.cooldown)
+        for concept in intervention.edit_concepts(graph)
+    )
+    spec = EditSpec.from_intervention(intervention, graph, protect_non_descendants=params.non_descendant_protection)
+    return replace(spec, terms=terms)
+
+
+def _invert(host: DiffusionHost, image: Image.Image, source_prompt: str, params: CSGParams) -> Inversion:
+    return invert(host, image, source_prompt, num_steps=params.num_steps, skip=params.skip,
+                  source_guidance=params.source_guidance, exact=params.exact,
+                  num_zero_noise_steps=params.num_zero_noise_steps, generator=params.seed)
+
+
+# -- the API ---------------------------------------------------------------------------------------
+
+
+def counterfactuals(host: DiffusionHost, image: Image.Image | str | Path, graph: CausalGraph,
+                    interventions: Sequence[Intervention], *, source_prompt: str | None = None,
+                    params: CSGParams = CSGParams(), inversion: Inversion | None = None) -> list[CounterfactualResult]:
+    """One counterfactual per intervention: a single inversion, then one batched sampling loop.
+
+    Pass ``inversion`` (from an earlier result on the same image and settings) to skip abduction.
+    """
+    if not interventions:
+        raise InputError("No intervention given. Pass at least one Intervention (e.g. from propose_interventions).")
+    checked = [check_intervention(graph, i) for i in interventions]
+    concepts = [tuple(i.edit_concepts(graph)) for i in checked]
+    specs = [edit_spec(graph, i, params) for i in checked]
+    source = graph.scene_summary if source_prompt is None else source_prompt
+    picture = prepare_image(host, image, params)
+    if inversion is None:
+        inversion = _invert(host, picture, source, params)
+    elif inversion.image_size != (picture.height, picture.width):
+        raise InputError(f"The given inversion is of a {inversion.image_size[1]}x{inversion.image_size[0]} image, "
+                         f"not this {picture.width}x{picture.height} one. Invert this image instead.")
+    result = edit(host, inversion, specs, GuidanceParams(mask_mode=params.mask_mode,
+                                                         protect_threshold=params.protect_threshold))
+    outputs = []
+    for k, intervention in enumerate(checked):
+        latent = result.latents[k:k + 1]
+        pixels = host.decode_latents(latent)[0]  # one at a time: full-size VAE decodes are memory hungry
+        masks = {c.concept_id: m for c, m in zip(concepts[k], result.masks[k])}
+        outputs.append(CounterfactualResult(to_pil(pixels), latent, masks, inversion, concepts[k], intervention,
+                                            source, picture))
+    return outputs
+
+
+def counterfactual(host: DiffusionHost, image: Image.Image | str | Path, graph: CausalGraph,
+                   intervention: Intervention, *, source_prompt: str | None = None,
+                   params: CSGParams = CSGParams(), inversion: Inversion | None = None) -> CounterfactualResult:
+    """The counterfactual image of ``image`` under ``intervention`` (see ``counterfactuals``)."""
+    return counterfactuals(host, image, graph, [intervention], source_prompt=source_prompt, params=params,
+                           inversion=inversion)[0]
+
+
+def baseline_counterfactual(host: DiffusionHost, image: Image.Image | str | Path, intervention: Intervention, *,
+                            method: Method = "ddpm", source_prompt: str = "", params: CSGParams = CSGParams(),
+                            guidance_scale: float = DEFAULT_TARGET_GUIDANCE) -> BaselineResult:
+    """Table 1's baselines: invert with ``method`` and sample with CFG on the intervention's full
+    ``generation_prompt``. Uses ``params``' steps, skip, source guidance, seed and image fitting."""
+    target = intervention.generation_prompt.strip()
+    if not target:
+        raise InputError(f"Intervention '{intervention.id}' has no generation_prompt; the baselines guide with the "
+                         "full target prompt. Write one (the source caption with the changed values).")
+    picture = prepare_image(host, image, params)
+    x0 = host.encode_image(image_to_tensor(picture).to(host.device))
+    inversion = invert_baseline(host, method, x0, source_prompt, num_steps=params.num_steps, skip=params.skip,
+                                source_guidance=params.source_guidance, seed=params.seed)
+    latent = sample_with_guidance(host, inversion, target, guidance_scale)
+    return BaselineResult(to_pil(host.decode_latents(latent)[0]), latent, inversion, target, picture)
+
+
+__all__ = ["CSGParams", "CounterfactualResult", "BaselineResult", "counterfactual", "counterfactuals",
+           "baseline_counterfactual", "load_image", "fit_to_model", "prepare_image", "edit_spec"]
