@@ -1,0 +1,183 @@
+"""``csg-counterfactual`` end to end on tiny random SDXL weights saved in diffusers format, weight
+discovery on real folder layouts, the missing-weights message, and the benchmark's smoke mode."""
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from csg.cli import SDXL_REPO, find_sdxl, find_vlm, main
+from csg.errors import WeightsMissingError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "csg" / "examples"
+PORTRAIT, GRAPH, INTERVENTION = (EXAMPLES / n for n in ("portrait.png", "portrait_graph.json",
+                                                         "portrait_intervention.json"))
+FAST = ["--steps", "6", "--warmup", "2", "--max-side", "64", "--device", "cpu", "--dtype", "float32"]
+
+
+@pytest.fixture(autouse=True)
+def no_local_models(tmp_path, monkeypatch):
+    """Point every weight search at empty folders, so the machine's own caches never leak in."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory, tiny_components):
+    """The tiny random SDXL written as a diffusers folder, loaded back through from_pretrained."""
+    folder = tmp_path_factory.mktemp("sdxl")
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        getattr(tiny_components, sub).save_pretrained(folder / sub)
+    return folder
+
+
+def read_report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def test_hand_written_graph_and_intervention_run_end_to_end(sdxl_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MY_VLM_KEY", "sk-secret-never-written")
+    out = tmp_path / "out"
+    code = main([str(PORTRAIT), "--graph-json", str(GRAPH), "--intervention-json", str(INTERVENTION),
+                 "--sdxl", str(sdxl_folder), "--out", str(out), *FAST])
+    assert code == 0, capsys.readouterr().err
+    for name in ("original.png", "counterfactual.png", "mask_c1.png", "mask_c2.png", "mask_c3.png"):
+        with Image.open(out / name) as image:
+            assert image.size == (64, 64), name
+    with Image.open(out / "counterfactual.png") as image:
+        assert image.mode == "RGB"
+    with Image.open(out / "graph.png") as image:
+        assert image.width > 64
+    report = read_report(out)
+    assert report["graph"]["concepts"][0]["name"] == "age"
+    [entry] = report["interventions"]
+    assert entry["intervention"]["new_value"] == "old" and entry["stripped_changes"] == []
+    assert [c["concept_id"] for c in entry["edit_concepts"]] == ["c1", "c2", "c3"]
+    assert report["parameters"]["num_steps"] == 6 and report["parameters"]["mask_mode"] == "intersect"
+    assert report["source_prompt"].startswith("a portrait photo")
+    assert report["models"]["sdxl"] == str(sdxl_folder) and report["models"]["vlm"] is None
+    text = (out / "report.json").read_text()
+    assert "sk-secret" not in text and "api_key" not in text
+
+
+def test_forbidden_changes_are_stripped_and_reported(sdxl_folder, tmp_path, capsys):
+    intervention = json.loads(INTERVENTION.read_text())
+    intervention["propagated_changes"].append(
+        {"concept_id": "c6", "new_value": "moon base", "reason": "an overreaching VLM"})  # not a descendant of age
+    path = tmp_path / "bad_intervention.json"
+    path.write_text(json.dumps(intervention))
+    out = tmp_path / "out"
+    code = main([str(PORTRAIT), "--graph-json", str(GRAPH), "--intervention-json", str(path), "--sdxl",
+                 str(sdxl_folder), "--out", str(out), "--mask-mode", "noise", *FAST])
+    assert code == 0
+    [entry] = read_report(out)["interventions"]
+    assert [v["concept_id"] for v in entry["stripped_changes"]] == ["c6"]
+    assert not (out / "mask_c6.png").exists()
+    assert "c6" in capsys.readouterr().err
+
+
+def test_baseline_method_writes_the_counterfactual(sdxl_folder, tmp_path):
+    out = tmp_path / "out"
+    assert main([str(PORTRAIT), "--graph-json", str(GRAPH), "--intervention-json", str(INTERVENTION), "--sdxl",
+                 str(sdxl_folder), "--out", str(out), "--method", "ddpm", *FAST]) == 0
+    with Image.open(out / "counterfactual.png") as image:
+        assert image.size == (64, 64)
+    report = read_report(out)
+    assert report["method"] == "ddpm" and report["parameters"]["guidance_scale"] == 7.5
+    assert not list(out.glob("mask_*.png"))
+
+
+def test_missing_sdxl_names_what_to_get_and_exits_2(tmp_path, capsys):
+    code = main([str(PORTRAIT), "--graph-json", str(GRAPH), "--intervention-json", str(INTERVENTION),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"huggingface-cli download {SDXL_REPO}" in err and "models/checkpoints" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # it stopped before doing anything
+
+
+def test_missing_vlm_names_what_to_get_and_exits_2(sdxl_folder, tmp_path, capsys):
+    code = main([str(PORTRAIT), "--do", "age=old", "--sdxl", str(sdxl_folder), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Qwen/Qwen3-VL-8B-Instruct" in err and "--vlm-url" in err and "--graph-json" in err
+    assert "Traceback" not in err
+
+
+def test_single_checkpoint_without_configs_says_how_to_get_them(tmp_path, capsys):
+    checkpoint = tmp_path / "sd_xl_base_1.0.safetensors"
+    checkpoint.write_bytes(b"")
+    code = main([str(PORTRAIT), "--graph-json", str(GRAPH), "--intervention-json", str(INTERVENTION),
+                 "--sdxl", str(checkpoint)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--include '*.json' '*.txt'" in err and "--sdxl-config" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--do", "age"], "concept=value"),
+    (["--pick", "zero"], "--pick"),
+    (["--graph-json", "missing.json", "--intervention-json", "missing.json"], "does not exist"),
+])
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    assert main([str(PORTRAIT), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unreadable_image_exits_2(tmp_path, capsys):
+    assert main([str(tmp_path / "nope.png"), "--graph-json", str(GRAPH), "--intervention-json", str(INTERVENTION)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def fake_snapshot(cache: Path, repo: str, files: list[str], revision: str = "abc123") -> Path:
+    """A Hugging Face cache entry laid out as huggingface_hub writes it (files empty)."""
+    base = cache / ("models--" + repo.replace("/", "--"))
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    (base / "refs" / "main").write_text(revision)
+    snapshot = base / "snapshots" / revision
+    for name in files:
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes(b"")
+    return snapshot
+
+
+SDXL_CONFIGS = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                "text_encoder_2/config.json", "tokenizer/vocab.json", "tokenizer_2/vocab.json"]
+SDXL_WEIGHTS = [f"{p}/diffusion_pytorch_model.safetensors" for p in ("unet", "vae")] + [
+    f"{p}/model.safetensors" for p in ("text_encoder", "text_encoder_2")]
+
+
+def test_weights_are_found_in_the_hf_cache_and_comfyui(tmp_path, monkeypatch):
+    cache = tmp_path / "hf_home" / "hub"
+    comfy = tmp_path / "ComfyUI"
+    # configs only in the cache: not a full folder, but it serves a ComfyUI checkpoint
+    configs = fake_snapshot(cache, SDXL_REPO, SDXL_CONFIGS)
+    for name in ("other_model.safetensors", "juggernautXL.safetensors", "sd_xl_base_1.0.safetensors"):
+        (comfy / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (comfy / "models" / "checkpoints" / name).write_bytes(b"")
+    found = find_sdxl(None, None, comfy)
+    assert found.path.name == "sd_xl_base_1.0.safetensors" and found.config == configs
+    # with weights in the cache, the diffusers folder wins
+    full = fake_snapshot(cache, SDXL_REPO, SDXL_CONFIGS + SDXL_WEIGHTS)
+    assert find_sdxl(None, None, comfy).path == full and find_sdxl(None, None, comfy).config is None
+
+    with pytest.raises(WeightsMissingError, match="Qwen3-VL"):
+        find_vlm(None, comfy)
+    (comfy / "models" / "LLM" / "Qwen3-VL-4B-Instruct").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (comfy / "models" / "LLM" / "Qwen3-VL-4B-Instruct" / name).write_bytes(b"")
+    assert find_vlm(None, comfy).name == "Qwen3-VL-4B-Instruct"
+    cached = fake_snapshot(cache, "Qwen/Qwen3-VL-8B-Instruct", ["config.json", "model-00001-of-00004.safetensors"])
+    assert find_vlm(None, comfy) == cached  # the HF cache comes first
+
+
+def test_benchmark_smoke_mode_runs(capsys):
+    module = runpy.run_path(str(ROOT / "benchmarks" / "benchmark.py"), run_name="benchmark")
+    assert module["main"](["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--steps", "4"]) == 0
+    table = capsys.readouterr().out
+    for row in ("inversion", "edit, 1 concept", "edit, 3 concepts", "3 interventions, batched"):
+        assert row in table
