@@ -232,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--scale", type=float, default=8.0, help="edit guidance scale per concept")
     edit.add_argument("--threshold", type=float, default=0.7, help="mask quantile lambda")
     edit.add_argument("--warmup", type=int, default=10)
+    edit.add_argument("--cooldown", type=int, default=None, help="first step without guidance again (default: none)")
+    edit.add_argument("--concept-scale", action="append", default=[], metavar="CONCEPT=SCALE",
+                      help="edit scale of one concept (name or id); repeatable")
+    edit.add_argument("--reverse", action="append", default=[], metavar="CONCEPT",
+                      help="push this concept away from its original value instead of towards the new one; repeatable")
     edit.add_argument("--mask-mode", choices=("intersect", "cross_attention", "noise"), default="intersect")
     edit.add_argument("--protect-non-descendants", action="store_true",
                       help="keep edit masks off the regions of concepts the intervention must not change")
@@ -251,6 +256,19 @@ def parse_do(text: str) -> tuple[str, str]:
     if not sep or not concept.strip() or not value.strip():
         raise InputError(f'--do expects "concept=value", e.g. "age=old"; got {text!r}.')
     return concept.strip(), value.strip()
+
+
+def parse_concept_scales(items: Sequence[str]) -> dict[str, float]:
+    scales = {}
+    for item in items:
+        concept, sep, value = item.partition("=")
+        try:
+            scales[concept.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not concept.strip():
+            raise InputError(f'--concept-scale expects "concept=number", e.g. "hair color=6"; got {item!r}.')
+    return scales
 
 
 def parse_pick(text: str) -> int | None:
@@ -339,8 +357,12 @@ def save_outputs(folder: Path, image, graph, intervention, masks: dict, render_g
     return {name: str(path) for name, path in files.items()}
 
 
+def log(message: str) -> None:
+    print(f"csg-counterfactual: {message}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    from .counterfactual import CSGParams, baseline_counterfactual, counterfactuals, load_image
+    from .counterfactual import CSGParams, baseline_counterfactual, counterfactuals, edit_spec, load_image
     from .graph import CausalGraph, Intervention, check_intervention
     from .render import render_graph
 
@@ -350,7 +372,9 @@ def run(args: argparse.Namespace) -> int:
     graph = CausalGraph.from_json(read_json_file(args.graph_json, "graph")) if args.graph_json else None
     given = Intervention.from_json(read_json_file(args.intervention_json, "intervention")) if args.intervention_json else None
     params = CSGParams(num_steps=args.steps, skip=args.skip, source_guidance=args.source_guidance, scale=args.scale,
-                       threshold=args.threshold, warmup=args.warmup, mask_mode=args.mask_mode,
+                       threshold=args.threshold, warmup=args.warmup, cooldown=args.cooldown,
+                       concept_scales=parse_concept_scales(args.concept_scale), reverse=tuple(args.reverse),
+                       mask_mode=args.mask_mode,
                        non_descendant_protection=args.protect_non_descendants, exact=args.exact, seed=args.seed,
                        max_side=args.max_side)
     device, dtype = resolve_device(args.device, args.dtype)
@@ -361,6 +385,7 @@ def run(args: argparse.Namespace) -> int:
     vlm_name = None
     if needs_vlm(args):
         vlm, vlm_name = make_vlm(args, comfy, device, dtype)
+        log(f"vision-language model: {vlm_name}")
         from . import vlm as stages
 
         if caption is None and graph is None:
@@ -381,15 +406,19 @@ def run(args: argparse.Namespace) -> int:
         interventions = [given]
     source = caption if caption is not None else graph.scene_summary
     interventions = [check_intervention(graph, i) for i in interventions]
+    for intervention in interventions:  # settings naming unknown concepts fail here, before SDXL loads
+        edit_spec(graph, intervention, params)
 
+    log(f"loading SDXL from {sdxl.path} on {device} ({str(dtype).removeprefix('torch.')})")
     host = load_host(sdxl, device, dtype)
-    out = Path(args.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    log(f"{args.method}: inverting and editing {len(interventions)} intervention(s), {args.steps} steps")
     if args.method == "csg":
         results = counterfactuals(host, image, graph, interventions, source_prompt=source, params=params)
     else:
         results = [baseline_counterfactual(host, image, i, method=args.method, source_prompt=source, params=params,
                                            guidance_scale=args.guidance_scale) for i in interventions]
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
     results[0].source_image.save(out / "original.png")
     entries = []
     for intervention, result in zip(interventions, results):

@@ -72,9 +72,12 @@ def test_forbidden_changes_are_stripped_and_reported(sdxl_folder, tmp_path, caps
     path.write_text(json.dumps(intervention))
     out = tmp_path / "out"
     code = main([str(PORTRAIT), "--graph-json", str(GRAPH), "--intervention-json", str(path), "--sdxl",
-                 str(sdxl_folder), "--out", str(out), "--mask-mode", "noise", *FAST])
+                 str(sdxl_folder), "--out", str(out), "--mask-mode", "noise", "--concept-scale", "hair color=5",
+                 "--reverse", "c3", *FAST])
     assert code == 0
-    [entry] = read_report(out)["interventions"]
+    report = read_report(out)
+    assert report["parameters"]["concept_scales"] == {"hair color": 5.0} and report["parameters"]["reverse"] == ["c3"]
+    [entry] = report["interventions"]
     assert [v["concept_id"] for v in entry["stripped_changes"]] == ["c6"]
     assert not (out / "mask_c6.png").exists()
     assert "c6" in capsys.readouterr().err
@@ -121,11 +124,19 @@ def test_single_checkpoint_without_configs_says_how_to_get_them(tmp_path, capsys
 @pytest.mark.parametrize("argv, message", [
     (["--do", "age"], "concept=value"),
     (["--pick", "zero"], "--pick"),
+    (["--concept-scale", "hair color"], "concept=number"),
     (["--graph-json", "missing.json", "--intervention-json", "missing.json"], "does not exist"),
 ])
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     assert main([str(PORTRAIT), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_unknown_concept_in_a_setting_exits_2(sdxl_folder, tmp_path, capsys):
+    code = main([str(PORTRAIT), "--graph-json", str(GRAPH), "--intervention-json", str(INTERVENTION), "--sdxl",
+                 str(sdxl_folder), "--out", str(tmp_path / "out"), "--reverse", "ocean", *FAST])
+    assert code == 2 and "ocean" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_unreadable_image_exits_2(tmp_path, capsys):
