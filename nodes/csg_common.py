@@ -1,0 +1,123 @@
+"""What the CSG nodes share: socket types, ComfyUI image/mask conversion, progress, the edit settings."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+
+import comfy.model_management
+import comfy.utils
+
+from ..csg.counterfactual import CSGParams, edit_spec
+from ..csg.errors import InputError
+from ..csg.graph import CausalGraph, Concept, Intervention, Relationship, check_intervention
+from ..csg.guidance import MASK_MODES, EditSpec
+
+CATEGORY = "causal counterfactuals"
+
+Inversion = io.Custom("INVERSION")  # csg.abduction.Inversion
+CausalGraphType = io.Custom("CAUSAL_GRAPH")  # csg.graph.CausalGraph
+InterventionType = io.Custom("INTERVENTION")  # csg.graph.Intervention
+Interventions = io.Custom("INTERVENTIONS")  # list[csg.graph.Intervention]
+
+
+# -- images ----------------------------------------------------------------------------------------------
+
+
+def single_image(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (1, H, W, C) in [0, 1] to (3, H, W)."""
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise InputError(f"Expected one image, got a batch of {image.shape[0]}. Pick one image "
+                         "(e.g. with 'Image From Batch') before inverting.")
+    return image[0, ..., :3].movedim(-1, 0).float()
+
+
+def to_comfy_images(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] to a ComfyUI IMAGE (B, H, W, 3) on the intermediate device."""
+    return pixels.movedim(1, -1).float().clamp(0.0, 1.0).to(comfy.model_management.intermediate_device())
+
+
+def masks_at(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(T, h, w) latent masks in [0, 1] to a ComfyUI MASK (T, H, W), nearest upsampling."""
+    upsampled = F.interpolate(masks.float()[:, None], size=size, mode="nearest")[:, 0]
+    return upsampled.clamp(0.0, 1.0).to(comfy.model_management.intermediate_device())
+
+
+def mask_preview(image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per mask, the image (H, W, 3) darkened outside the mask and tinted red inside it: (T, H, W, 3)."""
+    tint = torch.tensor([1.0, 0.15, 0.15], device=image.device)
+    m = masks.to(image.device)[..., None]
+    return (image[None] * (0.35 + 0.65 * m) * (1 - 0.5 * m) + 0.5 * m * tint).clamp(0.0, 1.0)
+
+
+# -- progress ---------------------------------------------------------------------------------------------
+
+
+def progress(total: int) -> Callable[[], None]:
+    """Called after each UNet evaluation: honour Cancel, advance ComfyUI's progress bar."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def step() -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update(1)
+
+    return step
+
+
+# -- edits ------------------------------------------------------------------------------------------------
+
+
+def implied_graph(intervention: Intervention) -> CausalGraph:
+    """Without a causal graph, the intervention's own claim: the target causes each change it lists."""
+    target = Concept(intervention.target_concept_id, intervention.target_concept_name or intervention.target_concept_id,
+                     intervention.original_value or intervention.new_value)
+    changed = [Concept(c.concept_id, c.concept_name or c.concept_id, c.original_value or c.new_value)
+               for c in intervention.propagated_changes if c.concept_id != target.id]
+    edges = [Relationship(f"r{i}", target.id, c.id) for i, c in enumerate(changed, start=1)]
+    return CausalGraph((target, *changed), tuple(edges))
+
+
+def edit_settings(scale: float, threshold: float, warmup: int, mask_mode: str, protect: bool) -> CSGParams:
+    return CSGParams(scale=scale, threshold=threshold, warmup=warmup, mask_mode=mask_mode,
+                     non_descendant_protection=protect)
+
+
+def spec_for(intervention: Intervention, graph: CausalGraph | None, settings: CSGParams, reverse: bool) -> EditSpec:
+    """CSG's terms for one intervention, its causal semantics enforced against ``graph`` when given;
+    ``reverse`` turns every term away from its concept's original value."""
+    if not isinstance(intervention, Intervention):
+        raise InputError(f"Expected an INTERVENTION, got {type(intervention).__name__}.")
+    if graph is None:
+        if settings.non_descendant_protection:
+            raise InputError("Non-descendant protection needs the causal graph: connect a CAUSAL_GRAPH, "
+                             "or turn protection off.")
+        graph = implied_graph(intervention)
+    checked = check_intervention(graph, intervention)
+    if reverse:
+        settings = replace(settings, reverse=tuple(c.concept_id for c in checked.edit_concepts(graph)))
+    return edit_spec(graph, checked, settings)
+
+
+def edit_inputs() -> list:
+    """The guidance widgets shared by the guider and the counterfactual nodes (paper defaults)."""
+    return [
+        io.Float.Input("scale", default=8.0, min=0.0, max=50.0, step=0.1,
+                       tooltip="Edit guidance scale s_c of every changed concept (paper: 8)."),
+        io.Float.Input("threshold", default=0.7, min=0.0, max=1.0, step=0.01,
+                       tooltip="Mask quantile lambda: a pixel is edited where its attention/noise map reaches this "
+                               "quantile (paper: 0.7, i.e. the top 30%)."),
+        io.Int.Input("warmup", default=10, min=0, max=1000,
+                     tooltip="Steps without guidance at the start, so the layout settles first (paper: 10)."),
+        io.Combo.Input("mask_mode", options=list(MASK_MODES), default="intersect",
+                       tooltip="intersect: cross-attention mask AND noise mask (paper); cross_attention or noise: "
+                               "one of them alone."),
+        io.Boolean.Input("reverse", default=False,
+                         tooltip="Push away from each concept's original value instead of toward its new value."),
+        io.Boolean.Input("protect_non_descendants", default=False,
+                         tooltip="Ours, off by default: keep edit masks off the regions of concepts that are not "
+                                 "descendants of the target (needs the causal graph)."),
+    ]

@@ -1,0 +1,101 @@
+"""CSG for SamplerCustomAdvanced: the inversion's SIGMAS/NOISE/LATENT, a CSG GUIDER and an edit-friendly SAMPLER.
+
+    Inversion Sigmas & Noise ─ SIGMAS, NOISE, LATENT ┐
+    CSG Guider ─ GUIDER ─────────────────────────────┼─► SamplerCustomAdvanced ─► LATENT
+    Edit-Friendly DPM++ Sampler ─ SAMPLER ───────────┘
+
+Any part can be swapped for another node (e.g. a different sampler with the CSG guider).
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..csg.guidance import GuidanceParams, plan_guidance
+from ..csg.prediction import _source_row_prompt as source_row_prompt  # exact mode adds the source row
+from .comfy_host import ComfySDXLHost, check_sdxl_epsilon
+from .comfy_sampling import CSGGuider, InversionNoise, edit_friendly_sampler, inversion_sigmas
+from .csg_common import CATEGORY, CausalGraphType, InterventionType, Inversion, edit_inputs, edit_settings, spec_for
+
+
+class InversionSigmasAndNoise(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CSGInversionSigmasAndNoise",
+            display_name="Inversion Sigmas & Noise",
+            category=f"{CATEGORY}/sampling",
+            description="The inversion's schedule as SIGMAS, a NOISE that starts sampling exactly at its x_T, and "
+                        "the abducted image LATENT, for SamplerCustomAdvanced.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SDXL model the inversion was made with (for its latent format)."),
+                Inversion.Input("inversion", tooltip="From 'Causal Inversion'."),
+            ],
+            outputs=[
+                io.Sigmas.Output(display_name="sigmas"),
+                io.Noise.Output(display_name="noise"),
+                io.Latent.Output(display_name="latent"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion) -> io.NodeOutput:
+        check_sdxl_epsilon(model)
+        latent_format = model.model.latent_format
+        latent = {"samples": latent_format.process_out(inversion.x0.float().cpu())}
+        return io.NodeOutput(inversion_sigmas(inversion), InversionNoise(inversion, latent_format), latent)
+
+
+class CSGGuiderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CSGGuider",
+            display_name="CSG Guider",
+            category=f"{CATEGORY}/sampling",
+            description="Causal Semantic Guidance as a GUIDER: per step, the unconditional prediction plus one "
+                        "masked term per changed concept. Use it with the inversion's SIGMAS (its step count).",
+            inputs=[
+                io.Model.Input("model", tooltip="An SDXL epsilon-prediction model."),
+                io.Clip.Input("clip", tooltip="The SDXL checkpoint's CLIP (both text encoders)."),
+                Inversion.Input("inversion", tooltip="From 'Causal Inversion': fixes the step count and, in exact "
+                                                     "mode, the source prompt's base prediction."),
+                InterventionType.Input("intervention", tooltip="The intervention to guide toward."),
+                CausalGraphType.Input("causal_graph", optional=True, tooltip="The image's causal graph."),
+                *edit_inputs(),
+            ],
+            outputs=[io.Guider.Output(display_name="guider")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, inversion, intervention, scale, threshold, warmup, mask_mode, reverse,
+                protect_non_descendants, causal_graph=None) -> io.NodeOutput:
+        settings = edit_settings(scale, threshold, warmup, mask_mode, protect_non_descendants)
+        spec = spec_for(intervention, causal_graph, settings, reverse)
+        host = ComfySDXLHost(model, clip)
+        plan = plan_guidance(host, [spec], inversion.num_steps, source_prompt=source_row_prompt(inversion),
+                             source_guidance=inversion.source_guidance,
+                             params=GuidanceParams(mask_mode=settings.mask_mode,
+                                                   protect_threshold=settings.protect_threshold))
+        return io.NodeOutput(CSGGuider(host, plan, host.encode_prompts(plan.prompts), inversion))
+
+
+class EditFriendlySampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CSGEditFriendlySampler",
+            display_name="Edit-Friendly DPM++ Sampler",
+            category=f"{CATEGORY}/sampling",
+            description="SDE-DPM-Solver++(2M) whose noise at each step is the inversion's stored noise map, so an "
+                        "unguided run retraces the factual image. Needs the inversion's SIGMAS.",
+            inputs=[Inversion.Input("inversion", tooltip="From 'Causal Inversion': the noise maps to replay.")],
+            outputs=[io.Sampler.Output(display_name="sampler")],
+        )
+
+    @classmethod
+    def execute(cls, inversion) -> io.NodeOutput:
+        return io.NodeOutput(edit_friendly_sampler(inversion))
+
+
+NODES = [InversionSigmasAndNoise, CSGGuiderNode, EditFriendlySampler]
