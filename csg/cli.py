@@ -310,10 +310,6 @@ def redact_url(url: str) -> str:
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def needs_vlm(args: argparse.Namespace) -> bool:
-    return not (args.graph_json and args.intervention_json)
-
-
 def make_vlm(args: argparse.Namespace, comfy: Path | None, device, dtype):
     """The VLM backend the arguments ask for (or the one found locally)."""
     if args.vlm_url:
@@ -361,94 +357,153 @@ def log(message: str) -> None:
     print(f"csg-counterfactual: {message}", file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace) -> int:
-    from .counterfactual import CSGParams, baseline_counterfactual, counterfactuals, edit_spec, load_image
-    from .graph import CausalGraph, Intervention, check_intervention
-    from .render import render_graph
+@dataclass(frozen=True)
+class Plan:
+    """What to edit: the graph, the checked interventions, the source prompt, and who said so."""
 
-    image = load_image(args.image)
-    pick = parse_pick(args.pick) if not (args.do or args.intervention_json) else 1
-    do = parse_do(args.do) if args.do else None
+    graph: object  # CausalGraph
+    interventions: list  # of checked Intervention
+    source_prompt: str
+    vlm: str | None  # the VLM's folder or redacted endpoint; None when none was used
+
+
+def free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class Request:
+    """The user's side of the plan, parsed and checked before anything slow happens."""
+
+    graph: object | None  # CausalGraph from --graph-json
+    intervention: object | None  # Intervention from --intervention-json
+    do: tuple[str, str] | None  # (concept, value) from --do
+    pick: int | None  # 1-based proposal, None for all
+
+
+def read_request(args: argparse.Namespace) -> Request:
+    from .graph import CausalGraph, Intervention
+
     graph = CausalGraph.from_json(read_json_file(args.graph_json, "graph")) if args.graph_json else None
     given = Intervention.from_json(read_json_file(args.intervention_json, "intervention")) if args.intervention_json else None
-    params = CSGParams(num_steps=args.steps, skip=args.skip, source_guidance=args.source_guidance, scale=args.scale,
-                       threshold=args.threshold, warmup=args.warmup, cooldown=args.cooldown,
-                       concept_scales=parse_concept_scales(args.concept_scale), reverse=tuple(args.reverse),
-                       mask_mode=args.mask_mode,
-                       non_descendant_protection=args.protect_non_descendants, exact=args.exact, seed=args.seed,
-                       max_side=args.max_side)
-    device, dtype = resolve_device(args.device, args.dtype)
-    comfy = comfyui_root(args.comfyui_root)
-    sdxl = find_sdxl(args.sdxl, args.sdxl_config, comfy)  # before any slow work: fail fast on missing weights
+    do = parse_do(args.do) if args.do else None
+    pick = parse_pick(args.pick) if not (do or given) else 1
+    if do is not None and graph is not None:
+        graph.find_concept(do[0])  # an unknown concept fails now, with the list of known ones
+    return Request(graph, given, do, pick)
 
-    caption = args.caption
-    vlm_name = None
-    if needs_vlm(args):
+
+def plan_interventions(args: argparse.Namespace, request: Request, image, comfy: Path | None, device, dtype) -> Plan:
+    """Graph and interventions from the JSON files, or from the VLM's stages for what they leave open."""
+    from .graph import check_intervention
+
+    graph, given, do, pick = request.graph, request.intervention, request.do, request.pick
+    caption, vlm_name = args.caption, None
+    if given is not None and graph is not None:
+        interventions = [given]
+    else:
         vlm, vlm_name = make_vlm(args, comfy, device, dtype)
         log(f"vision-language model: {vlm_name}")
         from . import vlm as stages
 
         if caption is None and graph is None:
+            log("describing the scene")
             caption = stages.describe_scene(vlm, image)
         if graph is None:
+            log("extracting the causal graph")
             graph = stages.extract_graph(vlm, image, caption)
         if given is not None:
             interventions = [given]
         elif do is not None:
             target = graph.find_concept(do[0])
+            log(f"propagating do({target.name} = {do[1]})")
             interventions = [stages.propagate_intervention(vlm, image, graph, target.id, do[1])]
         else:
+            log("proposing interventions")
             proposals = stages.propose_interventions(vlm, image, graph)
             if pick is not None and pick > len(proposals):
                 raise InputError(f"--pick {pick}: the VLM proposed only {len(proposals)} interventions.")
             interventions = list(proposals) if pick is None else [proposals[pick - 1]]
-    else:
-        interventions = [given]
+        del vlm
+        free_accelerator_memory()  # the VLM's memory goes back before SDXL loads
     source = caption if caption is not None else graph.scene_summary
-    interventions = [check_intervention(graph, i) for i in interventions]
-    for intervention in interventions:  # settings naming unknown concepts fail here, before SDXL loads
-        edit_spec(graph, intervention, params)
+    return Plan(graph, [check_intervention(graph, i) for i in interventions], source, vlm_name)
 
-    log(f"loading SDXL from {sdxl.path} on {device} ({str(dtype).removeprefix('torch.')})")
-    host = load_host(sdxl, device, dtype)
-    log(f"{args.method}: inverting and editing {len(interventions)} intervention(s), {args.steps} steps")
-    if args.method == "csg":
-        results = counterfactuals(host, image, graph, interventions, source_prompt=source, params=params)
-    else:
-        results = [baseline_counterfactual(host, image, i, method=args.method, source_prompt=source, params=params,
-                                           guidance_scale=args.guidance_scale) for i in interventions]
-    out = Path(args.out).expanduser()
+
+def write_outputs(out: Path, plan: Plan, results: list, report_fields: dict) -> Path:
+    """Images, masks and graph per intervention (a sub-folder each when there are several), and the report."""
+    from .render import render_graph
+
     out.mkdir(parents=True, exist_ok=True)
     results[0].source_image.save(out / "original.png")
     entries = []
-    for intervention, result in zip(interventions, results):
+    for intervention, result in zip(plan.interventions, results):
         folder = out if len(results) == 1 else out / slug(intervention.id)
         masks = {cid: result.mask_image(cid) for cid in getattr(result, "masks", {})}  # baselines have none
-        files = save_outputs(folder, result.image, graph, intervention, masks, render_graph)
+        files = save_outputs(folder, result.image, plan.graph, intervention, masks, render_graph)
         entries.append({
             "intervention": intervention.to_dict(),
             "stripped_changes": [v.to_dict() for v in intervention.violations],
-            "edit_concepts": [asdict(c) for c in intervention.edit_concepts(graph)],
+            "edit_concepts": [asdict(c) for c in intervention.edit_concepts(plan.graph)],
             "files": files,
         })
         for v in intervention.violations:
-            print(f"note: {intervention.id}: dropped the change {v.concept_id} -> {v.new_value!r}: {v.problem}",
-                  file=sys.stderr)
+            log(f"note: {intervention.id}: dropped the change {v.concept_id} -> {v.new_value!r}: {v.problem}")
     report = {
-        "image": str(Path(args.image)),
+        "original": str(out / "original.png"),
         "edited_size": list(results[0].source_image.size),
-        "source_prompt": source,
-        "graph": graph.to_dict(),
+        "source_prompt": plan.source_prompt,
+        "graph": plan.graph.to_dict(),
         "interventions": entries,
+        **report_fields,
+    }
+    path = out / "report.json"
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from .counterfactual import CSGParams, baseline_counterfactual, counterfactuals, edit_spec, load_image
+
+    image = load_image(args.image)
+    request = read_request(args)
+    params = CSGParams(num_steps=args.steps, skip=args.skip, source_guidance=args.source_guidance, scale=args.scale,
+                       threshold=args.threshold, warmup=args.warmup, cooldown=args.cooldown,
+                       concept_scales=parse_concept_scales(args.concept_scale), reverse=tuple(args.reverse),
+                       mask_mode=args.mask_mode, non_descendant_protection=args.protect_non_descendants,
+                       exact=args.exact, seed=args.seed, max_side=args.max_side)
+    device, dtype = resolve_device(args.device, args.dtype)
+    comfy = comfyui_root(args.comfyui_root)
+    sdxl = find_sdxl(args.sdxl, args.sdxl_config, comfy)  # before any slow work: fail fast on missing weights
+    plan = plan_interventions(args, request, image, comfy, device, dtype)
+    for intervention in plan.interventions:  # settings naming unknown concepts fail here, before SDXL loads
+        edit_spec(plan.graph, intervention, params)
+
+    log(f"loading SDXL from {sdxl.path} on {device} ({str(dtype).removeprefix('torch.')})")
+    host = load_host(sdxl, device, dtype)
+    log(f"{args.method}: inverting and editing {len(plan.interventions)} intervention(s), {args.steps} steps")
+    if args.method == "csg":
+        results = counterfactuals(host, image, plan.graph, plan.interventions, source_prompt=plan.source_prompt,
+                                  params=params)
+    else:
+        results = [baseline_counterfactual(host, image, i, method=args.method, source_prompt=plan.source_prompt,
+                                           params=params, guidance_scale=args.guidance_scale)
+                   for i in plan.interventions]
+    report = write_outputs(Path(args.out).expanduser(), plan, results, {
+        "image": str(Path(args.image)),
         "method": args.method,
         "parameters": params.to_dict() | ({"guidance_scale": args.guidance_scale} if args.method != "csg" else {}),
-        "models": {"sdxl": str(sdxl.path), "sdxl_config": str(sdxl.config) if sdxl.config else None, "vlm": vlm_name},
+        "models": {"sdxl": str(sdxl.path), "sdxl_config": str(sdxl.config) if sdxl.config else None, "vlm": plan.vlm},
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "original": str(out / "original.png"),
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    print(f"wrote {out / 'report.json'}")
+    })
+    print(f"wrote {report}")
     return 0
 
 

@@ -125,6 +125,7 @@ def test_single_checkpoint_without_configs_says_how_to_get_them(tmp_path, capsys
     (["--do", "age"], "concept=value"),
     (["--pick", "zero"], "--pick"),
     (["--concept-scale", "hair color"], "concept=number"),
+    (["--graph-json", str(GRAPH), "--do", "ocean=blue"], "hair color"),  # lists the known concepts
     (["--graph-json", "missing.json", "--intervention-json", "missing.json"], "does not exist"),
 ])
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
