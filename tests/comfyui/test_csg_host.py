@@ -1,0 +1,200 @@
+"""The ComfyUI host and the CSG nodes on a small random SDXL built with ComfyUI's own classes.
+
+Covers: the host's predictions against the diffusers host on the same weights, nothing leaking
+into the user's MODEL, a LoRA applied before our nodes still acting, the composable
+guider/sampler path reproducing the all-in-one node, batched interventions equal to single ones,
+and the errors a user sees.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from tests.comfyui.csg_fixtures import build_comfy_sdxl, diffusers_host_of, node_output, pack_module
+
+SIZE = 64  # pixels: an 8x8 latent, 2x2 attention maps at latent/4
+STEPS = 6
+WARMUP = 1
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.set_num_threads(1)
+    return build_comfy_sdxl(seed=0)
+
+
+@pytest.fixture(scope="module")
+def modules():
+    return {name: pack_module(name) for name in ("nodes.comfy_host", "nodes.csg_nodes", "nodes.sampling_nodes",
+                                                  "nodes.baseline_nodes", "csg.graph", "csg.errors", "csg.host")}
+
+
+@pytest.fixture(scope="module")
+def story(modules):
+    graph_module = modules["csg.graph"]
+    graph = graph_module.CausalGraph.from_dict({
+        "concepts": [{"id": "c1", "name": "hair color", "current_value": "blond"},
+                     {"id": "c2", "name": "beard", "current_value": "no beard"},
+                     {"id": "c3", "name": "sky", "current_value": "blue"}],
+        "relationships": [{"id": "r1", "cause_id": "c1", "effect_id": "c2"}],
+        "scene_summary": "a photo of a man"})
+    intervention = graph_module.Intervention.from_dict({
+        "id": "i1", "target_concept_id": "c1", "target_concept_name": "hair color",
+        "intervention_description": "make the hair black", "original_value": "blond", "new_value": "black",
+        "propagated_changes": [{"concept_id": "c2", "concept_name": "beard", "original_value": "no beard",
+                                "new_value": "black beard"}],
+        "final_concept_states": {"c1": "black hair", "c2": "black beard"},
+        "generation_prompt": "a photo of a man with black hair and a black beard"})
+    return graph, intervention
+
+
+@pytest.fixture(scope="module")
+def image():
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(1, SIZE, SIZE, 3, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def inversion(small, modules, image):
+    node = modules["nodes.csg_nodes"].CausalInversion
+    return node_output(node.execute(small.model, small.clip, small.vae, image, "a photo of a man", STEPS, 0.15, 3.5,
+                                    False, 3, 0))[0]
+
+
+def counterfactual(modules, small, model, inversion, story, **overrides):
+    graph, intervention = story
+    settings = dict(scale=8.0, threshold=0.7, warmup=WARMUP, mask_mode="intersect", reverse=False,
+                    protect_non_descendants=False) | overrides
+    node = modules["nodes.csg_nodes"].CausalCounterfactual
+    return node_output(node.execute(model, small.clip, small.vae, inversion, intervention, causal_graph=graph,
+                                    **settings))
+
+
+def test_host_predictions_match_the_diffusers_host_on_the_same_weights(small, modules):
+    comfy_host = modules["nodes.comfy_host"].ComfySDXLHost(small.model, small.clip, small.vae)
+    reference = diffusers_host_of(small)
+    prompts = ["", "black hair", "a photo of a man"]
+    ours, theirs = comfy_host.encode_prompts(prompts), reference.encode_prompts(prompts)
+    assert comfy_host.token_indices("black hair") == reference.token_indices("black hair")
+    latents = torch.randn(3, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(1))
+    request = modules["csg.host"].AttentionRequest((1, 2), ((1, 2), tuple(comfy_host.token_indices(prompts[2]))))
+    with comfy_host.loaded(latents.shape):
+        for t in (1, 501, 981):
+            eps, maps = comfy_host.predict_noise(latents, t, ours, request)
+            ref_eps, ref_maps = reference.predict_noise(latents, t, theirs, request)
+            # Same weights, different kernels (ComfyUI's CPU attention vs SDPA, float32): rounding only.
+            assert (eps - ref_eps).abs().max() < 1e-4 * ref_eps.abs().max()
+            assert (maps - ref_maps).abs().max() < 1e-5
+    assert (comfy_host.alphas_cumprod.cpu() - reference.alphas_cumprod.cpu()).abs().max() < 1e-6
+    pixels = torch.rand(1, 3, SIZE, SIZE)
+    assert torch.allclose(comfy_host.encode_image(pixels).cpu(), reference.encode_image(pixels), atol=1e-5)
+
+
+def test_rows_map_to_concepts_when_comfyui_splits_the_batch(small, modules, monkeypatch):
+    """With too little free memory ComfyUI evaluates conds one UNet call at a time; results must not move."""
+    host = modules["nodes.comfy_host"].ComfySDXLHost(small.model, small.clip, small.vae)
+    conditioning = host.encode_prompts(["", "black hair", "blue sky"])
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    request = modules["csg.host"].AttentionRequest((1, 2), ((1, 2), (1, 2)))
+    with host.loaded(latents.shape):
+        batched = host.predict_noise(latents, 601, conditioning, request)
+        # ComfyUI batches as many conds as its memory estimate allows; an enormous estimate forces one per call.
+        monkeypatch.setattr(small.model.model, "memory_required", lambda *args, **kwargs: float("inf"))
+        split = host.predict_noise(latents, 601, conditioning, request)
+    for a, b in zip(batched, split):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(split[0][1], split[0][2])  # different prompts and latents, different rows
+
+
+def test_the_users_model_is_unpatched_after_every_node(small, modules, inversion, story):
+    options, patches = copy.deepcopy(small.model.model_options), dict(small.model.patches)
+    attention_classes = {name: type(m) for name, m in small.model.model.named_modules()}
+    counterfactual(modules, small, small.model, inversion, story)
+    sampling = modules["nodes.sampling_nodes"]
+    node_output(sampling.CSGGuiderNode.execute(small.model, small.clip, inversion, story[1], 8.0, 0.7, WARMUP,
+                                               "intersect", False, False, causal_graph=story[0]))
+    assert small.model.model_options == options
+    assert small.model.patches == patches
+    assert {name: type(m) for name, m in small.model.model.named_modules()} == attention_classes
+
+
+def test_counterfactual_outputs_and_masks(small, modules, inversion, story):
+    image, latent, masks, preview = counterfactual(modules, small, small.model, inversion, story)
+    assert image.shape == (1, SIZE, SIZE, 3) and latent["samples"].shape == (1, 4, SIZE // 8, SIZE // 8)
+    assert masks.shape == (2, SIZE, SIZE) and preview.shape == (2, SIZE, SIZE, 3)  # hair and beard
+    assert all(m.sum() > 0 for m in masks) and masks.max() <= 1.0
+    unedited = counterfactual(modules, small, small.model, inversion, story, scale=0.0)[1]["samples"]
+    assert not torch.allclose(latent["samples"], unedited)
+
+
+def test_a_lora_applied_before_our_nodes_changes_the_counterfactual(small, modules, inversion, story):
+    import comfy.sd
+
+    key = "lora_unet_input_blocks_5_1_transformer_blocks_0_attn2_to_k"
+    to_k = small.model.model.diffusion_model.input_blocks[5][1].transformer_blocks[0].attn2.to_k.weight
+    generator = torch.Generator().manual_seed(3)
+    lora = {f"{key}.lora_up.weight": torch.randn(to_k.shape[0], 4, generator=generator),
+            f"{key}.lora_down.weight": torch.randn(4, to_k.shape[1], generator=generator) * 0.05,
+            f"{key}.alpha": torch.tensor(4.0)}
+    lora_model, _ = comfy.sd.load_lora_for_models(small.model, None, lora, 1.0, 0.0)
+    assert lora_model.patches  # the LoRA is a weight patch, applied when ComfyUI loads the model
+    plain = counterfactual(modules, small, small.model, inversion, story)[1]["samples"]
+    with_lora = counterfactual(modules, small, lora_model, inversion, story)[1]["samples"]
+    again = counterfactual(modules, small, small.model, inversion, story)[1]["samples"]
+    assert (with_lora - plain).abs().max() > 1e-3
+    assert (again - plain).abs().max() < 1e-5 * plain.abs().max()  # and the LoRA did not stay behind
+
+
+def test_guider_and_sampler_in_sampler_custom_advanced_match_the_all_in_one_node(small, modules, inversion, story):
+    from comfy_extras.nodes_custom_sampler import SamplerCustomAdvanced
+
+    sampling = modules["nodes.sampling_nodes"]
+    sigmas, noise, latent = node_output(sampling.InversionSigmasAndNoise.execute(small.model, inversion))
+    guider = node_output(sampling.CSGGuiderNode.execute(small.model, small.clip, inversion, story[1], 8.0, 0.7,
+                                                        WARMUP, "intersect", False, False,
+                                                        causal_graph=story[0]))[0]
+    sampler = node_output(sampling.EditFriendlySampler.execute(inversion))[0]
+    assert sigmas.shape == (STEPS + 1,) and sigmas[-1] == 0.0
+    output = SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, latent)[0]["samples"]
+    expected = counterfactual(modules, small, small.model, inversion, story)[1]["samples"]
+    # Two routes through sigma space (x_k <-> x_vp each step) and ComfyUI's latent scaling: rounding only.
+    assert (output - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+def test_batched_interventions_equal_separate_runs(small, modules, inversion, story):
+    graph, intervention = story
+    other = modules["csg.graph"].Intervention.from_dict({
+        "id": "i2", "target_concept_id": "c3", "target_concept_name": "sky", "intervention_description": "grey sky",
+        "original_value": "blue", "new_value": "gray", "final_concept_states": {"c3": "gray sky"},
+        "generation_prompt": "a photo of a man under a gray sky"})
+    node = modules["nodes.csg_nodes"].CausalCounterfactuals
+    images, latents, masks, previews = node_output(node.execute(
+        small.model, small.clip, small.vae, inversion, [intervention, other], 8.0, 0.7, WARMUP, "intersect", False,
+        False, causal_graph=graph))
+    assert images.shape == (2, SIZE, SIZE, 3) and masks.shape == (3, SIZE, SIZE) and previews.shape[0] == 3
+    single = counterfactual(modules, small, small.model, inversion, story)[1]["samples"]
+    assert (latents["samples"][:1] - single).abs().max() < 1e-5 * single.abs().max()  # rows are independent
+
+
+def test_baseline_edit_runs_both_methods(small, modules, image, story):
+    node = modules["nodes.baseline_nodes"].BaselineEdit
+    for method in ("DDPM inversion (edit-friendly)", "DDIM inversion"):
+        out_image, latent = node_output(node.execute(small.model, small.clip, small.vae, image, story[1], method,
+                                                     "a photo of a man", 4, 0.15, 3.5, 7.5, 0))
+        assert out_image.shape == (1, SIZE, SIZE, 3) and torch.isfinite(latent["samples"]).all()
+
+
+def test_clear_errors_for_v_prediction_and_bad_sizes(small, modules, image, story):
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    errors = modules["csg.errors"]
+    inversion_node = modules["nodes.csg_nodes"].CausalInversion
+    v_model = ModelSamplingDiscrete().patch(small.model, "v_prediction", False)[0]
+    with pytest.raises(errors.InputError, match="epsilon-prediction"):
+        inversion_node.execute(v_model, small.clip, small.vae, image, "", STEPS, 0.15, 3.5, False, 3, 0)
+    with pytest.raises(errors.InputError, match="divisible by 32"):
+        inversion_node.execute(small.model, small.clip, small.vae, image[:, :48], "", STEPS, 0.15, 3.5, False, 3, 0)
+    with pytest.raises(errors.InputError, match="one image"):
+        inversion_node.execute(small.model, small.clip, small.vae, image.expand(2, -1, -1, -1), "", STEPS, 0.15,
+                               3.5, False, 3, 0)
