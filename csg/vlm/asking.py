@@ -1,0 +1,49 @@
+"""Ask, check, and ask again with the problem spelled out: the bounded retry loop of every stage."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence, TypeVar
+
+from PIL import Image
+
+from ..errors import GraphError, InputError
+from .parsing import VLMOutputError
+from .prompts import Stage, correction_user
+from .protocol import VLM, Turn, prepare_image
+
+log = logging.getLogger("csg.vlm")
+
+T = TypeVar("T")
+DEFAULT_ATTEMPTS = 3
+
+
+def ask_until_valid(vlm: VLM, stage: Stage, user: str, images: Sequence[Image.Image],
+                    validate: Callable[[str], T], *, max_attempts: int = DEFAULT_ATTEMPTS) -> T:
+    """The first answer that ``validate`` accepts, after at most ``max_attempts`` questions.
+
+    ``validate`` turns the answer text into a result or raises ``VLMOutputError``/``GraphError``.
+    After a rejected answer the conversation grows by that answer and a user turn naming the
+    problem, so the model can correct itself. Errors of the backend itself (server down, weights
+    missing) are not retried here; they propagate at once.
+    """
+    if max_attempts < 1:
+        raise InputError(f"max_attempts must be at least 1, got {max_attempts}.")
+    pictures = [prepare_image(image) for image in images]
+    turns = [Turn("user", user)]
+    problem, answer = "", ""
+    for attempt in range(1, max_attempts + 1):
+        answer = vlm.generate(stage.system, turns, pictures, temperature=stage.temperature, max_tokens=stage.max_tokens)
+        try:
+            return validate(answer)
+        except (VLMOutputError, GraphError) as exc:
+            problem = exc.problem if isinstance(exc, VLMOutputError) else str(exc)
+            log.warning("%s: attempt %d of %d unusable: %s", stage.name, attempt, max_attempts, problem)
+            forget = getattr(vlm, "forget", None)
+            if forget is not None:  # a cache must not replay an answer we rejected
+                forget(stage.system, turns, pictures, temperature=stage.temperature, max_tokens=stage.max_tokens)
+            turns = [*turns, Turn("assistant", answer), Turn("user", correction_user(problem))]
+    raise VLMOutputError(
+        f"The VLM gave no usable {stage.name} answer in {max_attempts} attempt(s). Last problem: {problem} "
+        "Try a larger or instruction-tuned model, allow more attempts, or write the JSON by hand "
+        "(see csg/examples/).", output=answer, stage=stage.name)

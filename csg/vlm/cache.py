@@ -1,0 +1,107 @@
+"""A disk cache of VLM answers, so re-running a workflow does not ask the model again.
+
+The key is the sha256 of everything that shapes an answer: the backend's identity (kind and
+model), the system prompt, the conversation, the images' pixel hashes, the temperature and the
+token budget. An entry is one small JSON file written atomically (temp file + ``os.replace``);
+an entry that cannot be read is ignored and rewritten. Identities never hold secrets (the
+backends guarantee it) and the files hold only the key, the identity and the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+from .protocol import VLM, Turn, image_fingerprint
+
+log = logging.getLogger("csg.vlm")
+
+CACHE_FORMAT = 1
+
+
+def answer_key(identity: str, system: str, turns: Sequence[Turn], images: Sequence[Image.Image],
+               temperature: float, max_tokens: int) -> str:
+    record = {
+        "format": CACHE_FORMAT,
+        "identity": identity,
+        "system": system,
+        "turns": [[turn.role, turn.text] for turn in turns],
+        "images": [image_fingerprint(image) for image in images],
+        "temperature": float(temperature),
+        "max_tokens": int(max_tokens),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+class CachedVLM:
+    """Wraps any backend; answers it gave before for the same question come from ``cache_dir``."""
+
+    def __init__(self, backend: VLM, cache_dir: str | Path):
+        self.backend = backend
+        self.cache_dir = Path(cache_dir).expanduser()
+
+    def __repr__(self) -> str:
+        return f"CachedVLM({self.backend!r}, cache_dir={str(self.cache_dir)!r})"
+
+    @property
+    def identity(self) -> str:
+        return self.backend.identity
+
+    def entry_path(self, key: str) -> Path:
+        return self.cache_dir / key[:2] / f"{key}.json"
+
+    def _read(self, path: Path, key: str) -> str | None:
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable VLM cache entry %s (%s); it will be rewritten", path, exc)
+            return None
+        if not isinstance(entry, dict) or entry.get("key") != key or not isinstance(entry.get("answer"), str):
+            log.warning("ignoring malformed VLM cache entry %s; it will be rewritten", path)
+            return None
+        return entry["answer"]
+
+    def _write(self, path: Path, key: str, answer: str) -> None:
+        entry = {"key": key, "identity": self.identity, "answer": answer}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+            try:
+                with os.fdopen(handle, "w", encoding="utf-8") as file:
+                    json.dump(entry, file, ensure_ascii=False)
+                os.replace(temp, path)
+            except BaseException:
+                Path(temp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:  # a cache that cannot be written only costs time, never the answer
+            log.warning("could not write the VLM cache entry %s: %s", path, exc)
+
+    def generate(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *,
+                 temperature: float, max_tokens: int) -> str:
+        key = answer_key(self.identity, system, turns, images, temperature, max_tokens)
+        path = self.entry_path(key)
+        cached = self._read(path, key)
+        if cached is not None:
+            log.debug("VLM cache hit %s", key[:12])
+            return cached
+        answer = self.backend.generate(system, turns, images, temperature=temperature, max_tokens=max_tokens)
+        self._write(path, key, answer)
+        return answer
+
+    def forget(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *,
+               temperature: float, max_tokens: int) -> None:
+        """Drop a stored answer (the stages call this for answers they rejected, so they are asked anew)."""
+        key = answer_key(self.identity, system, turns, images, temperature, max_tokens)
+        try:
+            self.entry_path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove the VLM cache entry %s: %s", self.entry_path(key), exc)

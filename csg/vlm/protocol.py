@@ -1,0 +1,61 @@
+"""What every VLM backend offers, and how images are prepared before any backend sees them."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal, Protocol, Sequence, runtime_checkable
+
+from PIL import Image
+
+from ..errors import InputError
+
+MAX_IMAGE_SIDE = 1536  # larger images only cost tokens; the Qwen-VL processors shrink them anyway
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of the conversation after the system prompt. Images go with the first user turn."""
+
+    role: Literal["user", "assistant"]
+    text: str
+
+
+@runtime_checkable
+class VLM(Protocol):
+    """A vision-language model that answers a conversation about some images with text.
+
+    ``identity`` names the backend kind and model (e.g. ``"openai:http://host:8000/v1:qwen3-vl"``);
+    it keys the answer cache, so it must change when the model does and never contain a secret.
+    """
+
+    @property
+    def identity(self) -> str: ...
+
+    def generate(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *,
+                 temperature: float, max_tokens: int) -> str: ...
+
+
+def prepare_image(image: Image.Image, max_side: int | None = MAX_IMAGE_SIDE) -> Image.Image:
+    """An RGB copy, no side above ``max_side``. Transparency is flattened onto white, as a viewer shows it."""
+    if not isinstance(image, Image.Image):
+        raise InputError(f"Expected a PIL image for the VLM, got {type(image).__name__}. Load it with PIL.Image.open.")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        flat.alpha_composite(rgba)
+        image = flat.convert("RGB")
+    else:
+        image = image.convert("RGB")
+    if max_side and max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
+
+
+def image_fingerprint(image: Image.Image) -> str:
+    """sha256 of an image's mode, size and pixels: equal pictures hash equal whatever file they came from."""
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()

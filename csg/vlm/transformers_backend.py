@@ -1,0 +1,274 @@
+"""A local Qwen-VL model (Qwen3-VL, Qwen2.5-VL) run with transformers, from a folder on disk only.
+
+The model loads on first use and ``unload()`` gives its memory back, so SDXL can have the GPU
+after the VLM has spoken. ``on_token(done, budget)`` is called after every generated token; a host
+shows progress with it and cancels by raising from it (any exception stops generation and
+propagates unchanged).
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+
+from ..errors import InputError, VLMError, WeightsMissingError
+from .protocol import MAX_IMAGE_SIDE, Turn, prepare_image
+
+log = logging.getLogger("csg.vlm")
+
+GREEDY_BELOW = 1e-3  # temperatures under this mean "no sampling": argmax decoding
+DOWNLOAD_HINT = "huggingface-cli download Qwen/Qwen3-VL-8B-Instruct --local-dir {folder}"
+
+TokenCallback = Callable[[int, int], None]
+
+
+# -- the folder ------------------------------------------------------------------------------------
+
+
+def missing_model_files(folder: Path) -> list[str]:
+    """What a complete Hugging Face VLM snapshot lacks here; empty when nothing is missing."""
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            shards = []
+            missing.append("a readable model.safetensors.index.json")
+        missing += [shard for shard in shards if not (folder / shard).is_file()]
+    elif not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        missing.append("the weights (*.safetensors)")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        missing.append("the tokenizer (tokenizer.json)")
+    if not (folder / "preprocessor_config.json").is_file():
+        missing.append("the image processor (preprocessor_config.json)")
+    return missing
+
+
+def check_model_folder(folder: str | Path) -> Path:
+    path = Path(folder).expanduser()
+    hint = DOWNLOAD_HINT.format(folder=path)
+    if not path.is_dir():
+        raise WeightsMissingError(f"There is no VLM model folder at {path}. Put a Qwen3-VL (or Qwen2.5-VL) instruct "
+                                  f"model there, e.g. with: {hint}")
+    missing = missing_model_files(path)
+    if missing:
+        raise WeightsMissingError(f"The VLM model folder {path} is incomplete: it lacks {', '.join(missing)}. It must "
+                                  f"hold a whole Hugging Face snapshot of the model; download it again, e.g. with: {hint}")
+    return path
+
+
+def resolve_device_dtype(device: Any = "auto", dtype: Any = "auto") -> tuple[torch.device, torch.dtype]:
+    """Device and dtype; "auto" means CUDA with bf16 (fp16 where bf16 is unsupported), else the CPU with fp32."""
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"Unknown device {device!r}. Use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return device, torch.float16 if device.type == "mps" else torch.float32
+    given = dtype
+    if isinstance(dtype, str):
+        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"Unknown dtype {given!r}; use 'auto', 'bfloat16', 'float16' or 'float32'.")
+    return device, dtype
+
+
+# -- the processor -----------------------------------------------------------------------------------
+
+
+class ImageOnlyProcessor:
+    """The image half of a Qwen-VL processor, composed from the folder's tokenizer and image processor.
+
+    Why it exists: from transformers 5 on, ``AutoProcessor`` builds the Qwen-VL processors with a
+    video processor that imports torchvision, so without torchvision it fails although we never send
+    video. This does for images what those processors do: expand each image placeholder to
+    grid_t·grid_h·grid_w / merge² copies, and mark image tokens in ``mm_token_type_ids`` when the
+    model takes them (its multimodal rotary positions need them).
+    """
+
+    def __init__(self, tokenizer: Any, image_processor: Any, image_token_id: int, mark_image_tokens: bool):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token_id = image_token_id
+        self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+        self.mark_image_tokens = mark_image_tokens
+
+    @classmethod
+    def from_folder(cls, folder: Path, image_token_id: int, mark_image_tokens: bool) -> "ImageOnlyProcessor":
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = _folder_chat_template(folder)
+        image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        return cls(tokenizer, image_processor, image_token_id, mark_image_tokens)
+
+    def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> str:
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def __call__(self, text: list[str], images: list[Image.Image] | None = None, return_tensors: str = "pt"):
+        from transformers import BatchFeature
+
+        [prompt] = text
+        features: dict[str, Any] = {}
+        pieces = prompt.split(self.image_token)
+        count = len(images or [])
+        if len(pieces) - 1 != count:
+            raise VLMError(f"The chat template wrote {len(pieces) - 1} image placeholder(s) for {count} image(s); "
+                           "the model folder's chat template does not fit a Qwen-VL model.")
+        if images:
+            features.update(self.image_processor(images=images, return_tensors=return_tensors))
+            merge = self.image_processor.merge_size ** 2
+            counts = [int(grid.prod()) // merge for grid in features["image_grid_thw"]]
+            prompt = pieces[0] + "".join(self.image_token * n + piece for n, piece in zip(counts, pieces[1:]))
+        encoded = self.tokenizer([prompt], return_tensors=return_tensors)
+        features.update(encoded)
+        if self.mark_image_tokens:
+            features["mm_token_type_ids"] = (encoded["input_ids"] == self.image_token_id).long()
+        return BatchFeature(features)
+
+    def batch_decode(self, sequences: Any, **kwargs: Any) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, **kwargs)
+
+
+def _folder_chat_template(folder: Path) -> str:
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    packed = folder / "chat_template.json"
+    if packed.is_file():
+        return json.loads(packed.read_text(encoding="utf-8"))["chat_template"]
+    raise WeightsMissingError(f"The VLM model folder {folder} has no chat template (chat_template.jinja or "
+                              "chat_template.json); download the model snapshot again.")
+
+
+def load_processor(folder: Path, model: Any) -> Any:
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except ImportError as exc:  # see ImageOnlyProcessor for why
+        log.info("AutoProcessor unavailable (%s); composing the image processor and tokenizer directly",
+                 str(exc).strip().splitlines()[0])
+        image_token_id = getattr(model.config, "image_token_id", None)
+        if image_token_id is None:
+            raise VLMError(f"The model in {folder} names no image_token_id in its config; it is not a Qwen-VL "
+                           "model. Use a Qwen3-VL or Qwen2.5-VL instruct model.") from None
+        marks = "mm_token_type_ids" in inspect.signature(model.forward).parameters
+        return ImageOnlyProcessor.from_folder(folder, image_token_id, marks)
+
+
+# -- generation --------------------------------------------------------------------------------------
+
+
+def _token_callback(on_token: TokenCallback, prompt_length: int, budget: int):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class ReportEachToken(StoppingCriteria):
+        """Never stops generation itself; tells the host how far along it is (the host may raise)."""
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+            on_token(int(input_ids.shape[-1]) - prompt_length, budget)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([ReportEachToken()])
+
+
+def qwen_messages(system: str, turns: Sequence[Turn], image_count: int) -> list[dict]:
+    """Chat messages in the content-part form Qwen-VL chat templates read; images lead the first user turn."""
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}]
+    pending = image_count
+    for turn in turns:
+        parts: list[dict] = []
+        if turn.role == "user" and pending:
+            parts = [{"type": "image"}] * pending
+            pending = 0
+        messages.append({"role": turn.role, "content": [*parts, {"type": "text", "text": turn.text}]})
+    return messages
+
+
+class TransformersVLM:
+    """A local Qwen-VL instruct model, loaded with ``AutoModelForImageTextToText`` from ``folder`` only."""
+
+    def __init__(self, folder: str | Path, *, device: Any = "auto", dtype: Any = "auto",
+                 on_token: TokenCallback | None = None, max_image_side: int | None = MAX_IMAGE_SIDE):
+        self.folder = Path(folder).expanduser()
+        self.device, self.dtype = resolve_device_dtype(device, dtype)
+        self.on_token = on_token
+        self.max_image_side = max_image_side
+        self._model: Any = None
+        self._processor: Any = None
+
+    def __repr__(self) -> str:
+        state = "loaded" if self.loaded else "not loaded"
+        return f"TransformersVLM(folder={str(self.folder)!r}, device={str(self.device)!r}, dtype={self.dtype}, {state})"
+
+    @property
+    def identity(self) -> str:
+        return f"transformers:{self.folder.resolve()}"
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def load(self) -> None:
+        """Load the model and processor now (``generate`` does this on first use)."""
+        if self.loaded:
+            return
+        from transformers import AutoModelForImageTextToText
+
+        folder = check_model_folder(self.folder)
+        log.info("loading VLM from %s on %s (%s)", folder, self.device, self.dtype)
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
+                                                                dtype=self.dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            raise VLMError(f"transformers could not load the VLM in {folder}: {exc}. It needs a Qwen3-VL or Qwen2.5-VL "
+                           "instruct model and a transformers version that knows it (Qwen3-VL needs transformers >= 4.57).") from exc
+        self._model = model.to(self.device).eval()
+        self._processor = load_processor(folder, self._model)
+
+    def unload(self) -> None:
+        """Free the model's memory (and the CUDA cache) so other models can use it; reloads on next use."""
+        self._model = None
+        self._processor = None
+        gc.collect()
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def generate(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *,
+                 temperature: float, max_tokens: int) -> str:
+        self.load()
+        pictures = [prepare_image(image, self.max_image_side) for image in images]
+        prompt = self._processor.apply_chat_template(qwen_messages(system, turns, len(pictures)), tokenize=False,
+                                                     add_generation_prompt=True)
+        inputs = self._processor(text=[prompt], images=pictures or None, return_tensors="pt").to(self.device)
+        prompt_length = int(inputs["input_ids"].shape[-1])
+        options: dict[str, Any] = {"max_new_tokens": int(max_tokens)}
+        if temperature >= GREEDY_BELOW:
+            options.update(do_sample=True, temperature=float(temperature))
+        else:
+            options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.on_token is not None:
+            options["stopping_criteria"] = _token_callback(self.on_token, prompt_length, int(max_tokens))
+        tokenizer = getattr(self._processor, "tokenizer", None)
+        if getattr(tokenizer, "pad_token_id", None) is not None:
+            options["pad_token_id"] = tokenizer.pad_token_id
+        with torch.inference_mode():
+            output = self._model.generate(**inputs, **options)
+        return self._processor.batch_decode(output[:, prompt_length:], skip_special_tokens=True)[0]
