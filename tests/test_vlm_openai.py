@@ -1,0 +1,173 @@
+"""OpenAICompatibleVLM against a real HTTP server: what it sends, and each way a server can fail."""
+
+import base64
+import io
+import json
+import logging
+import time
+
+import pytest
+from PIL import Image
+
+from csg.errors import InputError, VLMError
+from csg.vlm import CachedVLM, OpenAICompatibleVLM, Turn, chat_completions_url
+from tests.vlm_server import Reply, VLMServer, closed_port_url, completion
+
+KEY = "sk-test-5f0c1e9d-never-print-me"
+FAST = {"backoff": 0.01}  # keep retry waits short
+
+
+def ask(vlm, image=None, text="hello"):
+    images = [image] if image is not None else []
+    return vlm.generate("system prompt", [Turn("user", text)], images, temperature=0.2, max_tokens=77)
+
+
+@pytest.fixture
+def key_env(monkeypatch):
+    monkeypatch.setenv("CSG_TEST_VLM_KEY", KEY)
+    return "CSG_TEST_VLM_KEY"
+
+
+@pytest.mark.parametrize("base, endpoint", [
+    ("http://127.0.0.1:8000", "http://127.0.0.1:8000/v1/chat/completions"),
+    ("http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1/chat/completions"),
+    ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1/chat/completions"),
+    ("http://127.0.0.1:8000/v1/", "http://127.0.0.1:8000/v1/chat/completions"),
+    ("https://host/openai/v1", "https://host/openai/v1/chat/completions"),
+    ("http://h:1/v1/chat/completions", "http://h:1/v1/chat/completions"),
+])
+def test_url_rule(base, endpoint):
+    assert chat_completions_url(base) == endpoint
+
+
+@pytest.mark.parametrize("base", ["", "localhost:8000", "ftp://host/v1"])
+def test_unusable_urls_are_input_errors(base):
+    with pytest.raises(InputError, match="URL"):
+        OpenAICompatibleVLM(base, "m")
+
+
+def test_a_good_answer_and_what_was_sent(key_env):
+    image = Image.new("RGBA", (40, 30), (255, 0, 0, 128))  # transparency must be flattened before sending
+    with VLMServer(lambda request: completion("the answer")) as server:
+        vlm = OpenAICompatibleVLM(server.base_url, "qwen3-vl-test", api_key_env=key_env, **FAST)
+        assert ask(vlm, image, "describe it") == "the answer"
+    [request] = server.requests
+    assert request.path == "/v1/chat/completions"
+    assert request.headers["Authorization"] == f"Bearer {KEY}"
+    body = request.body
+    assert body["model"] == "qwen3-vl-test" and body["temperature"] == 0.2 and body["max_tokens"] == 77
+    assert body["messages"][0] == {"role": "system", "content": "system prompt"}
+    [url] = request.image_urls()
+    assert url.startswith("data:image/png;base64,")
+    sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert sent.mode == "RGB" and sent.size == image.size
+    assert body["messages"][1]["content"][-1] == {"type": "text", "text": "describe it"}
+
+
+def test_conversation_turns_keep_their_roles_and_the_image_stays_on_the_first():
+    with VLMServer(lambda request: completion("ok")) as server:
+        vlm = OpenAICompatibleVLM(server.base_url, "m", **FAST)
+        vlm.generate("sys", [Turn("user", "q1"), Turn("assistant", "a1"), Turn("user", "q2")],
+                     [Image.new("L", (8, 8))], temperature=0.0, max_tokens=5)
+    messages = server.requests[0].messages
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[2]["content"] == "a1" and messages[3]["content"] == "q2"
+    assert len(server.requests[0].image_urls()) == 1
+    assert "Authorization" not in server.requests[0].headers  # no key configured, none sent
+
+
+def test_http_500_is_retried_then_named(key_env):
+    with VLMServer(lambda request: Reply(500, "backend exploded")) as server:
+        vlm = OpenAICompatibleVLM(server.base_url, "m", api_key_env=key_env, retries=2, **FAST)
+        with pytest.raises(VLMError) as caught:
+            ask(vlm)
+    assert len(server.requests) == 3
+    message = str(caught.value)
+    assert "HTTP 500" in message and "backend exploded" in message and "3 tries" in message
+    assert server.base_url in message
+
+
+def test_a_client_error_is_not_retried():
+    with VLMServer(lambda request: Reply(400, json.dumps({"error": "max_tokens too large"}))) as server:
+        vlm = OpenAICompatibleVLM(server.base_url, "m", retries=3, **FAST)
+        with pytest.raises(VLMError, match="HTTP 400.*max_tokens too large"):
+            ask(vlm)
+    assert len(server.requests) == 1
+
+
+def test_a_transient_failure_recovers():
+    replies = iter([Reply(503, "warming up"), completion("fine")])
+    with VLMServer(lambda request: next(replies)) as server:
+        assert ask(OpenAICompatibleVLM(server.base_url, "m", retries=1, **FAST)) == "fine"
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("<html>not json</html>", "not JSON"),
+    (json.dumps({"choices": []}), "no choices"),
+    (json.dumps({"object": "error", "message": "model not found"}), "no choices"),
+])
+def test_malformed_response_bodies(body, fragment):
+    with VLMServer(lambda request: Reply(200, body)) as server:
+        with pytest.raises(VLMError, match=fragment):
+            ask(OpenAICompatibleVLM(server.base_url, "m", **FAST))
+
+
+def test_empty_content_names_the_finish_reason():
+    body = {"choices": [{"finish_reason": "length", "message": {"role": "assistant", "content": None}}]}
+    with VLMServer(lambda request: Reply(200, json.dumps(body))) as server:
+        with pytest.raises(VLMError, match="finish_reason='length'"):
+            ask(OpenAICompatibleVLM(server.base_url, "m", **FAST))
+
+
+def test_a_slow_server_times_out_after_retries():
+    with VLMServer(lambda request: Reply(200, "{}", delay=1.0)) as server:
+        vlm = OpenAICompatibleVLM(server.base_url, "m", timeout=0.2, retries=1, **FAST)
+        start = time.monotonic()
+        with pytest.raises(VLMError, match=r"did not answer within 0.2 s after 2 tries.*raise the timeout"):
+            ask(vlm)
+        assert time.monotonic() - start < 3
+    assert len(server.requests) == 2
+
+
+def test_a_refused_connection_says_start_it_or_fix_the_url():
+    url = closed_port_url()
+    vlm = OpenAICompatibleVLM(url, "m", retries=1, **FAST)
+    with pytest.raises(VLMError, match="not reachable.*Start the server or fix the URL") as caught:
+        ask(vlm)
+    assert url in str(caught.value)
+
+
+def test_a_named_but_unset_key_variable_is_an_input_error(monkeypatch):
+    monkeypatch.delenv("CSG_TEST_UNSET_KEY", raising=False)
+    with VLMServer(lambda request: completion("x")) as server:
+        with pytest.raises(InputError, match="CSG_TEST_UNSET_KEY"):
+            ask(OpenAICompatibleVLM(server.base_url, "m", api_key_env="CSG_TEST_UNSET_KEY"))
+    assert server.requests == []
+
+
+def test_the_key_never_leaves_the_authorization_header(key_env, tmp_path, caplog):
+    """The key reaches the server, but no repr, identity, error, log line or cache file holds it,
+    not even when the server echoes the request headers back in an error page."""
+    def echo_headers(request):
+        if request.text().endswith("fail"):
+            return Reply(401, json.dumps({"error": "bad key", "headers": request.headers}))
+        return completion("cached answer")
+
+    caplog.set_level(logging.DEBUG)
+    saved = []
+    with VLMServer(echo_headers) as server:
+        backend = OpenAICompatibleVLM(server.base_url + "?tenant=" + KEY, "m", api_key_env=key_env, **FAST)
+        cached = CachedVLM(backend, tmp_path / "cache")
+        assert ask(cached, Image.new("RGB", (8, 8)), "works") == "cached answer"
+        with pytest.raises(VLMError) as caught:
+            ask(cached, None, "fail")
+        saved += [str(caught.value), repr(caught.value), repr(backend), repr(cached), backend.identity]
+    assert all(r.headers["Authorization"] == f"Bearer {KEY}" for r in server.requests)
+    assert "HTTP 401" in saved[0] and "***" in saved[0] and "API key" in saved[0]
+    files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert files
+    saved += [p.read_text() for p in files]
+    saved.append(caplog.text)
+    for text in saved:
+        assert KEY not in text
