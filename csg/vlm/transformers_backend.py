@@ -164,7 +164,7 @@ def load_processor(folder: Path, model: Any) -> Any:
         return AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except ImportError as exc:  # see ImageOnlyProcessor for why
         log.info("AutoProcessor unavailable (%s); composing the image processor and tokenizer directly",
-                 str(exc).strip().splitlines()[0])
+                 " ".join(str(exc).split())[:200])
         image_token_id = getattr(model.config, "image_token_id", None)
         if image_token_id is None:
             raise VLMError(f"The model in {folder} names no image_token_id in its config; it is not a Qwen-VL "

@@ -1,0 +1,153 @@
+"""TransformersVLM on a tiny random-weight Qwen2.5-VL, saved to disk and loaded back the real way.
+
+Nothing is downloaded: the tokenizer is a small byte-level BPE trained here, carrying Qwen's
+special tokens and a Qwen-style chat template; the image processor and the model come from their
+transformers config classes. The model talks nonsense, which is exactly what exercises the
+retry-then-error path.
+"""
+
+import pytest
+import torch
+from PIL import Image
+
+from csg.errors import InputError, WeightsMissingError
+from csg.vlm import TransformersVLM, Turn, VLMOutputError, describe_scene, extract_graph
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen's chat layout: <|im_start|>role\n ... <|im_end|>\n, an image as vision_start/image_pad/vision_end.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_qwen25_vl(folder):
+    """Write a complete, tiny Qwen2.5-VL snapshot (config, safetensors, tokenizer, image processor)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=QWEN_SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(['{"concepts": [{"id": "c1", "name": "hair color"}], "description": "a photo"}'] * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        chat_template=CHAT_TEMPLATE)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           fullatt_block_indexes=[1], window_size=56),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # Small images: 56² to 112² pixels is 4 to 16 image tokens after the 2×2 merge.
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(folder)
+    (folder / "processor_config.json").write_text('{"processor_class": "Qwen2_5_VLProcessor"}')
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    torch.set_num_threads(1)  # the test machine is shared
+    return build_tiny_qwen25_vl(tmp_path_factory.mktemp("tiny-qwen25-vl"))
+
+
+@pytest.fixture(scope="module")
+def vlm(qwen_folder):
+    return TransformersVLM(qwen_folder, device="cpu")
+
+
+PHOTO = Image.new("RGB", (96, 72), (30, 120, 200))
+
+
+def test_snapshot_is_tiny_and_loads_lazily_through_from_pretrained(qwen_folder, vlm):
+    size = sum(p.stat().st_size for p in qwen_folder.iterdir())
+    assert size < 5 * 2**20
+    assert not vlm.loaded
+    vlm.load()
+    assert vlm.loaded and type(vlm._model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert vlm._model.dtype == torch.float32 and vlm._model.device.type == "cpu"
+    assert vlm.identity == f"transformers:{qwen_folder.resolve()}"
+
+
+def test_greedy_generation_is_deterministic_and_decodes_only_new_tokens(vlm):
+    turns = [Turn("user", "describe the photo"), Turn("assistant", "a photo"), Turn("user", "again")]
+    first = vlm.generate("answer in JSON", turns, [PHOTO], temperature=0.0, max_tokens=12)
+    second = vlm.generate("answer in JSON", turns, [PHOTO.convert("L")], temperature=0.0, max_tokens=12)
+    third = vlm.generate("answer in JSON", turns, [PHOTO], temperature=0.0, max_tokens=12)
+    assert isinstance(first, str) and first == third
+    assert "<|im_start|>" not in first and "answer in JSON" not in first  # no prompt echo
+    assert isinstance(second, str)
+
+
+def test_nonsense_ends_in_the_retry_then_error_path(vlm):
+    with pytest.raises(VLMOutputError) as caught:
+        describe_scene(vlm, PHOTO, max_attempts=2)
+    error = caught.value
+    assert error.stage == "scene description"
+    assert "2 attempt(s)" in str(error) and "Last problem:" in str(error)
+    assert isinstance(error.output, str)
+    assert repr(error.output[:40])[1:-1] in str(error)  # the last answer is quoted
+    with pytest.raises(VLMOutputError, match="concept extraction"):
+        extract_graph(vlm, PHOTO, caption="a blue square", max_attempts=1)
+
+
+def test_token_callback_reports_progress_and_can_cancel(qwen_folder):
+    seen = []
+    vlm = TransformersVLM(qwen_folder, device="cpu", on_token=lambda done, budget: seen.append((done, budget)))
+    vlm.generate("s", [Turn("user", "u")], [PHOTO], temperature=0.0, max_tokens=6)
+    assert seen and all(budget == 6 for _, budget in seen)
+    assert [done for done, _ in seen] == list(range(1, len(seen) + 1))
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(done, budget):
+        if done == 2:
+            raise Cancelled
+
+    vlm.on_token = cancel
+    with pytest.raises(Cancelled):
+        vlm.generate("s", [Turn("user", "u")], [PHOTO], temperature=0.0, max_tokens=50)
+
+
+def test_unload_frees_and_the_next_call_reloads(qwen_folder):
+    vlm = TransformersVLM(qwen_folder, device="cpu", dtype="float32")
+    before = vlm.generate("s", [Turn("user", "u")], [PHOTO], temperature=0.0, max_tokens=4)
+    vlm.unload()
+    assert not vlm.loaded and vlm._processor is None
+    assert vlm.generate("s", [Turn("user", "u")], [PHOTO], temperature=0.0, max_tokens=4) == before
+
+
+def test_missing_or_incomplete_folders_say_what_to_put_there(tmp_path, qwen_folder):
+    with pytest.raises(WeightsMissingError, match="no VLM model folder.*huggingface-cli download"):
+        TransformersVLM(tmp_path / "nowhere", device="cpu").load()
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text((qwen_folder / "config.json").read_text())
+    (partial / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model-00001-of-00002.safetensors"}}')
+    with pytest.raises(WeightsMissingError) as caught:
+        TransformersVLM(partial, device="cpu").generate("s", [Turn("user", "u")], [], temperature=0, max_tokens=1)
+    message = str(caught.value)
+    assert str(partial) in message and "model-00001-of-00002.safetensors" in message
+    assert "tokenizer.json" in message and "preprocessor_config.json" in message
+
+
+@pytest.mark.parametrize("kwargs", [{"device": "warp-drive"}, {"dtype": "int8"}, {"dtype": "float99"}])
+def test_bad_device_or_dtype(kwargs, qwen_folder):
+    with pytest.raises(InputError):
+        TransformersVLM(qwen_folder, **kwargs)
