@@ -1,8 +1,9 @@
 """Pull the JSON answer out of whatever a VLM wrote around it.
 
 Models wrap their JSON in reasoning (``<think>…</think>``), code fences, and prose, and sometimes
-leave trailing commas. We remove the reasoning, look inside code fences first, then take the first
-balanced ``{…}`` or ``[…]`` that parses. Anything else is a ``VLMOutputError`` quoting the text.
+leave trailing commas. We look inside code fences first, then take the first balanced ``{…}`` or
+``[…]`` that parses and does not lie wholly inside the leading reasoning (a draft there is not the
+answer). Anything else is a ``VLMOutputError`` quoting the text.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ..errors import VLMError
 QUOTE_LIMIT = 600  # characters of a bad answer shown in an error message
 MAX_STARTS = 400  # opening brackets tried before giving up; keeps a pathological answer linear-ish
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)```", re.DOTALL)
 _CLOSER = {"{": "}", "[": "]"}
 _BEFORE_CLOSER = re.compile(r"\s*[}\]]")
@@ -45,17 +46,24 @@ def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
     return repr(text[:half]) + f" ... ({len(text) - 2 * half} characters left out) ... " + repr(text[-half:])
 
 
-def strip_reasoning(text: str) -> str:
-    """Drop ``<think>`` blocks: closed ones, a leading one whose opening tag was in the prompt (only
-    ``</think>`` appears), and a trailing one cut off by the token limit (only ``<think>``)."""
-    text = _THINK_BLOCK.sub("", text)
+def reasoning_end(text: str) -> int | None:
+    """Where the reasoning a model writes before its answer ends (0 when there is none).
+
+    Reasoning is a leading ``<think>…</think>`` block (or several), or everything up to the first
+    ``</think>`` when the opening tag was part of the prompt. None means a leading ``<think>``
+    never closes: the answer was cut off inside its reasoning.
+    """
     lowered = text.lower()
-    if "</think>" in lowered:
-        text = text[lowered.rindex("</think>") + len("</think>"):]
-        lowered = text.lower()
-    if "<think>" in lowered:
-        text = text[:lowered.index("<think>")]
-    return text
+    position = 0
+    while True:
+        start = len(lowered) - len(lowered[position:].lstrip())
+        end = lowered.find(_THINK_CLOSE, start)
+        if lowered.startswith(_THINK_OPEN, start):
+            if end < 0:
+                return None
+        elif end < 0 or _THINK_OPEN in lowered[start:end]:
+            return position
+        position = end + len(_THINK_CLOSE)
 
 
 def _balanced_end(text: str, start: int) -> int | None:
@@ -111,38 +119,49 @@ def _loads(candidate: str) -> Any:
         return json.loads(_drop_trailing_commas(candidate), strict=False)
 
 
-def _regions(text: str) -> Iterator[str]:
-    """Where to look, best first: the insides of code fences, then the whole text."""
+def _regions(text: str) -> Iterator[tuple[int, str]]:
+    """(offset, text) of where to look, best first: inside code fences, then the whole answer."""
     for match in _FENCE.finditer(text):
-        yield match.group(1)
-    yield text
+        yield match.start(1), match.group(1)
+    yield 0, text
+
+
+def _is_structured(value: Any) -> bool:
+    return isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value))
 
 
 def extract_json(text: str) -> Any:
-    """The first balanced JSON object or array in a model's answer that parses.
+    """The first JSON object, or array of objects, in a model's answer that parses.
 
-    Raises ``VLMOutputError`` (quoting the answer) when there is none.
+    A footnote like "[1]" in the prose parses as an array too, so arrays without objects count only
+    when nothing better is found. Raises ``VLMOutputError`` (quoting the answer) when there is none.
     """
     if not isinstance(text, str):
         raise VLMOutputError(f"The model's answer is not text but {type(text).__name__}.", output=repr(text))
-    body = strip_reasoning(text)
-    if not body.strip() and text.strip():
+    answer_start = reasoning_end(text)
+    if answer_start is None:
         raise VLMOutputError(
             "The answer holds only reasoning (<think>) and no JSON; it was probably cut off by the token limit. "
             "Raise max_tokens or turn the model's thinking mode off.", output=text)
+    fallback: list[Any] = []
     tried = 0
-    for region in _regions(body):
+    for offset, region in _regions(text):
         for match in re.finditer(r"[{\[]", region):
             tried += 1
             if tried > MAX_STARTS:
                 break
             end = _balanced_end(region, match.start())
-            if end is None:
+            if end is None or offset + end <= answer_start:  # a draft inside the reasoning is not the answer
                 continue
             try:
-                return _loads(region[match.start():end])
+                value = _loads(region[match.start():end])
             except (ValueError, RecursionError):
                 continue
+            if _is_structured(value):
+                return value
+            fallback.append(value)
+    if fallback:
+        return fallback[0]
     raise VLMOutputError("The answer contains no valid JSON object.", output=text)
 
 
