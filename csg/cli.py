@@ -2,7 +2,7 @@
 
     csg-counterfactual IMAGE [--do "concept=value" | --pick N | --pick all] [--caption TEXT]
                        [--graph-json FILE] [--intervention-json FILE]
-                       [--vlm-model PATH | --vlm-url URL --vlm-name NAME [--api-key-env VAR]]
+                       [--vlm-model PATH | --vlm-url URL --vlm-name NAME [--api-key-env VAR]] [--vlm-cache DIR]
                        [--sdxl PATH [--sdxl-config DIR]] [--comfyui-root DIR] [--method csg|ddpm|ddim]
                        [--steps 100] [--skip 0.15] [--source-guidance 3.5] [--scale 8] [--threshold 0.7]
                        [--warmup 10] [--mask-mode intersect] [--protect-non-descendants] [--exact]
@@ -39,7 +39,6 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
-from urllib.parse import urlsplit
 
 from .errors import CSGError, GraphError, InputError, WeightsMissingError
 
@@ -163,7 +162,9 @@ def find_sdxl(explicit: str | None, config: str | None, comfy: Path | None) -> S
 
 
 def is_vlm_folder(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and has_weights(folder)
+    from .vlm.transformers_backend import missing_model_files
+
+    return folder.is_dir() and not missing_model_files(folder)
 
 
 def vlm_get_message(comfy: Path | None) -> str:
@@ -180,11 +181,9 @@ def vlm_get_message(comfy: Path | None) -> str:
 
 def find_vlm(explicit: str | None, comfy: Path | None) -> Path:
     if explicit:
-        path = Path(explicit).expanduser()
-        if not is_vlm_folder(path):
-            raise WeightsMissingError(f"--vlm-model {path} is not a model folder (config.json and *.safetensors).\n"
-                                      + vlm_get_message(comfy))
-        return path
+        from .vlm import check_model_folder
+
+        return check_model_folder(explicit)  # names what the folder lacks
     for repo in VLM_REPOS:
         for snapshot in hf_snapshots(repo):
             if is_vlm_folder(snapshot):
@@ -219,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     vlm.add_argument("--vlm-url", metavar="URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     vlm.add_argument("--vlm-name", metavar="NAME", help="the model name the server expects")
     vlm.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the server's API key")
+    vlm.add_argument("--vlm-cache", metavar="DIR", help="keep the VLM's answers here and reuse them on reruns")
     models = p.add_argument_group("diffusion model")
     models.add_argument("--sdxl", metavar="PATH", help="SDXL diffusers folder or single .safetensors checkpoint")
     models.add_argument("--sdxl-config", metavar="DIR", help="SDXL config+tokenizer folder for a single-file checkpoint")
@@ -298,35 +298,30 @@ def resolve_device(name: str, dtype_name: str):
     return device, dtype
 
 
-def redact_url(url: str) -> str:
-    """The endpoint without credentials or query string, for the report."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}"
-
-
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def make_vlm(args: argparse.Namespace, comfy: Path | None, device, dtype):
-    """The VLM backend the arguments ask for (or the one found locally)."""
+def make_vlm(args: argparse.Namespace, comfy: Path | None, device):
+    """The VLM backend the arguments ask for (or the one found locally), and how the report names it."""
     if args.vlm_url:
-        from . import vlm as vlm_module
-
         if not args.vlm_name:
             raise InputError("--vlm-url needs --vlm-name (the model name the server serves).")
-        api_key = None
-        if args.api_key_env:
-            api_key = os.environ.get(args.api_key_env)
-            if not api_key:
-                raise InputError(f"--api-key-env {args.api_key_env}: that environment variable is not set.")
-        return vlm_module.OpenAICompatibleVLM(args.vlm_url, args.vlm_name, api_key=api_key), redact_url(args.vlm_url)
-    folder = find_vlm(args.vlm_model, comfy)
-    from . import vlm as vlm_module
+        if args.api_key_env and not os.environ.get(args.api_key_env):
+            raise InputError(f"--api-key-env {args.api_key_env}: that environment variable is not set.")
+        from .vlm import OpenAICompatibleVLM
 
-    return vlm_module.TransformersVLM(folder, device=device), str(folder)
+        backend = OpenAICompatibleVLM(args.vlm_url, args.vlm_name, api_key_env=args.api_key_env)
+        name = f"{backend.url} ({backend.model})"
+    else:
+        folder = find_vlm(args.vlm_model, comfy)
+        from .vlm import TransformersVLM
+
+        backend, name = TransformersVLM(folder, device=device), str(folder)
+    if args.vlm_cache:
+        from .vlm import CachedVLM
+
+        backend = CachedVLM(backend, Path(args.vlm_cache).expanduser())
+    return backend, name
 
 
 def load_host(weights: SDXLWeights, device, dtype):
@@ -399,7 +394,7 @@ def read_request(args: argparse.Namespace) -> Request:
     return Request(graph, given, do, pick)
 
 
-def plan_interventions(args: argparse.Namespace, request: Request, image, comfy: Path | None, device, dtype) -> Plan:
+def plan_interventions(args: argparse.Namespace, request: Request, image, comfy: Path | None, device) -> Plan:
     """Graph and interventions from the JSON files, or from the VLM's stages for what they leave open."""
     from .graph import check_intervention
 
@@ -408,25 +403,22 @@ def plan_interventions(args: argparse.Namespace, request: Request, image, comfy:
     if given is not None and graph is not None:
         interventions = [given]
     else:
-        vlm, vlm_name = make_vlm(args, comfy, device, dtype)
+        vlm, vlm_name = make_vlm(args, comfy, device)
         log(f"vision-language model: {vlm_name}")
         from . import vlm as stages
 
-        if caption is None and graph is None:
-            log("describing the scene")
-            caption = stages.describe_scene(vlm, image)
         if graph is None:
-            log("extracting the causal graph")
-            graph = stages.extract_graph(vlm, image, caption)
+            log("extracting the causal graph" + ("" if caption else " (after describing the scene)"))
+            extraction = stages.extract_graph(vlm, image, caption)
+            graph, caption = extraction.graph, extraction.base_prompt
         if given is not None:
             interventions = [given]
         elif do is not None:
-            target = graph.find_concept(do[0])
-            log(f"propagating do({target.name} = {do[1]})")
-            interventions = [stages.propagate_intervention(vlm, image, graph, target.id, do[1])]
+            log(f"propagating do({do[0]} = {do[1]})")
+            interventions = [stages.propagate_intervention(vlm, image, graph, do[0], do[1], base_prompt=caption)]
         else:
             log("proposing interventions")
-            proposals = stages.propose_interventions(vlm, image, graph)
+            proposals = stages.propose_interventions(vlm, image, graph, caption)
             if pick is not None and pick > len(proposals):
                 raise InputError(f"--pick {pick}: the VLM proposed only {len(proposals)} interventions.")
             interventions = list(proposals) if pick is None else [proposals[pick - 1]]
@@ -481,7 +473,7 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(args.device, args.dtype)
     comfy = comfyui_root(args.comfyui_root)
     sdxl = find_sdxl(args.sdxl, args.sdxl_config, comfy)  # before any slow work: fail fast on missing weights
-    plan = plan_interventions(args, request, image, comfy, device, dtype)
+    plan = plan_interventions(args, request, image, comfy, device)
     for intervention in plan.interventions:  # settings naming unknown concepts fail here, before SDXL loads
         edit_spec(plan.graph, intervention, params)
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from csg.cli import SDXL_REPO, find_sdxl, find_vlm, main
 from csg.errors import WeightsMissingError
+from tests.test_vlm_stages import load_scene, scene_server
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "csg" / "examples"
@@ -62,6 +63,43 @@ def test_hand_written_graph_and_intervention_run_end_to_end(sdxl_folder, tmp_pat
     assert report["models"]["sdxl"] == str(sdxl_folder) and report["models"]["vlm"] is None
     text = (out / "report.json").read_text()
     assert "sk-secret" not in text and "api_key" not in text
+
+
+def test_vlm_server_propagates_a_user_intervention(sdxl_folder, tmp_path, monkeypatch, capsys):
+    """The whole chain with an OpenAI-compatible VLM on 127.0.0.1: describe, extract, propagate, edit."""
+    monkeypatch.setenv("MY_VLM_KEY", "sk-secret-never-written")
+    out = tmp_path / "out"
+    with scene_server(load_scene("portrait")) as server:
+        code = main([str(PORTRAIT), "--do", "age=old", "--vlm-url", server.base_url, "--vlm-name", "fixture-vlm",
+                     "--api-key-env", "MY_VLM_KEY", "--sdxl", str(sdxl_folder), "--out", str(out), *FAST])
+    assert code == 0, capsys.readouterr().err
+    assert all(r.headers.get("Authorization") == "Bearer sk-secret-never-written" for r in server.requests)
+    report = read_report(out)
+    [entry] = report["interventions"]
+    assert entry["intervention"]["target_concept_id"] == "c1" and entry["intervention"]["new_value"] == "old"
+    assert {c["concept_id"] for c in entry["edit_concepts"]} >= {"c1", "c2"}
+    assert report["source_prompt"].startswith("a studio portrait photo")  # the VLM's description
+    assert "fixture-vlm" in report["models"]["vlm"]
+    for file in out.rglob("*"):
+        if file.is_file():
+            assert b"sk-secret" not in file.read_bytes(), file
+    assert "sk-secret" not in capsys.readouterr().err
+
+
+def test_all_proposals_are_edited_in_one_run(sdxl_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    with scene_server(load_scene("portrait")) as server:
+        code = main([str(PORTRAIT), "--pick", "all", "--caption", "a portrait photo of a woman astronaut",
+                     "--vlm-url", server.base_url, "--vlm-name", "fixture-vlm", "--sdxl", str(sdxl_folder),
+                     "--out", str(out), *FAST])
+    assert code == 0, capsys.readouterr().err
+    report = read_report(out)
+    assert len(report["interventions"]) == 3 and report["source_prompt"] == "a portrait photo of a woman astronaut"
+    for entry in report["interventions"]:
+        with Image.open(entry["files"]["counterfactual"]) as image:
+            assert image.size == (64, 64)
+        assert Path(entry["files"]["graph"]).is_file()
+    assert (out / "original.png").is_file()
 
 
 def test_forbidden_changes_are_stripped_and_reported(sdxl_folder, tmp_path, capsys):
@@ -161,6 +199,7 @@ SDXL_CONFIGS = ["model_index.json", "unet/config.json", "vae/config.json", "text
                 "text_encoder_2/config.json", "tokenizer/vocab.json", "tokenizer_2/vocab.json"]
 SDXL_WEIGHTS = [f"{p}/diffusion_pytorch_model.safetensors" for p in ("unet", "vae")] + [
     f"{p}/model.safetensors" for p in ("text_encoder", "text_encoder_2")]
+VLM_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"]
 
 
 def test_weights_are_found_in_the_hf_cache_and_comfyui(tmp_path, monkeypatch):
@@ -180,10 +219,10 @@ def test_weights_are_found_in_the_hf_cache_and_comfyui(tmp_path, monkeypatch):
     with pytest.raises(WeightsMissingError, match="Qwen3-VL"):
         find_vlm(None, comfy)
     (comfy / "models" / "LLM" / "Qwen3-VL-4B-Instruct").mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
+    for name in VLM_FILES:
         (comfy / "models" / "LLM" / "Qwen3-VL-4B-Instruct" / name).write_bytes(b"")
     assert find_vlm(None, comfy).name == "Qwen3-VL-4B-Instruct"
-    cached = fake_snapshot(cache, "Qwen/Qwen3-VL-8B-Instruct", ["config.json", "model-00001-of-00004.safetensors"])
+    cached = fake_snapshot(cache, "Qwen/Qwen3-VL-8B-Instruct", VLM_FILES)
     assert find_vlm(None, comfy) == cached  # the HF cache comes first
 
 
