@@ -234,3 +234,39 @@ def test_manual_intervention_changes_the_target_alone():
         manual_intervention(GRAPH, "c1", "middle-aged")
     with pytest.raises(InputError, match="empty"):
         manual_intervention(GRAPH, "c1", "  ")
+
+
+# -- the judge's own checks, without HTTP ---------------------------------------------------------
+
+ITEMS = [("age", "old woman"), ("hair color", "gray hair")]
+
+
+def judge_answer(checks, verdict="partial"):
+    return json.dumps({"intervention_id": "i1", "verdict": verdict, "reasoning": "r", "concept_checks": checks})
+
+
+def test_judge_matches_by_name_then_by_position_and_feeds_metrics():
+    from csg.metrics import vlm_effectiveness
+    from csg.vlm.judge import parse_judgement
+
+    by_name = parse_judgement("i1", ITEMS, judge_answer([{"concept_name": "Hair Color", "present": "no"},
+                                                         {"concept_name": "age", "present": True}]))
+    assert [c.present for c in by_name.concept_checks] == [True, False] and by_name.score == 0.5
+    by_position = parse_judgement("i1", ITEMS, judge_answer([{"concept_name": "x", "present": "YES"},
+                                                             {"concept_name": "y", "present": "yes"}], "Success"))
+    assert by_position.verdict == "success" and by_position.score == 1.0
+    assert vlm_effectiveness([by_name, by_position]) == pytest.approx((by_name.score + by_position.score) / 2)
+    assert vlm_effectiveness([by_name.to_dict()]) == by_name.score
+
+
+@pytest.mark.parametrize("answer, fragment", [
+    (judge_answer([{"concept_name": "age", "present": "yes"}]), 'No answer for the checklist line "hair color'),
+    (judge_answer([{"concept_name": "age", "present": "maybe"}, {"concept_name": "hair color", "present": "no"}]), "present='maybe'"),
+    (judge_answer([], "great"), '"verdict" must be one of'),
+    (judge_answer("yes"), '"concept_checks" must be a list'),
+])
+def test_judge_answers_that_are_sent_back(answer, fragment):
+    from csg.vlm.judge import parse_judgement
+
+    with pytest.raises(VLMOutputError, match=fragment):
+        parse_judgement("i1", ITEMS, answer)
