@@ -290,7 +290,13 @@ def read_json_file(path: str, what: str) -> str:
 def resolve_device(name: str, dtype_name: str):
     import torch
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except (RuntimeError, TypeError):
+        raise InputError(f"Unknown device {name!r}. Use auto, cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: this PyTorch build sees no CUDA GPU. Use --device cpu (slow) or install "
+                         "the CUDA build of torch.")
     if dtype_name == "auto":
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     else:

@@ -163,6 +163,7 @@ def test_single_checkpoint_without_configs_says_how_to_get_them(tmp_path, capsys
     (["--do", "age"], "concept=value"),
     (["--pick", "zero"], "--pick"),
     (["--concept-scale", "hair color"], "concept=number"),
+    (["--graph-json", str(GRAPH), "--intervention-json", str(INTERVENTION), "--device", "gpu0"], "Unknown device"),
     (["--graph-json", str(GRAPH), "--do", "ocean=blue"], "hair color"),  # lists the known concepts
     (["--graph-json", "missing.json", "--intervention-json", "missing.json"], "does not exist"),
 ])
