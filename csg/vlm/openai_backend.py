@@ -83,13 +83,12 @@ class OpenAICompatibleVLM:
 
     ``timeout`` bounds one HTTP exchange (seconds). Refused connections, timeouts and the statuses
     in ``RETRY_STATUSES`` are tried ``retries`` more times, waiting ``backoff``, 2·``backoff``, ...
-    seconds in between. ``api_key`` (a value) exists for callers that already hold the key, such as
-    the CLI; nodes and workflows should pass only ``api_key_env`` so no key is ever stored.
+    seconds in between. There is deliberately no way to pass the key's value: only the name of the
+    environment variable that holds it, so no workflow, cache or log can ever contain it.
     """
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, api_key: str | None = None,
-                 timeout: float = 300.0, retries: int = 2, backoff: float = 1.0,
-                 max_image_side: int | None = MAX_IMAGE_SIDE):
+    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, timeout: float = 300.0,
+                 retries: int = 2, backoff: float = 1.0, max_image_side: int | None = MAX_IMAGE_SIDE):
         if not isinstance(model, str) or not model.strip():
             raise InputError("The VLM model name is empty. Give the name the server serves (see its /v1/models).")
         if timeout <= 0 or retries < 0 or backoff < 0:
@@ -98,7 +97,6 @@ class OpenAICompatibleVLM:
         self.url = redact_url(self._endpoint)
         self.model = model.strip()
         self.api_key_env = api_key_env or None
-        self._api_key = api_key or None
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
@@ -114,8 +112,6 @@ class OpenAICompatibleVLM:
     # -- secrets ----------------------------------------------------------------------------------
 
     def _key(self) -> str | None:
-        if self._api_key:
-            return self._api_key
         if not self.api_key_env:
             return None
         key = os.environ.get(self.api_key_env, "").strip()
@@ -126,9 +122,8 @@ class OpenAICompatibleVLM:
 
     def _redact(self, text: str) -> str:
         """Mask the key wherever a server echoed it back (some error pages quote request headers)."""
-        for secret in {self._api_key, os.environ.get(self.api_key_env or "", "").strip() or None} - {None}:
-            text = text.replace(secret, "***")
-        return text
+        secret = os.environ.get(self.api_key_env, "").strip() if self.api_key_env else ""
+        return text.replace(secret, "***") if secret else text
 
     # -- the request ------------------------------------------------------------------------------
 
