@@ -17,9 +17,9 @@ intersect masks. Rows, each timed after a warm-up run of every code path:
 
 Peak memory is ``torch.cuda.max_memory_allocated`` over each row (weights included). Notes on the
 reference: it installs explicit (non-SDPA) attention on every layer and leaves it there, so we
-save and restore the UNet's processors around it; and its fp16 path expects an fp16 VAE that it
-upcasts to fp32 around every encode/decode (what users of ``torch_dtype=torch.float16`` get), so
-the VAE is cast to the run's dtype while the reference runs and back to fp32 for ours.
+save and restore the UNet's processors around it; and its fp16 path breaks with SDXL's upcasting
+VAE (see ``reference_state``), so while it runs its VAE is in the run's dtype without upcasting,
+and back to fp32 for ours.
 
 On a machine without diffusers and without a package index (our GPU box), carry the wheel:
 ``pip download diffusers --no-deps -d wheels/`` here, then ``pip install --no-deps wheels/diffusers-*.whl``
@@ -158,16 +158,24 @@ def time_ours(host: DiffusersSDXLHost, image: Image.Image, s: Settings, device: 
 
 @contextmanager
 def reference_state(components: SDXLComponents, dtype: torch.dtype) -> Iterator[None]:
-    """The reference's expectations for the duration of its runs: VAE in the run dtype; our
-    attention processors restored afterwards (it replaces all of them and never puts them back)."""
+    """What the reference needs for the duration of its runs, undone afterwards.
+
+    * Its VAE in the run dtype with ``force_upcast`` off. With SDXL's ``force_upcast=True`` its fp16
+      path breaks: ``invert`` upcasts the VAE for its extra reconstruction decode and never casts it
+      back, so the next ``__call__`` decodes fp16 latents with an fp32 VAE and raises a dtype error.
+      (This gives it a slightly faster fp16 VAE than ours, which decodes in fp32.)
+    * Our attention processors back: it replaces all of them and never restores them.
+    """
     unet, vae = components.unet, components.vae
-    saved_processors, vae_dtype = unet.attn_processors, vae.dtype
+    saved_processors, vae_dtype, force_upcast = unet.attn_processors, vae.dtype, vae.config.force_upcast
+    vae.register_to_config(force_upcast=False)
     if vae_dtype != dtype:
         vae.to(dtype=dtype)
     try:
         yield
     finally:
         unet.set_attn_processor(saved_processors)
+        vae.register_to_config(force_upcast=force_upcast)
         if vae.dtype != vae_dtype:
             vae.to(dtype=vae_dtype)
 
