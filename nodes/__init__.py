@@ -1,0 +1,42 @@
+"""The pack's ComfyUI nodes (V3 schema). ComfyUI calls ``comfy_entrypoint`` and registers ``NODES``.
+
+Categories, under "causal counterfactuals":
+    graph          write, check and draw causal graphs and interventions (no model needed)
+    understanding  a VLM extracts the graph and proposes or propagates interventions
+    abduction, prediction, sampling, baselines    the SDXL side (CSG)
+
+Local VLM folders live in ``models/LLM/<name>`` (registered here as the folder type "LLM").
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .baseline_nodes import BaselineEdit
+from .csg_nodes import CausalCounterfactual, CausalCounterfactuals, CausalInversion
+from .graph_nodes import GRAPH_NODES
+from .sampling_nodes import CSGGuiderNode, EditFriendlySampler, InversionSigmasAndNoise
+from .vlm_nodes import VLM_NODES, register_llm_folder
+
+
+NODES: list[type[io.ComfyNode]] = [
+    *GRAPH_NODES,
+    *VLM_NODES,
+    CausalInversion,
+    CausalCounterfactual,
+    CausalCounterfactuals,
+    InversionSigmasAndNoise,
+    CSGGuiderNode,
+    EditFriendlySampler,
+    BaselineEdit,
+]
+
+
+class CausalCounterfactualsExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> CausalCounterfactualsExtension:
+    register_llm_folder()
+    return CausalCounterfactualsExtension()

@@ -1,0 +1,39 @@
+"""The pack as ComfyUI sees it: loaded by ComfyUI's own loader, every node's V3 schema valid and documented."""
+
+import pytest
+
+CATEGORY = "causal counterfactuals"
+
+
+@pytest.fixture(scope="module")
+def pack(comfyui):
+    return comfyui.pack_module("nodes")
+
+
+def test_comfyui_loads_the_pack_and_registers_every_node(comfyui, pack):
+    declared = {node.GET_SCHEMA().node_id for node in pack.NODES}
+    assert set(comfyui.pack_nodes) == declared
+    for node_id in declared:
+        assert comfyui.node_class(node_id).RELATIVE_PYTHON_MODULE.startswith("custom_nodes.")
+        assert comfyui.nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+    assert "LLM" in __import__("folder_paths").folder_names_and_paths
+
+
+def test_every_node_is_documented_and_every_input_has_a_tooltip(pack):
+    for node in pack.NODES:
+        schema = node.GET_SCHEMA()  # ComfyUI's own validation of the schema
+        assert schema.description.strip(), f"{schema.node_id} has no description"
+        assert schema.category == CATEGORY or schema.category.startswith(f"{CATEGORY}/"), schema.category
+        assert schema.display_name
+        for socket in schema.inputs:
+            assert socket.tooltip and socket.tooltip.strip(), f"{schema.node_id}.{socket.id} has no tooltip"
+        assert schema.outputs, f"{schema.node_id} has no outputs"
+
+
+def test_input_types_are_what_the_frontend_and_validator_read(comfyui, pack):
+    for node in pack.NODES:
+        node_id = node.GET_SCHEMA().node_id
+        info = comfyui.node_class(node_id).INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, spec in info.get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{node_id}.{name} lost its tooltip in INPUT_TYPES"
