@@ -79,7 +79,7 @@ class ComfyUI:
         self.execution = execution
         self.server = RecordingServer()
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
-        self._progress: list[tuple[str | None, int, int]] = []
+        self.progress: list[tuple[str | None, int, int]] = []  # of the latest run, failed or not
         comfy.utils.set_progress_bar_global_hook(self._on_progress)
 
     def _on_progress(self, value: int, total: int, preview: Any, prompt_id: str | None = None,
@@ -90,7 +90,7 @@ class ComfyUI:
 
         context = get_executing_context()
         node = node_id or (context.node_id if context is not None else None)
-        self._progress.append((node, int(value), int(total)))
+        self.progress.append((node, int(value), int(total)))
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     # -- registry -------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ class ComfyUI:
         prompt_id = str(uuid.uuid4())
         targets = asyncio.run(self._validate(prompt_id, prompt, wanted))
         self.server.messages = []
-        self._progress = []
+        self.progress = []
         self.executor.execute(prompt, prompt_id, {}, targets)
         failure = next((data for event, data in self.executor.status_messages
                         if event in ("execution_error", "execution_interrupted")), None)
@@ -141,7 +141,7 @@ class ComfyUI:
             cached = self.executor.caches.outputs.get(node_id)
             values[node_id] = _socket_values(cached) if cached is not None else ()
         return Execution(prompt, values, dict(self.executor.history_result["outputs"]), list(self.server.messages),
-                         list(self._progress))
+                         list(self.progress))
 
     async def _validate(self, prompt_id: str, prompt: dict, wanted: list[str]) -> list[str]:
         """ComfyUI's own checks for the output nodes, plus the requested nodes; every error fails."""
