@@ -19,7 +19,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import comfy.model_management
 import comfy.utils
@@ -28,7 +28,7 @@ from comfy_api.latest import io, ui
 from PIL import Image
 
 from ..csg.errors import InputError, WeightsMissingError
-from ..csg.graph import CausalGraph, Intervention
+from ..csg.graph import CausalGraph
 from ..csg.vlm import (DEFAULT_ATTEMPTS, VLM, CachedVLM, OpenAICompatibleVLM, TransformersVLM, Turn, extract_graph,
                        manual_intervention, propagate_intervention, propose_interventions)
 from .csg_common import CATEGORY, CausalGraphType, InterventionType, Interventions

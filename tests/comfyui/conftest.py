@@ -51,6 +51,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(f"tests/comfyui did not run: {HOW_TO_RUN}", yellow=True, bold=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def comfyui_imports():
+    """Before any test here touches ComfyUI: import it in the order its main.py does (see harness.py)."""
+    from tests.comfyui.harness import import_comfy_like_main
+
+    import_comfy_like_main()
+
+
 @pytest.fixture(scope="session")
 def comfyui(tmp_path_factory):
     import torch

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from tests.comfyui.csg_fixtures import import_comfy
-from tests.comfyui.workflow_format import workflow_to_prompt
+from tests.comfyui.workflow_format import set_widgets, workflow_to_prompt
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -112,6 +113,10 @@ class ComfyUI:
 
     def to_prompt(self, workflow: Mapping[str, Any]) -> dict:
         return workflow_to_prompt(workflow, self.input_types)
+
+    def with_widgets(self, workflow: Mapping[str, Any], class_type: str, **values: Any) -> dict:
+        """A copy of a saved workflow with widgets of every ``class_type`` node set, e.g. the test checkpoint."""
+        return set_widgets(workflow, class_type, values, self.input_types)
 
     def run(self, prompt_or_workflow: Mapping[str, Any], outputs: Iterable[str | int] = (), *,
             fresh: bool = False) -> Execution:
@@ -221,15 +226,31 @@ def _load_pack(nodes_module: Any) -> list[str]:
     return sorted(set(nodes_module.NODE_CLASS_MAPPINGS) - before)
 
 
+def import_comfy_like_main() -> None:
+    """ComfyUI on the path, CPU chosen when there is no GPU, and ComfyUI's ``utils`` package imported first.
+
+    main.py imports ``utils.extra_config`` before anything else; the order matters because
+    ComfyUI's nodes.py puts comfy/ at the front of sys.path, after which a fresh ``import utils``
+    finds comfy/utils.py and built-in nodes that need the package fail to import.
+    """
+    import_comfy()
+    import comfy.model_management  # noqa: F401  (device chosen now, after the CPU flag is set)
+
+    try:
+        import utils.extra_config  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise RuntimeError(f"ComfyUI's utils package is shadowed by {sys.modules.get('utils')!r}: something "
+                           "imported ComfyUI's nodes.py before import_comfy_like_main() ran. Call it first (the "
+                           "tests/comfyui conftest does, before every test).") from exc
+
+
 def start_comfyui(workdir: Path) -> ComfyUI:
     """Start ComfyUI in this process and load the pack (once per process).
 
     The location of the checkout comes from COMFYUI_PATH (see ``csg_fixtures.import_comfy``).
     """
-    import_comfy()
-    import comfy.model_management  # noqa: F401  (device chosen now, after the CPU flag is set)
-    import utils.extra_config  # noqa: F401  (as main.py does first: nodes.py puts comfy/ at the front of
-    import nodes  # sys.path, after which a fresh "import utils" would find comfy/utils.py)
+    import_comfy_like_main()
+    import nodes
 
     if not hasattr(nodes, "NODE_CLASS_MAPPINGS") or "CheckpointLoaderSimple" not in nodes.NODE_CLASS_MAPPINGS:
         raise RuntimeError(f"'nodes' resolved to {getattr(nodes, '__file__', nodes)!r}, not ComfyUI's nodes.py; "

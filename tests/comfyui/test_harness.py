@@ -122,8 +122,19 @@ def test_translation_refuses_what_it_cannot_do_faithfully(comfyui):
         comfyui.to_prompt(workflow)
 
 
+def test_widgets_of_a_saved_workflow_can_be_set_by_name(comfyui):
+    workflow = saved_workflow("model.safetensors")
+    edited = comfyui.with_widgets(workflow, "KSampler", steps=1, cfg=2.5)
+    assert edited["nodes"][4]["widgets_values"] == [42, "randomize", 1, 2.5, "euler", "normal", 1.0]
+    assert workflow["nodes"][4]["widgets_values"][2] == 2  # the original is untouched
+    with pytest.raises(WorkflowFormatError, match="no widgets \\['stepz'\\]"):
+        comfyui.with_widgets(workflow, "KSampler", stepz=1)
+
+
 def test_plain_sdxl_text_to_image_runs_through_comfyuis_engine(comfyui, sdxl_checkpoint):
-    run = comfyui.run(saved_workflow(sdxl_checkpoint), outputs=["1", "6"], fresh=True)
+    workflow = comfyui.with_widgets(saved_workflow("some_sdxl.safetensors"), "CheckpointLoaderSimple",
+                                    ckpt_name=sdxl_checkpoint)
+    run = comfyui.run(workflow, outputs=["1", "6"], fresh=True)
     model = run.outputs["1"][0]
     assert type(model.model.model_config).__name__ == "SDXL"  # CheckpointLoaderSimple detected the file as SDXL
     image = run.outputs["6"][0]

@@ -11,12 +11,14 @@ def pack(comfyui):
 
 
 def test_comfyui_loads_the_pack_and_registers_every_node(comfyui, pack):
+    import folder_paths
+
     declared = {node.GET_SCHEMA().node_id for node in pack.NODES}
     assert set(comfyui.pack_nodes) == declared
     for node_id in declared:
         assert comfyui.node_class(node_id).RELATIVE_PYTHON_MODULE.startswith("custom_nodes.")
         assert comfyui.nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id]
-    assert "LLM" in __import__("folder_paths").folder_names_and_paths
+    assert "LLM" in folder_paths.folder_names_and_paths  # models/LLM, for local VLM folders
 
 
 def test_every_node_is_documented_and_every_input_has_a_tooltip(pack):

@@ -24,6 +24,7 @@ Subgraphs and legacy group nodes are not translated: they raise ``WorkflowFormat
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -165,3 +166,30 @@ def workflow_to_prompt(workflow: Mapping[str, Any], input_types: Callable[[str],
         prompt[str(node_id)] = {"class_type": class_type, "inputs": inputs,
                                 "_meta": {"title": node.get("title") or class_type}}
     return prompt
+
+
+def set_widgets(workflow: Mapping[str, Any], class_type: str, values: Mapping[str, Any],
+                input_types: Callable[[str], Mapping[str, Any] | None]) -> dict:
+    """A copy of ``workflow`` with the named widgets of every ``class_type`` node set.
+
+    For tests that run a shipped workflow on their own files, e.g. ``{"ckpt_name": <test checkpoint>}``
+    on CheckpointLoaderSimple.
+    """
+    types = input_types(class_type)
+    if types is None:
+        raise WorkflowFormatError(f"'{class_type}' is not installed.")
+    position = {w.name: i for i, w in enumerate(widget_layout(types)) if w.name is not None}
+    unknown = set(values) - set(position)
+    if unknown:
+        raise WorkflowFormatError(f"{class_type} has no widgets {sorted(unknown)}; it has {sorted(position)}.")
+    edited = copy.deepcopy(dict(workflow))
+    for node in edited["nodes"]:
+        if node["type"] != class_type:
+            continue
+        saved = node.setdefault("widgets_values", [])
+        for name, value in values.items():
+            if isinstance(saved, dict):
+                saved[name] = value
+            else:
+                saved[position[name]] = value
+    return edited
