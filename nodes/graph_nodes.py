@@ -141,7 +141,8 @@ class InterventionFromJSON(io.ComfyNode):
             ],
             outputs=[
                 InterventionType.Output(display_name="intervention", tooltip="The intervention as the graph allows it."),
-                io.String.Output(display_name="report", tooltip="What changes, and every causal violation stripped."),
+                io.String.Output(display_name="report", tooltip="What changes, and every causal violation stripped; "
+                                                                "read it with a Preview Any node."),
                 io.Image.Output(display_name="preview", tooltip="The graph with the target and its changes marked."),
             ],
         )

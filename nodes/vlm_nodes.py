@@ -368,7 +368,8 @@ class ManualIntervention(io.ComfyNode):
             outputs=[
                 InterventionType.Output(display_name="intervention"),
                 io.String.Output(display_name="intervention_json"),
-                io.String.Output(display_name="report", tooltip="What changes, and every causal violation stripped."),
+                io.String.Output(display_name="report", tooltip="What changes, and every causal violation stripped; "
+                                                                "read it with a Preview Any node."),
                 io.Image.Output(display_name="preview"),
             ],
         )

@@ -53,7 +53,8 @@ def saved_workflow(ckpt_name: str) -> dict:
     ]
     nodes = [
         node(1, "CheckpointLoaderSimple", [ckpt_name],
-             outputs=[{"name": "MODEL", "type": "MODEL", "links": [1]}, {"name": "CLIP", "type": "CLIP", "links": [3, 4]},
+             outputs=[{"name": "MODEL", "type": "MODEL", "links": [1]},
+                      {"name": "CLIP", "type": "CLIP", "links": [3, 4]},
                       {"name": "VAE", "type": "VAE", "links": [10]}]),
         node(2, "CLIPTextEncode", ["a photo of a cat"], inputs=[socket("clip", "CLIP", 3)], title="Positive"),
         node(3, "CLIPTextEncode", ["stale text the primitive overrides"],
