@@ -46,3 +46,90 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if "pytest" in line)
     assert command.strip() in readme
+
+
+# -- requirements.txt: what ComfyUI-Manager installs for a git-cloned pack ----------------------------
+
+
+def _requirement_name(requirement: str) -> str:
+    """The project name of a PEP 508 requirement, normalised as PEP 503 does."""
+    name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)
+    assert name, f"unreadable requirement {requirement!r}"
+    return re.sub(r"[-_.]+", "-", name.group(0)).lower()
+
+
+def _requirements_txt() -> list[str]:
+    lines = []
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+def test_requirements_txt_is_pyproject_dependencies_without_torch():
+    # ComfyUI brings its own torch; every other runtime dependency must be installable from requirements.txt.
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    listed = _requirements_txt()
+    assert "torch" in {_requirement_name(d) for d in declared}
+    assert "torch" not in {_requirement_name(r) for r in listed}, "requirements.txt must not install torch"
+    assert len(set(listed)) == len(listed), "requirements.txt lists a dependency twice"
+    normalise = lambda requirements: sorted("".join(r.split()) for r in requirements)  # noqa: E731
+    assert normalise(listed) == normalise(d for d in declared if _requirement_name(d) != "torch")
+
+
+# -- README: the documentation names what exists ----------------------------------------------------------
+
+
+def _readme_section(heading: str) -> str:
+    """README text from ``heading`` (a whole heading line) to the next heading of the same or higher
+    level; lines inside code fences (shell comments start with "#") are never headings."""
+    level = len(heading.split(" ", 1)[0])
+    lines, inside, fenced = [], False, False
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,%d} " % level, line):
+            if inside:
+                break
+            inside = line == heading
+        if inside:
+            lines.append(line)
+    assert lines, f"README has no heading {heading!r}"
+    return "\n".join(lines)
+
+
+def _flags(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+
+
+def test_readme_documents_every_node_and_names_no_other():
+    declared = set()
+    for path in (ROOT / "nodes").glob("*.py"):
+        declared |= set(re.findall(r"node_id=\"([A-Za-z0-9_]+)\"", path.read_text()))
+    assert declared, "no node ids found in nodes/"
+    named = set(re.findall(r"^\| [^|]+ \| `(CSG[A-Za-z0-9_]+)` \|", _readme_section("## Node reference"), re.MULTILINE))
+    assert declared - named == set(), f"README does not document these nodes: {sorted(declared - named)}"
+    assert named - declared == set(), f"README names nodes that do not exist: {sorted(named - declared)}"
+
+
+def test_readme_documents_exactly_the_cli_options():
+    from csg.cli import build_parser
+
+    options = {flag for action in build_parser()._actions for flag in action.option_strings}
+    other_tools = {"--include", "--local-dir"}  # huggingface-cli, quoted in the weights instructions
+    mentioned = _flags(_readme_section("## Command line: `csg-counterfactual`"))
+    assert mentioned, "the README's command-line section mentions no options"
+    assert mentioned - options - other_tools == set(), f"README mentions unknown CLI options: {sorted(mentioned - options)}"
+    undocumented = {o for o in options if o.startswith("--")} - mentioned
+    assert undocumented == set(), f"README's command-line section does not document: {sorted(undocumented)}"
+
+
+def test_readme_benchmark_options_exist():
+    tree = ast.parse((ROOT / "benchmarks" / "benchmark.py").read_text())
+    options = {arg.value for node in ast.walk(tree)
+               if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
+               for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value).startswith("--")}
+    assert options, "no add_argument options found in benchmarks/benchmark.py"
+    mentioned = _flags(_readme_section("### Benchmark")) - {"--no-deps"}  # pip's, for carrying the wheel
+    assert mentioned - options == set(), f"README mentions unknown benchmark options: {sorted(mentioned - options)}"
