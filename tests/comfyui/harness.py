@@ -136,7 +136,8 @@ class ComfyUI:
         targets = asyncio.run(self._validate(prompt_id, prompt, wanted))
         self.server.messages = []
         self.progress = []
-        self.executor.execute(prompt, prompt_id, {}, targets)
+        # a client id, as the frontend's, makes the executor send its per-node messages ("executing", ...)
+        self.executor.execute(prompt, prompt_id, {"client_id": "csg-tests"}, targets)
         failure = next((data for event, data in self.executor.status_messages
                         if event in ("execution_error", "execution_interrupted")), None)
         if failure is not None:

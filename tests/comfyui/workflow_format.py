@@ -46,7 +46,7 @@ class Widget:
     name: str | None  # the input it sets; None for a saved-but-never-sent companion widget
 
 
-def _input_entries(input_types: Mapping[str, Any]) -> list[tuple[str, Any, dict]]:
+def input_entries(input_types: Mapping[str, Any]) -> list[tuple[str, Any, dict]]:
     entries = []
     for section in ("required", "optional"):
         for name, spec in (input_types.get(section) or {}).items():
@@ -59,7 +59,7 @@ def _input_entries(input_types: Mapping[str, Any]) -> list[tuple[str, Any, dict]
 def widget_layout(input_types: Mapping[str, Any]) -> list[Widget]:
     """The node's widgets in the order the frontend creates them (and saves their values)."""
     widgets: list[Widget] = []
-    for name, kind, options in _input_entries(input_types):
+    for name, kind, options in input_entries(input_types):
         is_combo = isinstance(kind, (list, tuple)) or kind == "COMBO"
         if options.get("forceInput") or not (is_combo or kind in WIDGET_TYPES):
             continue
