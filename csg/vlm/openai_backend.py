@@ -202,5 +202,7 @@ class OpenAICompatibleVLM:
         if not isinstance(content, str) or not content.strip():
             finish = choice.get("finish_reason") if isinstance(choice, dict) else None
             raise VLMError(f"The VLM server at {self.url} returned no text (finish_reason={finish!r}). "
-                           "If it is a reasoning model, raise max_tokens or turn its thinking mode off.")
+                           "If it is a reasoning model, turn its thinking mode off (e.g. a non-thinking "
+                           "variant or the server's reasoning switch): each stage has a fixed token budget that "
+                           "long reasoning can use up.")
         return content
