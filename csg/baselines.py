@@ -34,9 +34,10 @@ is what diffusers' DDIMScheduler does with SDXL's scheduler config, so it serves
 Defaults shared with CSG so that Table 1 compares like with like: 100 kept steps of a "leading"
 schedule of int(100 * (1 + 0.15)) = 114 steps (skip 0.15; the product is 114.99... in floating
 point, as in the reference), the same source prompt, and target guidance 7.5 (the customary
-classifier-free guidance scale of Stable Diffusion; SDXL pipelines default to 5-7.5). The target prompt is the intervention's ``generation_prompt``: the whole scene with every
-changed concept spelled out, guided everywhere in the image, which is what the baselines lack
-compared with CSG's masked per-concept terms.
+classifier-free guidance scale of Stable Diffusion; SDXL pipelines default to 5-7.5).
+The target prompt is the intervention's ``generation_prompt``: the whole scene with every changed
+concept spelled out, guided everywhere in the image, which is what the baselines lack compared
+with CSG's masked per-concept terms.
 """
 
 from __future__ import annotations
