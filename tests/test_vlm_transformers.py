@@ -6,12 +6,15 @@ transformers config classes. The model talks nonsense, which is exactly what exe
 retry-then-error path.
 """
 
+import inspect
+
 import pytest
 import torch
 from PIL import Image
 
 from csg.errors import InputError, WeightsMissingError
 from csg.vlm import TransformersVLM, Turn, VLMOutputError, describe_scene, extract_graph
+from csg.vlm.transformers_backend import ImageOnlyProcessor, load_processor, qwen_messages
 
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -151,3 +154,23 @@ def test_missing_or_incomplete_folders_say_what_to_put_there(tmp_path, qwen_fold
 def test_bad_device_or_dtype(kwargs, qwen_folder):
     with pytest.raises(InputError):
         TransformersVLM(qwen_folder, **kwargs)
+
+
+def test_the_fallback_processor_feeds_the_model_what_autoprocessor_feeds_it(qwen_folder, vlm):
+    """Where torchvision is installed (e.g. a ComfyUI environment) AutoProcessor is used; elsewhere the
+    image-only fallback. Both must give the model the same tensors for the same chat."""
+    pytest.importorskip("torchvision", reason="AutoProcessor builds Qwen-VL's video processor with torchvision")
+    vlm.load()
+    auto = load_processor(qwen_folder, vlm._model)
+    assert not isinstance(auto, ImageOnlyProcessor)
+    config = vlm._model.config
+    fallback = ImageOnlyProcessor.from_folder(qwen_folder, config.image_token_id,
+                                              "mm_token_type_ids" in inspect.signature(vlm._model.forward).parameters)
+    messages = qwen_messages("answer in JSON", [Turn("user", "describe the photo")], image_count=1)
+    ours = fallback(text=[fallback.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)],
+                    images=[PHOTO], return_tensors="pt")
+    theirs = auto(text=[auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)],
+                  images=[PHOTO], return_tensors="pt")
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
