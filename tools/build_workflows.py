@@ -228,35 +228,37 @@ def vlm_and_graph(canvas: Canvas, factual: Factual) -> Understanding:
 
 
 def proposals(canvas: Canvas, understanding: Understanding, factual: Factual) -> Node:
-    """Column 2: three diverse interventions from the VLM, with their report."""
-    proposer = canvas.add("CSGInterventionProposer", (2 * COLUMN, 0), vlm=understanding.vlm.out("vlm"),
-                          image=factual.scaled.out("IMAGE"),
-                          causal_graph=understanding.extractor.out("causal_graph"),
-                          base_prompt=understanding.extractor.out("base_prompt"))
-    return proposer
+    """Column 2: three diverse interventions from the VLM."""
+    return canvas.add("CSGInterventionProposer", (2 * COLUMN, 0), vlm=understanding.vlm.out("vlm"),
+                      image=factual.scaled.out("IMAGE"), causal_graph=understanding.extractor.out("causal_graph"),
+                      base_prompt=understanding.extractor.out("base_prompt"))
 
 
-def inversion(canvas: Canvas, factual: Factual, source_prompt: Out | str, pos: tuple[float, float]) -> Node:
-    model = factual.checkpoint
-    node = canvas.add("CSGCausalInversion", pos, model=model.out("MODEL"), clip=model.out("CLIP"),
-                      vae=model.out("VAE"), image=factual.scaled.out("IMAGE"), source_prompt=source_prompt)
-    canvas.group("Abduction: invert once, reuse for every edit", [node], GROUP_COLORS["abduction"])
-    return node
+def pick_one(canvas: Canvas, proposer: Node) -> Node:
+    return canvas.add("CSGSelectIntervention", (2 * COLUMN, 290), title="Pick one intervention (1-3)",
+                      interventions=proposer.out("interventions"), number=1)
 
 
-def counterfactual(canvas: Canvas, factual: Factual, inverted: Node, pos: tuple[float, float], *,
-                   intervention: Out, causal_graph: Out, batched: bool = False) -> Node:
-    model = factual.checkpoint
+def invert_and_edit(canvas: Canvas, factual: Factual, source_prompt: Out | str, *, intervention: Out,
+                    causal_graph: Out, batched: bool = False) -> Node:
+    """Column 3: Causal Inversion once, then the counterfactual(s) from it."""
+    model = dict(model=factual.checkpoint.out("MODEL"), clip=factual.checkpoint.out("CLIP"),
+                 vae=factual.checkpoint.out("VAE"))
+    inverted = canvas.add("CSGCausalInversion", (3 * COLUMN, 0), image=factual.scaled.out("IMAGE"),
+                          source_prompt=source_prompt, **model)
+    canvas.group("Abduction: invert once, reuse for every edit", [inverted], GROUP_COLORS["abduction"])
     if batched:
-        node = canvas.add("CSGCausalCounterfactuals", pos, model=model.out("MODEL"), clip=model.out("CLIP"),
-                          vae=model.out("VAE"), inversion=inverted.out("inversion"), interventions=intervention,
-                          causal_graph=causal_graph)
+        edited = canvas.add("CSGCausalCounterfactuals", (3 * COLUMN, 520), inversion=inverted.out("inversion"),
+                            interventions=intervention, causal_graph=causal_graph, **model)
     else:
-        node = canvas.add("CSGCausalCounterfactual", pos, model=model.out("MODEL"), clip=model.out("CLIP"),
-                          vae=model.out("VAE"), inversion=inverted.out("inversion"), intervention=intervention,
-                          causal_graph=causal_graph)
-    canvas.group("Action and prediction: Causal Semantic Guidance", [node], GROUP_COLORS["action"])
-    return node
+        edited = canvas.add("CSGCausalCounterfactual", (3 * COLUMN, 520), inversion=inverted.out("inversion"),
+                            intervention=intervention, causal_graph=causal_graph, **model)
+    canvas.group("Action and prediction: Causal Semantic Guidance", [edited], GROUP_COLORS["action"])
+    return edited
+
+
+def read_me(canvas: Canvas, text: str) -> None:
+    canvas.note(text, (-480, 0), (440, 760), "Read me")
 
 
 def results(canvas: Canvas, factual: Factual, edited: Out, masks: Out, x: float, prefix: str,
@@ -299,16 +301,15 @@ def build_counterfactual(canvas: Canvas) -> None:
     factual = factual_image_and_model(canvas)
     understanding = vlm_and_graph(canvas, factual)
     proposer = proposals(canvas, understanding, factual)
-    pick = canvas.add("CSGSelectIntervention", (2 * COLUMN, 290), title="Pick one intervention (1-3)",
-                      interventions=proposer.out("interventions"), number=1)
+    pick = pick_one(canvas, proposer)
     picked = canvas.add("PreviewAny", (2 * COLUMN, 430), title="The intervention", size=(320, 300),
                         source=pick.out("intervention_json"))
     canvas.group("Manipulation: interventions on the graph", [proposer, pick, picked], GROUP_COLORS["understanding"])
-    inverted = inversion(canvas, factual, understanding.extractor.out("base_prompt"), (3 * COLUMN, 0))
-    edited = counterfactual(canvas, factual, inverted, (3 * COLUMN, 520), intervention=pick.out("intervention"),
-                            causal_graph=understanding.extractor.out("causal_graph"))
+    edited = invert_and_edit(canvas, factual, understanding.extractor.out("base_prompt"),
+                             intervention=pick.out("intervention"),
+                             causal_graph=understanding.extractor.out("causal_graph"))
     results(canvas, factual, edited.out("image"), edited.out("mask_preview"), 4 * COLUMN, "csg/counterfactual")
-    canvas.note(f"""## What if...? A causal counterfactual of your photo
+    read_me(canvas, f"""## What if...? A causal counterfactual of your photo
 1. **Concept Extractor**: the VLM names the scene's concepts and the causal graph between them.
 2. **Intervention Proposer**: three interventions do(concept = value), each with the changes it
    causes downstream; **Pick one** chooses which to render. Changes outside the target's
@@ -316,7 +317,7 @@ def build_counterfactual(canvas: Canvas) -> None:
 3. **Causal Inversion** (abduction) recovers the photo's noise.
 4. **Causal Counterfactual** (action + prediction) edits the target and its changed
    descendants, each inside its own mask; everything else stays as it was.
-{SETUP}{PAPER}""", (-480, 0), (440, 760), "Read me")
+{SETUP}{PAPER}""")
 
 
 def build_manual_intervention(canvas: Canvas) -> None:
@@ -331,17 +332,17 @@ def build_manual_intervention(canvas: Canvas) -> None:
     marked = canvas.add("PreviewImage", (2 * COLUMN, 720), title="Target and descendants", size=(320, 340),
                         images=manual.out("preview"))
     canvas.group("Manipulation: your intervention", [manual, report, marked], GROUP_COLORS["understanding"])
-    inverted = inversion(canvas, factual, understanding.extractor.out("base_prompt"), (3 * COLUMN, 0))
-    edited = counterfactual(canvas, factual, inverted, (3 * COLUMN, 520), intervention=manual.out("intervention"),
-                            causal_graph=understanding.extractor.out("causal_graph"))
+    edited = invert_and_edit(canvas, factual, understanding.extractor.out("base_prompt"),
+                             intervention=manual.out("intervention"),
+                             causal_graph=understanding.extractor.out("causal_graph"))
     results(canvas, factual, edited.out("image"), edited.out("mask_preview"), 4 * COLUMN, "csg/manual")
-    canvas.note(f"""## Your own intervention: do(concept = value)
+    read_me(canvas, f"""## Your own intervention: do(concept = value)
 Type the concept (its name as the graph shows it, e.g. `age`, or its id `c1`) and the new value
 in **do(target = new value)**. The VLM works out how the target's *descendants* in the causal
 graph change (e.g. older -> gray hair, wrinkles); anything it proposes for a non-descendant is
 stripped and listed in the report. Disconnect the VLM from that node to edit the target alone.
 The graph preview shows the concept names to choose from.
-{SETUP}{PAPER}""", (-480, 0), (440, 760), "Read me")
+{SETUP}{PAPER}""")
 
 
 def build_three_counterfactuals(canvas: Canvas) -> None:
@@ -351,30 +352,29 @@ def build_three_counterfactuals(canvas: Canvas) -> None:
     listed = canvas.add("PreviewAny", (2 * COLUMN, 290), title="The three interventions", size=(320, 380),
                         source=proposer.out("interventions_json"))
     canvas.group("Manipulation: three diverse interventions", [proposer, listed], GROUP_COLORS["understanding"])
-    inverted = inversion(canvas, factual, understanding.extractor.out("base_prompt"), (3 * COLUMN, 0))
-    edited = counterfactual(canvas, factual, inverted, (3 * COLUMN, 520), intervention=proposer.out("interventions"),
-                            causal_graph=understanding.extractor.out("causal_graph"), batched=True)
+    edited = invert_and_edit(canvas, factual, understanding.extractor.out("base_prompt"),
+                             intervention=proposer.out("interventions"),
+                             causal_graph=understanding.extractor.out("causal_graph"), batched=True)
     results(canvas, factual, edited.out("image"), edited.out("mask_preview"), 4 * COLUMN, "csg/proposal",
             comparison_title="Factual | counterfactual, one per intervention")
-    canvas.note(f"""## Three counterfactuals from one inversion
+    read_me(canvas, f"""## Three counterfactuals from one inversion
 The VLM proposes three interventions on different concepts: one with many downstream changes,
 one with few, one with none. **Causal Counterfactuals (batched)** renders all of them from ONE
 inversion in ONE sampling loop, one image per intervention, in order. The masks come one per
 changed concept, intervention after intervention.
-{SETUP}{PAPER}""", (-480, 0), (440, 760), "Read me")
+{SETUP}{PAPER}""")
 
 
 def build_baselines_comparison(canvas: Canvas) -> None:
     factual = factual_image_and_model(canvas)
     understanding = vlm_and_graph(canvas, factual)
     proposer = proposals(canvas, understanding, factual)
-    pick = canvas.add("CSGSelectIntervention", (2 * COLUMN, 290), title="Pick one intervention (1-3)",
-                      interventions=proposer.out("interventions"), number=1)
+    pick = pick_one(canvas, proposer)
     canvas.group("Manipulation: interventions on the graph", [proposer, pick], GROUP_COLORS["understanding"])
     base_prompt = understanding.extractor.out("base_prompt")
-    inverted = inversion(canvas, factual, base_prompt, (3 * COLUMN, 0))
-    edited = counterfactual(canvas, factual, inverted, (3 * COLUMN, 520), intervention=pick.out("intervention"),
-                            causal_graph=understanding.extractor.out("causal_graph"))
+    edited = invert_and_edit(canvas, factual, base_prompt,
+                             intervention=pick.out("intervention"),
+                             causal_graph=understanding.extractor.out("causal_graph"))
     model = factual.checkpoint
     baselines = [canvas.add("CSGBaselineEdit", (3 * COLUMN, 960 + 480 * k), title=f"Baseline: {method}",
                             model=model.out("MODEL"), clip=model.out("CLIP"), vae=model.out("VAE"),
@@ -395,18 +395,19 @@ def build_baselines_comparison(canvas: Canvas) -> None:
     shown = canvas.add("PreviewImage", (4 * COLUMN, 720), title="CSG masks (red)", size=(320, 340),
                        images=edited.out("mask_preview"))
     canvas.group("Results", [*stitches, compare, save, shown], GROUP_COLORS["results"])
-    canvas.note(f"""## CSG next to the usual inversion edits
+    read_me(canvas, f"""## CSG next to the usual inversion edits
 The same intervention three ways, left to right: the factual photo, **Causal Counterfactual
 (CSG)**, and two baselines that guide with classifier-free guidance on the intervention's whole
 target prompt: edit-friendly **DDPM inversion** and **DDIM inversion**. The baselines have no
 masks and no causal graph, so they tend to change non-descendants (background, identity) too.
-{SETUP}{PAPER}""", (-480, 0), (440, 760), "Read me")
+{SETUP}{PAPER}""")
 
 
 def build_hand_written_graph(canvas: Canvas) -> None:
     factual = factual_image_and_model(canvas)
     graph = canvas.add("CSGCausalGraphFromJSON", (COLUMN, 0), title="Causal graph (JSON, edit freely)", size=(320, 420))
-    drawn = canvas.add("PreviewImage", (COLUMN, 460), title="Causal graph", size=(320, 340), images=graph.out("preview"))
+    drawn = canvas.add("PreviewImage", (COLUMN, 460), title="Causal graph", size=(320, 340),
+                       images=graph.out("preview"))
     intervention = canvas.add("CSGInterventionFromJSON", (2 * COLUMN, 0), title="Intervention (JSON, edit freely)",
                               size=(320, 420), causal_graph=graph.out("causal_graph"))
     report = canvas.add("PreviewAny", (2 * COLUMN, 460), title="What changes (and what was stripped)", size=(320, 260),
@@ -414,18 +415,17 @@ def build_hand_written_graph(canvas: Canvas) -> None:
     canvas.group("Graph and intervention, written by hand (no VLM)", [graph, drawn, intervention, report],
                  GROUP_COLORS["understanding"])
     summary = json.loads((ROOT / "csg" / "examples" / "portrait_graph.json").read_text())["scene_summary"]
-    inverted = inversion(canvas, factual, summary, (3 * COLUMN, 0))
-    edited = counterfactual(canvas, factual, inverted, (3 * COLUMN, 520),
-                            intervention=intervention.out("intervention"), causal_graph=graph.out("causal_graph"))
+    edited = invert_and_edit(canvas, factual, summary, intervention=intervention.out("intervention"),
+                             causal_graph=graph.out("causal_graph"))
     results(canvas, factual, edited.out("image"), edited.out("mask_preview"), 4 * COLUMN, "csg/hand_written")
-    canvas.note("""## No VLM: a causal graph and an intervention written by hand
+    read_me(canvas, """## No VLM: a causal graph and an intervention written by hand
 Both JSON boxes start with the example portrait's graph (age -> hair colour, age -> skin
 texture) and the intervention do(age = old). Edit them for your photo: concepts with ids,
 names and current values; relationships cause -> effect (no cycles); an intervention with its
 target, new value, the changes it propagates to descendants, and a generation prompt. Errors
 name the culprit (unknown id, cycle, ...); changes to non-descendants are stripped and reported.
 Use the graph's scene summary, or your own caption, as the inversion's source prompt.
-""" + SETUP.split("- *VLM*")[0] + PAPER, (-480, 0), (440, 760), "Read me")
+""" + SETUP.split("- *VLM*")[0] + PAPER)
 
 
 WORKFLOWS: dict[str, Callable[[Canvas], None]] = {
