@@ -12,6 +12,17 @@ the layer's normal output with SDPA and, on the side, softmax(q k^T * scale) for
 rows only, reduced at once to the summed token columns and averaged over heads. Those maps are
 summed over layers on the device and averaged at the end. The layers' own processors are put
 back when the call returns, even when it raises; every other layer is never touched.
+
+Compiled UNet (opt-in, ``compile_unet=``): eager stays the default and the fallback. With
+``compile_unet`` set to "default", "reduce-overhead" (CUDA graphs) or "max-autotune", the UNet
+call ``_unet_forward`` is wrapped once in ``torch.compile(fullgraph=True, dynamic=False)``. For the
+compiled graph to stay the same across steps, nothing is swapped per call: the capturing processor
+is installed on the latent/4 attn2 layers for the host's lifetime (it reproduces their default
+SDPA output exactly), and a capture request enters as tensors (row indices and a 0/1 column
+selector). With no request the processor skips the capture, so each input shape has at most two
+graphs, "with" and "without" capture; ``csg.prediction`` passes its request on every step, so one
+edit loop uses one graph. Per step there is no ``.item()``, no host copy and no branch on tensor
+values. ``use_compiled_unet(None)`` goes back to eager and restores the layers' processors.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,15 +90,23 @@ class _AttentionCapture:
         self.total = selected if self.total is None else self.total + selected
         self.layers += 1
 
-    def maps(self, height: int, width: int) -> torch.Tensor:
-        return (self.total / self.layers).view(len(self.rows), height, width)
+
+class _CaptureSlot:
+    """Where the capturing processors find the current call's capture; None: just attention."""
+
+    def __init__(self) -> None:
+        self.capture: _AttentionCapture | None = None
 
 
 class _CapturingCrossAttention:
-    """SDXL cross-attention (attn2) with SDPA output plus probability capture for a few rows."""
+    """SDXL cross-attention (attn2) with SDPA output plus probability capture for a few rows.
 
-    def __init__(self, capture: _AttentionCapture) -> None:
-        self.capture = capture
+    The capture comes from ``slot`` at call time, so the same processor objects can stay installed
+    across calls (the compiled path) and capture only when a call asks for it.
+    """
+
+    def __init__(self, slot: _CaptureSlot) -> None:
+        self.slot = slot
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
@@ -100,7 +119,8 @@ class _CapturingCrossAttention:
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        self.capture.add(query, key, attn.scale)
+        if self.slot.capture is not None:
+            self.slot.capture.add(query, key, attn.scale)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor
@@ -121,12 +141,23 @@ def latent4_cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, Atte
             if isinstance(module, Attention) and name.endswith("attn2") and name.startswith(prefixes)}
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
 class DiffusersSDXLHost:
-    """A ``csg.host.DiffusionHost`` over diffusers SDXL components (epsilon prediction)."""
+    """A ``csg.host.DiffusionHost`` over diffusers SDXL components (epsilon prediction).
+
+    ``compile_unet``: None (eager, the default) or one of ``COMPILE_MODES``, the ``torch.compile``
+    mode of the UNet call; ``compile_backend`` is torch.compile's backend ("inductor"; "cudagraphs"
+    captures CUDA graphs of the eager kernels without inductor; "aot_eager" for tests). A mode other
+    than "default" needs inductor. Each new input shape compiles once (minutes for full SDXL with
+    inductor), so warm up before timing. See the module docstring.
+    """
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
                  text_encoder_2: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer, tokenizer_2: CLIPTokenizer,
-                 vae: AutoencoderKL, alphas_cumprod: torch.Tensor | None = None) -> None:
+                 vae: AutoencoderKL, alphas_cumprod: torch.Tensor | None = None, *,
+                 compile_unet: str | None = None, compile_backend: str | Callable = "inductor") -> None:
         self.unet, self.vae = unet, vae
         self.text_encoders = (text_encoder, text_encoder_2)
         self.tokenizers = (tokenizer, tokenizer_2)
@@ -139,18 +170,28 @@ class DiffusersSDXLHost:
         self.capture_layers = latent4_cross_attention_layers(unet)
         self._time_ids: dict[tuple[int, int], torch.Tensor] = {}
         self._request_cache: tuple[object, tuple[torch.Tensor, torch.Tensor] | None] = (None, None)
+        self._slot = _CaptureSlot()
+        self._processor = _CapturingCrossAttention(self._slot)
+        self._saved_processors: dict[str, object] | None = None  # the layers' own, while ours stay installed
+        self._compiled = None
+        self.compile_unet: str | None = None
+        self.compile_backend = compile_backend
+        self.use_compiled_unet(compile_unet, compile_backend)
 
     # -- loading -----------------------------------------------------------------------------------
 
     @classmethod
-    def from_components(cls, components, alphas_cumprod: torch.Tensor | None = None) -> "DiffusersSDXLHost":
-        """From anything with unet, text_encoder(_2), tokenizer(_2) and vae attributes (e.g. SDXLComponents)."""
+    def from_components(cls, components, alphas_cumprod: torch.Tensor | None = None,
+                        **compile_options) -> "DiffusersSDXLHost":
+        """From anything with unet, text_encoder(_2), tokenizer(_2) and vae attributes (e.g. SDXLComponents).
+        Keywords: ``compile_unet``, ``compile_backend``."""
         c = components
-        return cls(c.unet, c.text_encoder, c.text_encoder_2, c.tokenizer, c.tokenizer_2, c.vae, alphas_cumprod)
+        return cls(c.unet, c.text_encoder, c.text_encoder_2, c.tokenizer, c.tokenizer_2, c.vae, alphas_cumprod,
+                   **compile_options)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "DiffusersSDXLHost":
+                        dtype: torch.dtype = torch.float32, **compile_options) -> "DiffusersSDXLHost":
         """Load a diffusers-format SDXL folder from local files only (never downloads)."""
         folder = Path(folder)
         missing = [sub for sub in SDXL_SUBFOLDERS if not (folder / sub).is_dir()]
@@ -184,11 +225,11 @@ class DiffusersSDXLHost:
         modules = [unet, vae, text_encoder, text_encoder_2]
         for m in modules:
             m.to(device).requires_grad_(False).eval()
-        return cls(unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, vae, alphas_cumprod)
+        return cls(unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, vae, alphas_cumprod, **compile_options)
 
     @classmethod
     def from_single_file(cls, path: str | Path, config_folder: str | Path, device: str | torch.device = "cpu",
-                         dtype: torch.dtype = torch.float32) -> "DiffusersSDXLHost":
+                         dtype: torch.dtype = torch.float32, **compile_options) -> "DiffusersSDXLHost":
         """Load an SDXL checkpoint file (.safetensors, as ComfyUI uses) from local files only.
 
         A single file holds weights but no tokenizers or configs, so ``config_folder`` must be a
@@ -218,7 +259,8 @@ class DiffusersSDXLHost:
         if dtype == torch.float16:
             pipe.vae.to(torch.float32)
         return cls(pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2, pipe.vae,
-                   pipe.scheduler.alphas_cumprod if hasattr(pipe.scheduler, "alphas_cumprod") else None)
+                   pipe.scheduler.alphas_cumprod if hasattr(pipe.scheduler, "alphas_cumprod") else None,
+                   **compile_options)
 
     # -- text ----------------------------------------------------------------------------------------
 
@@ -259,33 +301,92 @@ class DiffusersSDXLHost:
             self._time_ids[size] = torch.tensor([[*original, *crop, *target]], dtype=self.dtype).to(self.device)
         return self._time_ids[size]
 
-    @contextmanager
-    def _capturing(self, request: AttentionRequest | None, key_length: int) -> Iterator[_AttentionCapture | None]:
-        if request is None:
-            yield None
-            return
+    def _check_capture_layers(self, processors: dict[str, object]) -> None:
+        """Raise unless every latent/4 attn2 layer can run our capturing processor faithfully."""
         if not self.capture_layers:
             raise CSGError("This UNet has no cross-attention at latent/4 resolution, so CSG's attention masks "
                            "cannot be computed. Use an SDXL-shaped UNet or the 'noise' mask mode.")
-        if self._request_cache[0] != (request, key_length):  # a loop repeats one request every step
-            self._request_cache = ((request, key_length), request_tensors(request, key_length, self.device))
-        capture = _AttentionCapture(*self._request_cache[1])
-        saved = {name: module.processor for name, module in self.capture_layers.items()}
-        for name, processor in saved.items():
-            if type(processor) not in (AttnProcessor2_0, AttnProcessor):
+        for name, processor in processors.items():
+            if type(processor) not in (AttnProcessor2_0, AttnProcessor, _CapturingCrossAttention):
                 raise CSGError(f"The UNet layer {name} uses a custom attention processor ({type(processor).__name__}); "
                                "CSG can only capture attention on the default processors.")
             if not is_plain_cross_attention(self.capture_layers[name]):
                 raise CSGError(f"The UNet layer {name} uses attention features SDXL's cross-attention does not "
                                "(spatial/group/query-key norms or a residual); CSG cannot capture it faithfully.")
-        processor = _CapturingCrossAttention(capture)
+
+    def _request_tensors(self, request: AttentionRequest, key_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._request_cache[0] != (request, key_length):  # a loop repeats one request every step
+            self._request_cache = ((request, key_length), request_tensors(request, key_length, self.device))
+        return self._request_cache[1]
+
+    @contextmanager
+    def _capturing(self, request: AttentionRequest | None) -> Iterator[None]:
+        """Eager path: our processor on the latent/4 attn2 layers for this call only (when it captures)."""
+        if request is None:
+            yield
+            return
+        saved = {name: module.processor for name, module in self.capture_layers.items()}
+        self._check_capture_layers(saved)
         try:
             for module in self.capture_layers.values():
-                module.processor = processor
-            yield capture
+                module.processor = self._processor
+            yield
         finally:
             for name, module in self.capture_layers.items():
                 module.processor = saved[name]
+
+    def use_compiled_unet(self, mode: str | None, backend: str | Callable | None = None) -> None:
+        """Switch between eager (``mode=None``) and a ``torch.compile`` mode of the UNet call.
+
+        Compiled, our capturing processor stays installed on the latent/4 attn2 layers (the layers'
+        own processors are kept and put back when switching to eager). Raises ``InputError`` for an
+        unknown mode and ``CSGError`` when those layers cannot be captured faithfully.
+        """
+        if mode is not None and mode not in COMPILE_MODES:
+            raise InputError(f"compile_unet must be None or one of {', '.join(COMPILE_MODES)}, got {mode!r}.")
+        backend = backend or self.compile_backend
+        if mode is not None and mode != "default" and backend != "inductor":
+            raise InputError(f"The compile mode {mode!r} needs the inductor backend, not {backend!r}.")
+        if self._saved_processors is not None:  # back to the layers' own processors first
+            for name, module in self.capture_layers.items():
+                module.processor = self._saved_processors[name]
+            self._saved_processors = None
+        self._compiled, self.compile_unet, self.compile_backend = None, None, backend
+        if mode is None:
+            return
+        saved = {name: module.processor for name, module in self.capture_layers.items()}
+        self._check_capture_layers(saved)
+        for module in self.capture_layers.values():
+            module.processor = self._processor
+        self._saved_processors = saved
+        options = {} if mode == "default" else {"mode": mode}
+        self._compiled = torch.compile(self._unet_forward, backend=backend, fullgraph=True, dynamic=False, **options)
+        self.compile_unet = mode
+
+    def _ensure_installed(self) -> None:
+        """Compiled path: put our processor back if something (e.g. another pipeline) replaced it."""
+        if any(module.processor is not self._processor for module in self.capture_layers.values()):
+            current = {name: module.processor for name, module in self.capture_layers.items()}
+            self._check_capture_layers(current)
+            for module in self.capture_layers.values():
+                module.processor = self._processor
+
+    def _unet_forward(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
+                      pooled_embeds: torch.Tensor, time_ids: torch.Tensor, rows: torch.Tensor | None,
+                      selector: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """float32 eps and, when ``rows`` is given, the (R, Q) capture averaged over layers.
+
+        The one function both paths run (compiled as a whole when ``compile_unet`` is set). No
+        branch depends on tensor values; ``rows is None`` selects one of two static graphs.
+        """
+        capture = None if rows is None else _AttentionCapture(rows, selector)
+        self._slot.capture = capture
+        added = {"text_embeds": pooled_embeds, "time_ids": time_ids}
+        eps = self.unet(latents, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
+                        return_dict=False)[0]
+        self._slot.capture = None
+        maps = None if capture is None else capture.total / capture.layers
+        return eps.float(), maps
 
     @torch.no_grad()
     def predict_noise(self, latents: torch.Tensor, timestep: int | torch.Tensor, conditioning: SDXLConditioning,
@@ -293,13 +394,27 @@ class DiffusersSDXLHost:
         batch, _, height, width = latents.shape
         if len(conditioning) != batch:
             raise InputError(f"{batch} latent rows but {len(conditioning)} conditioning rows; they must match.")
-        added = {"text_embeds": conditioning.pooled_embeds,
-                 "time_ids": self._time_ids_for(height, width).expand(batch, -1)}
-        with self._capturing(attention, conditioning.prompt_embeds.shape[1]) as capture:
-            eps = self.unet(latents.to(self.dtype), timestep, encoder_hidden_states=conditioning.prompt_embeds,
-                            added_cond_kwargs=added, return_dict=False)[0]
-        maps = None if capture is None else capture.maps(height // ATTENTION_LEVEL, width // ATTENTION_LEVEL)
-        return eps.float(), maps
+        if attention is not None and not self.capture_layers:
+            self._check_capture_layers({})  # raises: no layer to capture
+        rows, selector = (None, None) if attention is None else \
+            self._request_tensors(attention, conditioning.prompt_embeds.shape[1])
+        if not isinstance(timestep, torch.Tensor):
+            timestep = torch.tensor(timestep, device=self.device)
+        args = (latents.to(self.dtype), timestep, conditioning.prompt_embeds, conditioning.pooled_embeds,
+                self._time_ids_for(height, width).expand(batch, -1), rows, selector)
+        if self._compiled is None:
+            with self._capturing(attention):
+                eps, maps = self._unet_forward(*args)
+        else:
+            self._ensure_installed()
+            if self.compile_unet in ("reduce-overhead", "max-autotune"):
+                torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs are no longer read
+            eps, maps = self._compiled(*args)
+            # CUDA-graph outputs live in memory the next replay overwrites; the caller may keep them.
+            eps, maps = eps.clone(), None if maps is None else maps.clone()
+        if maps is not None:
+            maps = maps.view(len(attention.rows), height // ATTENTION_LEVEL, width // ATTENTION_LEVEL)
+        return eps, maps
 
     # -- pixels --------------------------------------------------------------------------------------
 

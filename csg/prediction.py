@@ -55,8 +55,10 @@ def run_chain(host: DiffusionHost, inversion: Inversion, plan: GuidancePlan) -> 
     prev_x0_pred = None
     for i, step in enumerate(steps):
         rows = x.index_select(0, plan.row_owner)
-        request = plan.attention if plan.active_steps[i] else None
-        eps, attention_maps = host.predict_noise(rows, timesteps[i], conditioning, request)
+        # The request goes with every step, warm-up included (its maps are then unused): the UNet
+        # call keeps one structure for the whole loop, which a compiled host needs to avoid a
+        # second graph; the capture costs a few small matmuls per step.
+        eps, attention_maps = host.predict_noise(rows, timesteps[i], conditioning, plan.attention)
         eps_hat, masks = guided_epsilon(plan, eps, attention_maps, i)
         x, prev_x0_pred = sde_dpmpp_2m_step(step, x, eps_hat, prev_x0_pred, inversion.noise_maps[i])
         if masks is not None:
