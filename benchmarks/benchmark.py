@@ -2,6 +2,7 @@
 
     python benchmarks/benchmark.py                       # full SDXL, fp16, 1024x1024, CUDA, paper settings
     python benchmarks/benchmark.py --size tiny --device cpu --dtype float32 --steps 4   # smoke test
+    python benchmarks/benchmark.py --compile none cudagraphs --rows inversion,edit-3,batched,separate,floor
 
 Both methods run in one process on the very same modules (``csg.random_sdxl``, weights random, so
 only speed and memory mean anything here). Settings are the paper's: 100 steps, skip 0.15, source
@@ -14,6 +15,18 @@ intersect masks. Rows, each timed after a warm-up run of every code path:
 * 3 interventions, batched      ONE loop, 3 x (uncond + 3 concepts) = batch 12; the reference has no
                                 batched mode, so it is compared with its three separate calls
 * 3 interventions, separate     three ``edit`` calls      vs three ``pipe(...)`` calls
+* bare UNet floors              one plain UNet call (no capture) at batch 2 (inversion: uncond +
+                                source), 4 (3-concept edit) and 12 (batched), times the step count
+
+Ours runs once per ``--compile`` variant: "none" is eager; "default", "reduce-overhead" (CUDA
+graphs) and "max-autotune" are ``torch.compile`` modes with inductor; "cudagraphs" is dynamo's
+CUDA-graph backend over the eager kernels (no inductor, so it compiles in seconds, not minutes).
+Default: eager and "reduce-overhead" on CUDA, eager elsewhere. Each variant is warmed up with
+short runs (3 steps) of every row's shapes, which is where compilation happens, so the timed runs
+never compile; the warm-up time is printed. Inductor compiles each new shape for minutes on full
+SDXL, so choose ``--rows`` to fit a time budget. On CUDA the warm-up also counts host syncs
+(``torch.cuda.set_sync_debug_mode``) of an inversion and an edit at two step counts: equal counts
+mean no per-step sync. The summary checks the issue's targets against the fastest variant.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` over each row (weights included). Notes on the
 reference: it installs explicit (non-SDPA) attention on every layer and leaves it there, so we
@@ -32,8 +45,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -57,6 +71,12 @@ INTERVENTIONS = (  # three interventions of three concepts each
     ("frowning woman", "black hair", "wearing glasses"),
 )
 IMAGE_SIDE = {"full": 1024, "tiny": 64}
+COMPILE_CHOICES = ("none", "default", "reduce-overhead", "max-autotune", "cudagraphs")
+ROWS = ("inversion", "edit-1", "edit-3", "batched", "separate", "floor")
+ROW_TITLES = {"inversion": "inversion", "edit-1": "edit, 1 concept", "edit-3": "edit, 3 concepts",
+              "batched": "3 interventions, batched", "separate": "3 interventions, separate"}
+WARMUP_STEPS = 3  # short runs with every shape the timed rows use; compilation happens here
+FLOOR_BATCHES = {2: "inversion", 4: "edit, 3 concepts", 12: "3 interventions, batched"}
 
 
 @dataclass(frozen=True)
@@ -90,7 +110,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per row; the fastest is reported")
     parser.add_argument("--skip-reference", action="store_true", help="time ours only (no diffusers pipeline)")
-    return parser.parse_args(argv)
+    parser.add_argument("--compile", nargs="+", choices=COMPILE_CHOICES, default=None, metavar="MODE",
+                        help="our variants: " + ", ".join(COMPILE_CHOICES)
+                        + " (default: none reduce-overhead on CUDA, none elsewhere)")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help="comma-separated subset of " + ",".join(ROWS) + " (default: all)")
+    args = parser.parse_args(argv)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown or not rows:
+        parser.error(f"--rows: unknown {unknown}; choose from {','.join(ROWS)}")
+    args.rows = tuple(r for r in ROWS if r in rows)
+    return args
 
 
 def synchronize(device: torch.device) -> None:
@@ -126,31 +157,123 @@ def spec(prompts: tuple[str, ...], s: Settings) -> EditSpec:
     return EditSpec(tuple(ConceptTerm(p, scale=s.scale, threshold=s.threshold, warmup=s.warmup) for p in prompts))
 
 
+def short(s: Settings, steps: int = WARMUP_STEPS) -> Settings:
+    """The same shapes in a few steps, guided from step 1: the warm-up that pays for compilation."""
+    return replace(s, steps=steps, warmup=1)
+
+
+def row_specs(row: str, s: Settings) -> list[list[EditSpec]]:
+    """The ``edit`` calls one timed run of ``row`` makes."""
+    if row == "edit-1":
+        return [[spec(INTERVENTIONS[0][:1], s)]]
+    if row == "edit-3":
+        return [[spec(INTERVENTIONS[0], s)]]
+    if row == "batched":
+        return [[spec(prompts, s) for prompts in INTERVENTIONS]]
+    return [[spec(prompts, s)] for prompts in INTERVENTIONS]  # separate
+
+
+def make_host(components: SDXLComponents, variant: str) -> DiffusersSDXLHost:
+    if variant == "none":
+        return DiffusersSDXLHost.from_components(components)
+    if variant == "cudagraphs":  # dynamo's CUDA-graph backend over the eager kernels, no inductor
+        return DiffusersSDXLHost.from_components(components, compile_unet="default", compile_backend="cudagraphs")
+    return DiffusersSDXLHost.from_components(components, compile_unet=variant)
+
+
+def count_syncs(run: Callable[[], object], device: torch.device) -> int:
+    """Host syncs (blocking copies, ``.item()``, stream syncs) that ``run`` makes, on CUDA."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    synchronize(device)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@dataclass
+class OursResult:
+    rows: dict[str, Timing]  # titled rows, floors included
+    warmup_seconds: float
+    syncs: str | None  # on CUDA: the sync counts at two step counts
+
+
 def time_ours(host: DiffusersSDXLHost, image: Image.Image, s: Settings, device: torch.device,
-              repeats: int) -> dict[str, Timing]:
+              repeats: int, rows: tuple[str, ...] = ROWS) -> OursResult:
     params = GuidanceParams(mask_mode="intersect")
 
-    def inversion():
-        return invert(host, image, SOURCE_PROMPT, num_steps=s.steps, skip=s.skip, source_guidance=s.source_guidance,
-                      generator=s.seed)
+    def inversion(settings: Settings = s):
+        return invert(host, image, SOURCE_PROMPT, num_steps=settings.steps, skip=settings.skip,
+                      source_guidance=settings.source_guidance, generator=settings.seed)
 
-    inverted = inversion()
-
-    def edit_and_decode(specs: list[EditSpec]):
+    def edit_and_decode(inverted, specs: list[EditSpec]):
         latents = edit(host, inverted, specs, params).latents
         return [host.decode_latents(latents[k:k + 1]) for k in range(len(specs))]
 
-    one, three = [spec(INTERVENTIONS[0][:1], s)], [spec(INTERVENTIONS[0], s)]
-    batched = [spec(prompts, s) for prompts in INTERVENTIONS]
-    for warm in (one, three, batched):  # first calls pay for lazy init and kernel selection
-        edit_and_decode(warm)
-    return {
-        "inversion": measure(inversion, device, repeats),
-        "edit, 1 concept": measure(lambda: edit_and_decode(one), device, repeats),
-        "edit, 3 concepts": measure(lambda: edit_and_decode(three), device, repeats),
-        "3 interventions, batched": measure(lambda: edit_and_decode(batched), device, repeats),
-        "3 interventions, separate": measure(lambda: [edit_and_decode([b]) for b in batched], device, repeats),
-    }
+    edit_rows = [r for r in rows if r in ("edit-1", "edit-3", "batched", "separate")]
+    started = time.perf_counter()
+    warm = inversion(short(s))  # every shape once: compiles here, and lazy init / kernel selection
+    for row in edit_rows:
+        for specs in row_specs(row, short(s))[:1]:
+            edit_and_decode(warm, specs)
+    floors = floor_runs(host, image, s, device, rows)
+    for run in floors.values():
+        run(1)
+    synchronize(device)
+    warmup_seconds = time.perf_counter() - started
+
+    syncs = None
+    if device.type == "cuda":
+        probe = next((r for r in ("edit-3", "edit-1", "batched", "separate") if r in edit_rows), None)
+        counts = []
+        for steps in (WARMUP_STEPS, 2 * WARMUP_STEPS):
+            inverted = inversion(short(s, steps))
+            counts.append(count_syncs(lambda: inversion(short(s, steps)), device))
+            if probe:
+                counts.append(count_syncs(lambda: edit(host, inverted, row_specs(probe, short(s, steps))[0], params),
+                                          device))
+        syncs = (f"host syncs per run at {WARMUP_STEPS} / {2 * WARMUP_STEPS} steps: inversion {counts[0]} / "
+                 f"{counts[len(counts) // 2]}" + (f", {probe} edit {counts[1]} / {counts[3]}" if probe else "")
+                 + (" (equal: no per-step sync)" if counts[:len(counts) // 2] == counts[len(counts) // 2:]
+                    else " (they grow with the steps: a per-step sync)"))
+
+    timings: dict[str, Timing] = {}
+    inverted = inversion()
+    if "inversion" in rows:
+        timings[ROW_TITLES["inversion"]] = measure(inversion, device, repeats)
+    for row in edit_rows:
+        calls = row_specs(row, s)
+        timings[ROW_TITLES[row]] = measure(lambda: [edit_and_decode(inverted, c) for c in calls], device, repeats)
+    for title, run in floors.items():
+        timings[title] = measure(lambda: run(None), device, repeats)
+    return OursResult(timings, warmup_seconds, syncs)
+
+
+def floor_runs(host: DiffusersSDXLHost, image: Image.Image, s: Settings, device: torch.device,
+               rows: tuple[str, ...]) -> dict[str, Callable[[int | None], None]]:
+    """The bare UNet cost, the floor of each row: plain ``predict_noise`` calls (no capture) at the
+    batches the rows use. ``run(n)`` makes n calls (warm-up); ``run(None)`` makes ``s.steps``."""
+    if "floor" not in rows:
+        return {}
+    wanted = {2: "inversion" in rows, 4: "edit-3" in rows or "separate" in rows, 12: "batched" in rows}
+    side = image.size[0] // host.vae_scale_factor
+    t = torch.tensor(500, device=host.device)
+    runs = {}
+    for batch, used in wanted.items():
+        if not used:
+            continue
+        latents = torch.randn(batch, 4, side, side, device=host.device)
+        conditioning = host.encode_prompts([""] * batch)
+
+        def run(calls: int | None, latents=latents, conditioning=conditioning) -> None:
+            for _ in range(s.steps if calls is None else calls):
+                host.predict_noise(latents, t, conditioning)
+
+        runs[f"bare UNet b{batch} x{s.steps} ({FLOOR_BATCHES[batch]})"] = run
+    return runs
 
 
 # -- the reference ---------------------------------------------------------------------------------
@@ -181,7 +304,7 @@ def reference_state(components: SDXLComponents, dtype: torch.dtype) -> Iterator[
 
 
 def time_reference(components: SDXLComponents, image: Image.Image, s: Settings, device: torch.device,
-                   repeats: int) -> dict[str, Timing]:
+                   repeats: int, rows: tuple[str, ...] = ROWS) -> dict[str, Timing]:
     from diffusers import DPMSolverMultistepScheduler, LEditsPPPipelineStableDiffusionXL
 
     scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -192,27 +315,32 @@ def time_reference(components: SDXLComponents, image: Image.Image, s: Settings, 
                                              scheduler=scheduler, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
 
-    def inversion():
-        pipe.invert(image, source_prompt=SOURCE_PROMPT, source_guidance_scale=s.source_guidance,
-                    num_inversion_steps=s.steps, skip=s.skip, generator=torch.Generator(device).manual_seed(s.seed))
+    def inversion(settings: Settings = s):
+        pipe.invert(image, source_prompt=SOURCE_PROMPT, source_guidance_scale=settings.source_guidance,
+                    num_inversion_steps=settings.steps, skip=settings.skip,
+                    generator=torch.Generator(device).manual_seed(settings.seed))
 
-    def edit_and_decode(prompts: tuple[str, ...]):
-        return pipe(editing_prompt=list(prompts), edit_guidance_scale=s.scale, edit_threshold=s.threshold,
-                    edit_warmup_steps=s.warmup, use_intersect_mask=True).images
+    def edit_and_decode(prompts: tuple[str, ...], settings: Settings = s):
+        return pipe(editing_prompt=list(prompts), edit_guidance_scale=settings.scale,
+                    edit_threshold=settings.threshold, edit_warmup_steps=settings.warmup,
+                    use_intersect_mask=True).images
 
     with reference_state(components, next(c.unet.parameters()).dtype):
-        inversion()
+        inversion(short(s))  # warm-up at a few steps; then the full inversion the edits use
         for warm in (INTERVENTIONS[0][:1], INTERVENTIONS[0]):
-            edit_and_decode(warm)
-        inverted = measure(inversion, device, repeats)
-        separate = measure(lambda: [edit_and_decode(p) for p in INTERVENTIONS], device, repeats)
-        return {
-            "inversion": inverted,
-            "edit, 1 concept": measure(lambda: edit_and_decode(INTERVENTIONS[0][:1]), device, repeats),
-            "edit, 3 concepts": measure(lambda: edit_and_decode(INTERVENTIONS[0]), device, repeats),
-            "3 interventions, batched": separate,  # no batched mode: its best is three calls
-            "3 interventions, separate": separate,
-        }
+            edit_and_decode(warm, short(s))
+        timings = {"inversion": measure(inversion, device, repeats)}
+        if "inversion" not in rows:
+            timings = {}
+        if "edit-1" in rows:
+            timings["edit, 1 concept"] = measure(lambda: edit_and_decode(INTERVENTIONS[0][:1]), device, repeats)
+        if "edit-3" in rows:
+            timings["edit, 3 concepts"] = measure(lambda: edit_and_decode(INTERVENTIONS[0]), device, repeats)
+        if "batched" in rows or "separate" in rows:
+            separate = measure(lambda: [edit_and_decode(p) for p in INTERVENTIONS], device, repeats)
+            # it has no batched mode: its best for three interventions is three calls
+            timings.update({ROW_TITLES[r]: separate for r in ("batched", "separate") if r in rows})
+        return timings
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -222,14 +350,43 @@ def format_table(ours: dict[str, Timing], reference: dict[str, Timing] | None) -
     def gib(t: Timing | None) -> str:
         return "-" if t is None or t.peak_gib is None else f"{t.peak_gib:.2f}"
 
-    header = f"{'':28} {'ours s':>9} {'ours GiB':>9} {'ref s':>9} {'ref GiB':>9} {'ours/ref':>9}"
+    header = f"{'':48} {'ours s':>9} {'ours GiB':>9} {'ref s':>9} {'ref GiB':>9} {'ours/ref':>9}"
     lines = [header, "-" * len(header)]
     for row, mine in ours.items():
         ref = reference.get(row) if reference else None
         ratio = f"{mine.seconds / ref.seconds:.2f}x" if ref else "-"
         ref_s = f"{ref.seconds:.2f}" if ref else "-"
-        lines.append(f"{row:28} {mine.seconds:9.2f} {gib(mine):>9} {ref_s:>9} {gib(ref):>9} {ratio:>9}")
+        lines.append(f"{row:48} {mine.seconds:9.2f} {gib(mine):>9} {ref_s:>9} {gib(ref):>9} {ratio:>9}")
     return "\n".join(lines)
+
+
+def format_targets(variant: str, ours: dict[str, Timing], reference: dict[str, Timing] | None) -> str:
+    """The issue's targets for one of our variants."""
+    checks = []
+
+    def check(name: str, value: float | None, limit: float, at_least: bool, unit: str = "x") -> None:
+        if value is None:
+            return
+        ok = value >= limit if at_least else value <= limit
+        checks.append(f"  {name}: {value:.2f}{unit} ({'>=' if at_least else '<='} {limit}{unit}) "
+                      f"{'PASS' if ok else 'FAIL'}")
+
+    ref = reference or {}
+    for title, limit in (("edit, 3 concepts", 2.5), ("inversion", 1.8)):
+        if title in ours and title in ref:
+            check(f"{title} speed-up over the reference", ref[title].seconds / ours[title].seconds, limit, True)
+    peaks = [t.peak_gib for title, t in ours.items() if t.peak_gib is not None and not title.startswith("bare")]
+    check("peak memory", max(peaks) if peaks else None, 8.0, False, " GiB")
+    batched, separate = ours.get("3 interventions, batched"), ours.get("3 interventions, separate")
+    if batched and separate:
+        check("batched / three separate runs", batched.seconds / separate.seconds, 0.8, False)
+    for title, mine in ours.items():
+        if title.startswith("bare UNet"):
+            row = ours.get(title.split("(", 1)[1].rstrip(")"))
+            if row:
+                checks.append(f"  {title.split(' (')[0]}: {row.seconds / mine.seconds:.2f}x is what "
+                              f"{title.split('(', 1)[1].rstrip(')')} costs over its floor")
+    return f"targets, ours [{variant}]:\n" + ("\n".join(checks) if checks else "  (nothing to check)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,21 +395,36 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     warmup = args.warmup if args.warmup is not None else max(1, round(0.1 * args.steps))
     settings = Settings(args.steps, args.skip, args.source_guidance, args.scale, args.threshold, warmup, args.seed)
+    variants = args.compile or (["none", "reduce-overhead"] if device.type == "cuda" else ["none"])
     started = time.perf_counter()
     components = build_sdxl_components(args.size, seed=args.seed, device=device, dtype=dtype)
-    host = DiffusersSDXLHost.from_components(components)
     side = IMAGE_SIDE[args.size]
     image = benchmark_image(side)
     print(f"SDXL {args.size} (random weights), {args.dtype}, {side}x{side} on {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), torch {torch.__version__}; "
           f"built in {time.perf_counter() - started:.1f} s")
     print(f"steps {settings.steps}, skip {settings.skip}, source guidance {settings.source_guidance}, "
-          f"scale {settings.scale}, threshold {settings.threshold}, warm-up {settings.warmup}, intersect masks")
-    ours = time_ours(host, image, settings, device, args.repeats)
-    reference = None if args.skip_reference else time_reference(components, image, settings, device, args.repeats)
-    print(format_table(ours, reference))
+          f"scale {settings.scale}, threshold {settings.threshold}, warm-up {settings.warmup}, intersect masks; "
+          f"ours: {', '.join(variants)}; rows: {','.join(args.rows)}", flush=True)
+    reference = None
+    if not args.skip_reference and set(args.rows) - {"floor"}:
+        reference = time_reference(components, image, settings, device, args.repeats, args.rows)
+    for variant in variants:
+        host = make_host(components, variant)
+        try:
+            result = time_ours(host, image, settings, device, args.repeats, args.rows)
+        finally:
+            host.use_compiled_unet(None)
+            torch._dynamo.reset()  # frees compiled graphs and CUDA-graph pools before the next variant
+        print(f"\nours [{variant}] (warm-up {result.warmup_seconds:.1f} s)")
+        if result.syncs:
+            print(result.syncs)
+        print(format_table(result.rows, reference))
+        if reference is not None or device.type == "cuda":
+            print(format_targets(variant, result.rows, reference), flush=True)
     if reference is None:
         print("(reference skipped)")
+    print(f"total {time.perf_counter() - started:.1f} s")
     return 0
 
 

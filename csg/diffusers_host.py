@@ -407,7 +407,7 @@ class DiffusersSDXLHost:
                 eps, maps = self._unet_forward(*args)
         else:
             self._ensure_installed()
-            if self.compile_unet in ("reduce-overhead", "max-autotune"):
+            if self.compile_unet in ("reduce-overhead", "max-autotune") or self.compile_backend == "cudagraphs":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs are no longer read
             eps, maps = self._compiled(*args)
             # CUDA-graph outputs live in memory the next replay overwrites; the caller may keep them.

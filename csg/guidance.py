@@ -31,6 +31,7 @@ value in.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -108,10 +109,16 @@ def reference_gaussian_kernel() -> torch.Tensor:
     return (kernel / kernel.sum()).view(1, 1, 3, 3)
 
 
+@functools.lru_cache(maxsize=None)
+def _device_kernel(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The kernel on ``device``, made once: a fresh host-to-device copy every step would be a host sync."""
+    return reference_gaussian_kernel().to(device, dtype)
+
+
 def smooth(maps: torch.Tensor) -> torch.Tensor:
     """(R, a, b) maps smoothed with the reference kernel, reflect-padded so the size is kept."""
     padded = F.pad(maps[:, None], (1, 1, 1, 1), mode="reflect")
-    return F.conv2d(padded, reference_gaussian_kernel().to(maps.device, maps.dtype))[:, 0]
+    return F.conv2d(padded, _device_kernel(maps.device, maps.dtype))[:, 0]
 
 
 def row_quantiles(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
