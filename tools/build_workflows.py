@@ -110,7 +110,7 @@ class Canvas:
 
     def group(self, title: str, members: list[Node], color: str, padding: float = 20) -> None:
         left = min(n.pos[0] for n in members) - padding
-        top = min(n.pos[1] for n in members) - padding - 40  # room for the title bar
+        top = min(n.pos[1] for n in members) - padding - 70  # room for the group's title, the nodes' title bars and badges
         right = max(n.pos[0] + n.size[0] for n in members) + padding
         bottom = max(n.pos[1] + n.size[1] for n in members) + padding
         self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [left, top, right - left,
@@ -218,12 +218,12 @@ class Understanding:
 
 def vlm_and_graph(canvas: Canvas, factual: Factual) -> Understanding:
     """Column 1: the VLM endpoint and the concept extractor with its graph preview."""
-    vlm = canvas.add("CSGOpenAIVLM", (COLUMN, 0), title="VLM (OpenAI-compatible: Ollama, vLLM, LM Studio)",
+    vlm = canvas.add("CSGOpenAIVLM", (COLUMN, 0), title="VLM (OpenAI-compatible server)",
                      base_url="http://127.0.0.1:11434/v1", model="qwen2.5vl:7b")
     extractor = canvas.add("CSGConceptExtractor", (COLUMN, 250), vlm=vlm.out("vlm"), image=factual.scaled.out("IMAGE"))
     graph = canvas.add("PreviewImage", (COLUMN, 560), title="Causal graph", size=(320, 340),
                        images=extractor.out("preview"))
-    canvas.group("Understanding: concepts and causal graph", [vlm, extractor, graph], GROUP_COLORS["understanding"])
+    canvas.group("1. Extract (VLM)", [vlm, extractor, graph], GROUP_COLORS["understanding"])
     return Understanding(vlm, extractor)
 
 
@@ -246,14 +246,14 @@ def invert_and_edit(canvas: Canvas, factual: Factual, source_prompt: Out | str, 
                  vae=factual.checkpoint.out("VAE"))
     inverted = canvas.add("CSGCausalInversion", (3 * COLUMN, 0), image=factual.scaled.out("IMAGE"),
                           source_prompt=source_prompt, **model)
-    canvas.group("Abduction: invert once, reuse for every edit", [inverted], GROUP_COLORS["abduction"])
+    canvas.group("3. Abduction: invert", [inverted], GROUP_COLORS["abduction"])
     if batched:
         edited = canvas.add("CSGCausalCounterfactuals", (3 * COLUMN, 520), inversion=inverted.out("inversion"),
                             interventions=intervention, causal_graph=causal_graph, **model)
     else:
         edited = canvas.add("CSGCausalCounterfactual", (3 * COLUMN, 520), inversion=inverted.out("inversion"),
                             intervention=intervention, causal_graph=causal_graph, **model)
-    canvas.group("Action and prediction: Causal Semantic Guidance", [edited], GROUP_COLORS["action"])
+    canvas.group("4. Action + prediction", [edited], GROUP_COLORS["action"])
     return edited
 
 
@@ -304,7 +304,7 @@ def build_counterfactual(canvas: Canvas) -> None:
     pick = pick_one(canvas, proposer)
     picked = canvas.add("PreviewAny", (2 * COLUMN, 430), title="The intervention", size=(320, 300),
                         source=pick.out("intervention_json"))
-    canvas.group("Manipulation: interventions on the graph", [proposer, pick, picked], GROUP_COLORS["understanding"])
+    canvas.group("2. Manipulate: do(X = x)", [proposer, pick, picked], GROUP_COLORS["understanding"])
     edited = invert_and_edit(canvas, factual, understanding.extractor.out("base_prompt"),
                              intervention=pick.out("intervention"),
                              causal_graph=understanding.extractor.out("causal_graph"))
@@ -331,7 +331,7 @@ def build_manual_intervention(canvas: Canvas) -> None:
                         source=manual.out("report"))
     marked = canvas.add("PreviewImage", (2 * COLUMN, 720), title="Target and descendants", size=(320, 340),
                         images=manual.out("preview"))
-    canvas.group("Manipulation: your intervention", [manual, report, marked], GROUP_COLORS["understanding"])
+    canvas.group("2. Manipulate: do(X = x)", [manual, report, marked], GROUP_COLORS["understanding"])
     edited = invert_and_edit(canvas, factual, understanding.extractor.out("base_prompt"),
                              intervention=manual.out("intervention"),
                              causal_graph=understanding.extractor.out("causal_graph"))
@@ -351,7 +351,7 @@ def build_three_counterfactuals(canvas: Canvas) -> None:
     proposer = proposals(canvas, understanding, factual)
     listed = canvas.add("PreviewAny", (2 * COLUMN, 290), title="The three interventions", size=(320, 380),
                         source=proposer.out("interventions_json"))
-    canvas.group("Manipulation: three diverse interventions", [proposer, listed], GROUP_COLORS["understanding"])
+    canvas.group("2. Manipulate: 3 x do(X = x)", [proposer, listed], GROUP_COLORS["understanding"])
     edited = invert_and_edit(canvas, factual, understanding.extractor.out("base_prompt"),
                              intervention=proposer.out("interventions"),
                              causal_graph=understanding.extractor.out("causal_graph"), batched=True)
@@ -370,7 +370,7 @@ def build_baselines_comparison(canvas: Canvas) -> None:
     understanding = vlm_and_graph(canvas, factual)
     proposer = proposals(canvas, understanding, factual)
     pick = pick_one(canvas, proposer)
-    canvas.group("Manipulation: interventions on the graph", [proposer, pick], GROUP_COLORS["understanding"])
+    canvas.group("2. Manipulate: do(X = x)", [proposer, pick], GROUP_COLORS["understanding"])
     base_prompt = understanding.extractor.out("base_prompt")
     edited = invert_and_edit(canvas, factual, base_prompt,
                              intervention=pick.out("intervention"),
@@ -381,7 +381,7 @@ def build_baselines_comparison(canvas: Canvas) -> None:
                             image=factual.scaled.out("IMAGE"), intervention=pick.out("intervention"),
                             method=method, source_prompt=base_prompt)
                  for k, method in enumerate(["DDPM inversion (edit-friendly)", "DDIM inversion"])]
-    canvas.group("Baselines: CFG on the whole target prompt", baselines, GROUP_COLORS["action"])
+    canvas.group("Baselines: CFG edits", baselines, GROUP_COLORS["action"])
     row = factual.scaled.out("IMAGE")
     stitches = []
     for k, image in enumerate([edited.out("image"), *(b.out("image") for b in baselines)]):
@@ -412,7 +412,7 @@ def build_hand_written_graph(canvas: Canvas) -> None:
                               size=(320, 420), causal_graph=graph.out("causal_graph"))
     report = canvas.add("PreviewAny", (2 * COLUMN, 460), title="What changes (and what was stripped)", size=(320, 260),
                         source=intervention.out("report"))
-    canvas.group("Graph and intervention, written by hand (no VLM)", [graph, drawn, intervention, report],
+    canvas.group("1-2. Graph and do(X = x), by hand", [graph, drawn, intervention, report],
                  GROUP_COLORS["understanding"])
     summary = json.loads((ROOT / "csg" / "examples" / "portrait_graph.json").read_text())["scene_summary"]
     edited = invert_and_edit(canvas, factual, summary, intervention=intervention.out("intervention"),
