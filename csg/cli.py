@@ -44,7 +44,9 @@ from .errors import CSGError, GraphError, InputError, WeightsMissingError
 
 SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 VLM_REPOS = ("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-30B-A3B-Instruct",
-             "Qwen/Qwen3-VL-2B-Instruct")
+             "Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct",
+             "Qwen/Qwen2.5-VL-32B-Instruct", "Qwen/Qwen2.5-VL-72B-Instruct")  # preference order
+VLM_FAMILIES = ("qwen3-vl", "qwen2.5-vl", "qwen2_5-vl", "qwen2_5_vl")  # folder-name marks, preference order
 EXIT_USAGE = 2  # missing weights and bad input, like argparse's own usage errors
 EXIT_FAILURE = 1  # the run itself failed (e.g. the VLM answered unusably)
 
@@ -189,9 +191,11 @@ def find_vlm(explicit: str | None, comfy: Path | None) -> Path:
             if is_vlm_folder(snapshot):
                 return snapshot
     if comfy is not None:
-        for folder in sorted((comfy / "models" / "LLM").glob("*/")):
-            if "qwen3-vl" in folder.name.lower() and is_vlm_folder(folder):
-                return folder
+        folders = sorted((comfy / "models" / "LLM").glob("*/"))
+        for family in VLM_FAMILIES:
+            for folder in folders:
+                if family in folder.name.lower() and is_vlm_folder(folder):
+                    return folder
     raise WeightsMissingError(vlm_get_message(comfy))
 
 
@@ -213,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="which of the VLM's three proposed interventions to apply (1-3, default 1), or all")
     what.add_argument("--intervention-json", metavar="FILE", help="a hand-written intervention (no VLM needed)")
     p.add_argument("--graph-json", metavar="FILE", help="a hand-written causal graph instead of the VLM's")
+    p.add_argument("--target-only", action="store_true",
+                   help="with --do and --graph-json: edit the target alone, without a VLM to propagate the change "
+                        "to its descendants")
     vlm = p.add_argument_group("vision-language model")
     vlm.add_argument("--vlm-model", metavar="PATH", help="local transformers model folder (Qwen3-VL)")
     vlm.add_argument("--vlm-url", metavar="URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
@@ -395,8 +402,15 @@ def read_request(args: argparse.Namespace) -> Request:
     given = Intervention.from_json(read_json_file(args.intervention_json, "intervention")) if args.intervention_json else None
     do = parse_do(args.do) if args.do else None
     pick = parse_pick(args.pick) if not (do or given) else 1
+    if args.target_only and (do is None or graph is None):
+        raise InputError("--target-only edits the target of --do on the graph of --graph-json; give both "
+                         '(e.g. --graph-json csg/examples/portrait_graph.json --do "age=old" --target-only).')
     if do is not None and graph is not None:
         graph.find_concept(do[0])  # an unknown concept fails now, with the list of known ones
+    if args.target_only:
+        from .vlm import manual_intervention
+
+        given, do = manual_intervention(graph, do[0], do[1], generation_prompt=args.caption or ""), None
     return Request(graph, given, do, pick)
 
 

@@ -86,6 +86,19 @@ def test_vlm_server_propagates_a_user_intervention(sdxl_folder, tmp_path, monkey
     assert "sk-secret" not in capsys.readouterr().err
 
 
+def test_target_only_edits_the_target_without_any_vlm(sdxl_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main([str(PORTRAIT), "--graph-json", str(GRAPH), "--do", "hair color=gray hair", "--target-only",
+                 "--sdxl", str(sdxl_folder), "--out", str(out), *FAST])
+    assert code == 0, capsys.readouterr().err
+    report = read_report(out)
+    [entry] = report["interventions"]
+    assert entry["intervention"]["target_concept_id"] == "c2" and entry["intervention"]["new_value"] == "gray hair"
+    assert entry["intervention"]["propagated_changes"] == []
+    assert [c["concept_id"] for c in entry["edit_concepts"]] == ["c2"] and report["models"]["vlm"] is None
+    assert (out / "counterfactual.png").is_file()
+
+
 def test_all_proposals_are_edited_in_one_run(sdxl_folder, tmp_path, capsys):
     out = tmp_path / "out"
     with scene_server(load_scene("portrait")) as server:
@@ -166,6 +179,7 @@ def test_single_checkpoint_without_configs_says_how_to_get_them(tmp_path, capsys
     (["--graph-json", str(GRAPH), "--intervention-json", str(INTERVENTION), "--device", "gpu0"], "Unknown device"),
     (["--graph-json", str(GRAPH), "--do", "ocean=blue"], "hair color"),  # lists the known concepts
     (["--graph-json", "missing.json", "--intervention-json", "missing.json"], "does not exist"),
+    (["--do", "age=old", "--target-only"], "--target-only"),
 ])
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     assert main([str(PORTRAIT), *argv]) == 2
@@ -219,10 +233,19 @@ def test_weights_are_found_in_the_hf_cache_and_comfyui(tmp_path, monkeypatch):
 
     with pytest.raises(WeightsMissingError, match="Qwen3-VL"):
         find_vlm(None, comfy)
-    (comfy / "models" / "LLM" / "Qwen3-VL-4B-Instruct").mkdir(parents=True)
-    for name in VLM_FILES:
-        (comfy / "models" / "LLM" / "Qwen3-VL-4B-Instruct" / name).write_bytes(b"")
-    assert find_vlm(None, comfy).name == "Qwen3-VL-4B-Instruct"
+
+    def llm_folder(name: str) -> None:
+        (comfy / "models" / "LLM" / name).mkdir(parents=True)
+        for file in VLM_FILES:
+            (comfy / "models" / "LLM" / name / file).write_bytes(b"")
+
+    llm_folder("Llama-3-8B")
+    with pytest.raises(WeightsMissingError):  # a text-only model is never taken for the VLM
+        find_vlm(None, comfy)
+    llm_folder("Qwen2.5-VL-7B-Instruct")
+    assert find_vlm(None, comfy).name == "Qwen2.5-VL-7B-Instruct"
+    llm_folder("Qwen3-VL-4B-Instruct")
+    assert find_vlm(None, comfy).name == "Qwen3-VL-4B-Instruct"  # the newer family first
     cached = fake_snapshot(cache, "Qwen/Qwen3-VL-8B-Instruct", VLM_FILES)
     assert find_vlm(None, comfy) == cached  # the HF cache comes first
 
