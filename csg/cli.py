@@ -1,7 +1,7 @@
 """``csg-counterfactual``: one photo in, its causal counterfactual (and everything behind it) out.
 
     csg-counterfactual IMAGE [--do "concept=value" | --pick N | --pick all] [--caption TEXT]
-                       [--graph-json FILE] [--intervention-json FILE]
+                       [--graph-json FILE [--target-only]] [--intervention-json FILE]
                        [--vlm-model PATH | --vlm-url URL --vlm-name NAME [--api-key-env VAR]] [--vlm-cache DIR]
                        [--sdxl PATH [--sdxl-config DIR]] [--comfyui-root DIR] [--method csg|ddpm|ddim]
                        [--steps 100] [--skip 0.15] [--source-guidance 3.5] [--scale 8] [--threshold 0.7]
@@ -9,7 +9,8 @@
                        [--out DIR] [--device auto] [--dtype auto] [--seed 0]
 
 The chain: extract the causal graph with the VLM (or read ``--graph-json``), intervene (the VLM's
-proposal number ``--pick``, the user's ``--do`` whose consequences the VLM propagates, or
+proposal number ``--pick``, the user's ``--do`` whose consequences the VLM propagates (or, with
+``--target-only``, none), or
 ``--intervention-json``), check it against the graph, invert the photo, guide with CSG and save.
 
 Written to ``--out``: ``original.png`` (the input as edited), ``counterfactual.png``, ``graph.png``
