@@ -10,8 +10,8 @@
 
 The chain: extract the causal graph with the VLM (or read ``--graph-json``), intervene (the VLM's
 proposal number ``--pick``, the user's ``--do`` whose consequences the VLM propagates (or, with
-``--target-only``, none), or
-``--intervention-json``), check it against the graph, invert the photo, guide with CSG and save.
+``--target-only``, none), or ``--intervention-json``), check it against the graph, invert the
+photo, guide with CSG and save.
 
 Written to ``--out``: ``original.png`` (the input as edited), ``counterfactual.png``, ``graph.png``
 (the graph with the intervention drawn on it), ``mask_<concept id>.png`` per edited concept and
