@@ -145,3 +145,14 @@ def test_cancel_during_the_counterfactual_stops_it_cleanly_and_keeps_the_inversi
     assert prediction in rerun.executed() and inversion not in rerun.executed()
     assert rerun.outputs[prediction][0].shape == (1, SIDE, SIDE, 3)
     assert patches_of(rerun.outputs[checkpoint][0]) == {"weights": {}, "objects": {}, "attention": {}}
+
+
+def test_changing_an_edit_setting_re_runs_the_edit_but_not_the_inversion(comfyui, sdxl_checkpoint, example_photo):
+    workflow = small(comfyui, json.loads((ROOT / "workflows" / "hand_written_graph.json").read_text()),
+                     sdxl_checkpoint, "http://127.0.0.1:9/unused")
+    inversion, prediction = ids_of(workflow, {"CSGCausalInversion"})[0], ids_of(workflow, PREDICTIONS)[0]
+    first = comfyui.run(workflow, outputs=[prediction], fresh=True)
+    stronger = comfyui.run(comfyui.with_widgets(workflow, "CSGCausalCounterfactual", scale=12.0), outputs=[prediction])
+    assert inversion in first.executed() and inversion not in stronger.executed()
+    assert prediction in stronger.executed()
+    assert not torch.equal(first.outputs[prediction][1]["samples"], stronger.outputs[prediction][1]["samples"])
