@@ -185,7 +185,21 @@ def test_baseline_edit_runs_both_methods(small, modules, image, story):
         assert out_image.shape == (1, SIZE, SIZE, 3) and torch.isfinite(latent["samples"]).all()
 
 
-def test_clear_errors_for_v_prediction_and_bad_sizes(small, modules, image, story):
+def tiny_sd15_model():
+    """A Stable Diffusion 1.x MODEL (not SDXL), tiny; its weights are never used."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+                  adm_in_channels=None, in_channels=4, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
+                  transformer_depth=[1, 1], transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1],
+                  use_linear_in_transformer=False, context_dim=768, num_heads=8, use_temporal_attention=False,
+                  use_temporal_resblock=False)
+    base = comfy.supported_models.SD15(config).get_model({}, device="cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device="cpu", offload_device="cpu")
+
+
+def test_clear_errors_for_a_non_sdxl_model_v_prediction_and_bad_sizes(small, modules, image, story):
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
     errors = modules["csg.errors"]
@@ -193,6 +207,8 @@ def test_clear_errors_for_v_prediction_and_bad_sizes(small, modules, image, stor
     v_model = ModelSamplingDiscrete().patch(small.model, "v_prediction", False)[0]
     with pytest.raises(errors.InputError, match="epsilon-prediction"):
         inversion_node.execute(v_model, small.clip, small.vae, image, "", STEPS, 0.15, 3.5, False, 3, 0)
+    with pytest.raises(errors.InputError, match="needs an SDXL model"):
+        inversion_node.execute(tiny_sd15_model(), small.clip, small.vae, image, "", STEPS, 0.15, 3.5, False, 3, 0)
     with pytest.raises(errors.InputError, match="divisible by 32"):
         inversion_node.execute(small.model, small.clip, small.vae, image[:, :48], "", STEPS, 0.15, 3.5, False, 3, 0)
     with pytest.raises(errors.InputError, match="one image"):
