@@ -17,7 +17,9 @@ Written to ``--out``: ``original.png`` (the input as edited), ``counterfactual.p
 (the graph with the intervention drawn on it), ``mask_<concept id>.png`` per edited concept and
 ``report.json`` (graph, intervention including the changes the causal check stripped, parameters,
 models). With ``--pick all`` each intervention gets its own sub-folder, all from one inversion.
-No API key is ever written or printed; ``--api-key-env`` names the variable that holds it.
+``graph.json`` and ``intervention.json`` are written first, before SDXL loads, so an interrupted
+or failed edit keeps the VLM's work: rerun with ``--graph-json`` / ``--intervention-json``.
+Ctrl-C exits with code 130 and says so. No API key is ever written or printed; ``--api-key-env`` names the variable that holds it.
 
 Weights are only looked up locally, never downloaded:
   SDXL  --sdxl (a diffusers folder, or a single .safetensors checkpoint plus a config folder),
@@ -50,6 +52,7 @@ VLM_REPOS = ("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwe
 VLM_FAMILIES = ("qwen3-vl", "qwen2.5-vl", "qwen2_5-vl", "qwen2_5_vl")  # folder-name marks, preference order
 EXIT_USAGE = 2  # missing weights and bad input, like argparse's own usage errors
 EXIT_FAILURE = 1  # the run itself failed (e.g. the VLM answered unusably)
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
 # -- finding weights on this machine ---------------------------------------------------------------
@@ -449,6 +452,24 @@ def plan_interventions(args: argparse.Namespace, request: Request, image, comfy:
     return Plan(graph, [check_intervention(graph, i) for i in interventions], source, vlm_name)
 
 
+class Interrupted(Exception):
+    """Ctrl-C after the plan was saved; the message says how to resume from it."""
+
+
+def save_plan(out: Path, plan: Plan) -> list[Path]:
+    """The graph and each intervention as JSON, before SDXL runs: an interrupted or failed edit keeps
+    the VLM's work, and ``--graph-json`` / ``--intervention-json`` replay it without a VLM."""
+    out.mkdir(parents=True, exist_ok=True)
+    saved = [out / "graph.json"]
+    saved[0].write_text(plan.graph.to_json(), encoding="utf-8")
+    for intervention in plan.interventions:
+        folder = out if len(plan.interventions) == 1 else out / slug(intervention.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        saved.append(folder / "intervention.json")
+        saved[-1].write_text(intervention.to_json(), encoding="utf-8")
+    return saved
+
+
 def write_outputs(out: Path, plan: Plan, results: list, report_fields: dict) -> Path:
     """Images, masks and graph per intervention (a sub-folder each when there are several), and the report."""
     from .render import render_graph
@@ -482,7 +503,7 @@ def write_outputs(out: Path, plan: Plan, results: list, report_fields: dict) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    from .counterfactual import CSGParams, baseline_counterfactual, counterfactuals, edit_spec, load_image
+    from .counterfactual import CSGParams, edit_spec, load_image
 
     image = load_image(args.image)
     request = read_request(args)
@@ -498,6 +519,20 @@ def run(args: argparse.Namespace) -> int:
     for intervention in plan.interventions:  # settings naming unknown concepts fail here, before SDXL loads
         edit_spec(plan.graph, intervention, params)
 
+    out = Path(args.out).expanduser()
+    graph_file, *intervention_files = save_plan(out, plan)
+    try:
+        return edit_and_write(args, plan, image, params, sdxl, device, dtype, out)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted. The graph and the intervention(s) are saved in {out}; rerun with "
+                          f"--graph-json {graph_file} --intervention-json {intervention_files[0]} (each intervention "
+                          "has its own file) to skip the VLM.") from None
+
+
+def edit_and_write(args: argparse.Namespace, plan: Plan, image, params, sdxl: SDXLWeights, device, dtype,
+                   out: Path) -> int:
+    from .counterfactual import baseline_counterfactual, counterfactuals
+
     log(f"loading SDXL from {sdxl.path} on {device} ({str(dtype).removeprefix('torch.')})")
     host = load_host(sdxl, device, dtype)
     log(f"{args.method}: inverting and editing {len(plan.interventions)} intervention(s), {args.steps} steps")
@@ -508,7 +543,7 @@ def run(args: argparse.Namespace) -> int:
         results = [baseline_counterfactual(host, image, i, method=args.method, source_prompt=plan.source_prompt,
                                            params=params, guidance_scale=args.guidance_scale)
                    for i in plan.interventions]
-    report = write_outputs(Path(args.out).expanduser(), plan, results, {
+    report = write_outputs(out, plan, results, {
         "image": str(Path(args.image)),
         "method": args.method,
         "parameters": params.to_dict() | ({"guidance_scale": args.guidance_scale} if args.method != "csg" else {}),
@@ -525,6 +560,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
+    except Interrupted as exc:
+        print(f"csg-counterfactual: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("csg-counterfactual: interrupted before anything was saved.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (WeightsMissingError, InputError, GraphError) as exc:
         print(f"csg-counterfactual: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -256,3 +256,37 @@ def test_benchmark_smoke_mode_runs(capsys):
     table = capsys.readouterr().out
     for row in ("inversion", "edit, 1 concept", "edit, 3 concepts", "3 interventions, batched"):
         assert row in table
+
+
+def test_an_interrupted_edit_keeps_the_vlms_work_for_a_rerun_without_it(sdxl_folder, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during sampling: exit 130, and the saved graph and intervention replay the run with no VLM."""
+    from csg.diffusers_host import DiffusersSDXLHost
+
+    calls = {"n": 0}
+    predict = DiffusersSDXLHost.predict_noise
+
+    def ctrl_c_at_the_fifth_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return predict(self, *args, **kwargs)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(DiffusersSDXLHost, "predict_noise", ctrl_c_at_the_fifth_step)
+    with scene_server(load_scene("portrait")) as server:
+        code = main([str(PORTRAIT), "--do", "age=old", "--vlm-url", server.base_url, "--vlm-name", "fixture-vlm",
+                     "--sdxl", str(sdxl_folder), "--out", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    assert f"--graph-json {out / 'graph.json'} --intervention-json {out / 'intervention.json'}" in err
+    assert not (out / "counterfactual.png").exists()
+    monkeypatch.undo()
+
+    rerun = tmp_path / "rerun"
+    code = main([str(PORTRAIT), "--graph-json", str(out / "graph.json"), "--intervention-json",
+                 str(out / "intervention.json"), "--caption", "a studio portrait photo", "--sdxl", str(sdxl_folder),
+                 "--out", str(rerun), *FAST])
+    assert code == 0, capsys.readouterr().err
+    [entry] = read_report(rerun)["interventions"]
+    assert entry["intervention"] == json.loads((out / "intervention.json").read_text())
+    assert (rerun / "counterfactual.png").is_file() and read_report(rerun)["models"]["vlm"] is None
