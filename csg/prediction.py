@@ -70,7 +70,7 @@ def run_chain(host: DiffusionHost, inversion: Inversion, plan: GuidancePlan) -> 
     return EditResult(latents=x, masks=tuple(mean_masks.split(split)), last_masks=tuple(last_masks.split(split)))
 
 
-def _source_row_prompt(inversion: Inversion) -> str | None:
+def source_row_prompt(inversion: Inversion) -> str | None:
     """Exact mode predicts with what the inversion used, which needs the source prompt's row."""
     return inversion.source_prompt if inversion.exact and inversion.uses_source_guidance else None
 
@@ -83,13 +83,13 @@ def edit(host: DiffusionHost, inversion: Inversion, specs: Sequence[EditSpec],
     empty or too long for the tokenizer, a threshold outside [0, 1], or a term whose warm-up leaves
     no step to guide (e.g. fewer steps than the warm-up).
     """
-    plan = plan_guidance(host, specs, inversion.num_steps, source_prompt=_source_row_prompt(inversion),
+    plan = plan_guidance(host, specs, inversion.num_steps, source_prompt=source_row_prompt(inversion),
                          source_guidance=inversion.source_guidance, params=params)
     return run_chain(host, inversion, plan)
 
 
 def reconstruct(host: DiffusionHost, inversion: Inversion) -> torch.Tensor:
     """The unedited sample (1, C, h, w): equal to ``inversion.x0`` in exact mode, close to it otherwise."""
-    plan = plan_guidance(host, [EditSpec(())], inversion.num_steps, source_prompt=_source_row_prompt(inversion),
+    plan = plan_guidance(host, [EditSpec(())], inversion.num_steps, source_prompt=source_row_prompt(inversion),
                          source_guidance=inversion.source_guidance, allow_empty=True)
     return run_chain(host, inversion, plan).latents

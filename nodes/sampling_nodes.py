@@ -12,7 +12,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..csg.guidance import GuidanceParams, plan_guidance
-from ..csg.prediction import _source_row_prompt as source_row_prompt  # exact mode adds the source row
+from ..csg.prediction import source_row_prompt  # exact mode adds the source row
 from .comfy_host import ComfySDXLHost, check_sdxl_epsilon
 from .comfy_sampling import CSGGuider, InversionNoise, edit_friendly_sampler, inversion_sigmas
 from .csg_common import CATEGORY, CausalGraphType, InterventionType, Inversion, edit_inputs, edit_settings, spec_for
