@@ -4,6 +4,7 @@ Categories, under "causal counterfactuals":
     graph          write, check and draw causal graphs and interventions (no model needed)
     understanding  a VLM extracts the graph and proposes or propagates interventions
     abduction, prediction, sampling, baselines    the SDXL side (CSG)
+    evaluation     score counterfactuals as the paper's Table 1 does: VLM effectiveness, LPIPS(VGG)
 
 Local VLM folders live in ``models/LLM/<name>`` (registered here as the folder type "LLM").
 """
@@ -14,6 +15,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .baseline_nodes import BaselineEdit
 from .csg_nodes import CausalCounterfactual, CausalCounterfactuals, CausalInversion
+from .evaluation_nodes import EVALUATION_NODES
 from .graph_nodes import GRAPH_NODES
 from .sampling_nodes import CSGGuiderNode, EditFriendlySampler, InversionSigmasAndNoise
 from .vlm_nodes import VLM_NODES, register_llm_folder
@@ -29,6 +31,7 @@ NODES: list[type[io.ComfyNode]] = [
     CSGGuiderNode,
     EditFriendlySampler,
     BaselineEdit,
+    *EVALUATION_NODES,
 ]
 
 
