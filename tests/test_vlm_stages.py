@@ -52,9 +52,12 @@ def stage_of(request) -> str:
     raise AssertionError(f"unrecognised request: {text[:200]}")
 
 
-def scene_server(scene: dict) -> VLMServer:
+def scene_server(scene: dict, judge=None) -> VLMServer:
+    """The scene's answers per stage; ``judge(request) -> answer text`` replaces its one fixed judgement."""
     def respond(request):
         stage = stage_of(request)
+        if stage == "judgement" and judge is not None:
+            return completion(judge(request))
         answer = scene["propagation"]["answer"] if stage == "propagation" else scene[stage]
         return completion(wrap(answer, scene["wrapping"]))
     return VLMServer(respond)

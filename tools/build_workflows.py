@@ -428,12 +428,47 @@ Use the graph's scene summary, or your own caption, as the inversion's source pr
 """ + SETUP.split("- *VLM*")[0] + PAPER)
 
 
+def build_evaluate_counterfactuals(canvas: Canvas) -> None:
+    factual = factual_image_and_model(canvas)
+    understanding = vlm_and_graph(canvas, factual)
+    proposer = proposals(canvas, understanding, factual)
+    canvas.group("2. Manipulate: 3 x do(X = x)", [proposer], GROUP_COLORS["understanding"])
+    edited = invert_and_edit(canvas, factual, understanding.extractor.out("base_prompt"),
+                             intervention=proposer.out("interventions"),
+                             causal_graph=understanding.extractor.out("causal_graph"), batched=True)
+    results(canvas, factual, edited.out("image"), edited.out("mask_preview"), 4 * COLUMN, "csg/evaluated",
+            comparison_title="Factual | counterfactual, one per intervention")
+    judge = canvas.add("CSGCounterfactualJudge", (4 * COLUMN, 1100), vlm=understanding.vlm.out("vlm"),
+                       image=edited.out("image"), causal_graph=understanding.extractor.out("causal_graph"),
+                       interventions=proposer.out("interventions"))
+    lpips = canvas.add("CSGLPIPSDistance", (4 * COLUMN, 1330), factual=factual.scaled.out("IMAGE"),
+                       counterfactual=edited.out("image"))
+    effectiveness = canvas.add("PreviewAny", (4 * COLUMN + 360, 1100), title="VLM effectiveness, per concept",
+                               size=(620, 200), source=judge.out("report"))
+    minimality = canvas.add("PreviewAny", (4 * COLUMN + 360, 1330), title="LPIPS per counterfactual",
+                            size=(620, 200), source=lpips.out("distances"))
+    canvas.group("5. Evaluation: the paper's Table 1 metrics", [judge, lpips, effectiveness, minimality],
+                 GROUP_COLORS["abduction"])
+    read_me(canvas, f"""## Score the counterfactuals as the paper does
+Three proposals are rendered in one batched run, then scored with the paper's two metrics:
+- **Counterfactual Judge** (effectiveness, higher is better): the VLM looks at each
+  counterfactual and says, for every concept the intervention changes, whether the new value
+  shows; the score is the share shown, averaged over the images.
+- **LPIPS Distance** (minimality, lower is better) between the factual photo and each
+  counterfactual. It needs torchvision's `vgg16-397923af.pth` and the LPIPS heads
+  `lpips_vgg_v0.1.pth` in `$TORCH_HOME/hub/checkpoints` (or their paths in the node); nothing is
+  downloaded.
+To score the baselines, connect a **Baseline Edit** image to another judge and LPIPS node.
+{SETUP}{PAPER}""")
+
+
 WORKFLOWS: dict[str, Callable[[Canvas], None]] = {
     "counterfactual": build_counterfactual,
     "manual_intervention": build_manual_intervention,
     "three_counterfactuals": build_three_counterfactuals,
     "baselines_comparison": build_baselines_comparison,
     "hand_written_graph": build_hand_written_graph,
+    "evaluate_counterfactuals": build_evaluate_counterfactuals,
 }
 
 

@@ -176,3 +176,20 @@ def diffusers_host_of(small: SmallSDXL):
 def node_output(output) -> tuple:
     """The values of a V3 ``io.NodeOutput``."""
     return tuple(output.args)
+
+
+def write_random_lpips_weights(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Random VGG16 and LPIPS heads in ``folder``, saved as torchvision and the lpips package ship them."""
+    metrics = pack_module("csg.metrics")
+    torch.manual_seed(seed)
+    features, heads = metrics.vgg16_features(), metrics.lpips_heads()
+    with torch.no_grad():
+        for head in heads:  # LPIPS heads are non-negative channel weights
+            head.weight.abs_()
+    folder.mkdir(parents=True, exist_ok=True)
+    vgg = {f"features.{k}": v for k, v in features.state_dict().items()}
+    vgg["classifier.6.bias"] = torch.zeros(1000)  # a full torchvision checkpoint also holds the classifier
+    torch.save(vgg, folder / metrics.VGG16_FILE)
+    torch.save({f"lin{k}.model.1.weight": h.weight.detach().clone() for k, h in enumerate(heads)},
+               folder / metrics.LPIPS_HEADS_FILE)
+    return folder / metrics.VGG16_FILE, folder / metrics.LPIPS_HEADS_FILE

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.comfyui.csg_fixtures import write_random_lpips_weights
 from tests.comfyui.harness import WorkflowFailed
 from tests.test_vlm_stages import load_scene, stage_of, wrap
 from tests.vlm_server import VLMServer, completion
@@ -233,21 +234,8 @@ def test_cancel_stops_the_judge_between_images(comfyui, scene, portrait):
 
 
 @pytest.fixture(scope="module")
-def weight_files(core, tmp_path_factory):
-    """Random VGG16 and LPIPS heads, saved as torchvision and the lpips package ship them."""
-    metrics = core["metrics"]
-    torch.manual_seed(0)
-    features, heads = metrics.vgg16_features(), metrics.lpips_heads()
-    with torch.no_grad():
-        for head in heads:  # LPIPS heads are non-negative channel weights
-            head.weight.abs_()
-    folder = tmp_path_factory.mktemp("lpips-weights")
-    vgg = {f"features.{k}": v for k, v in features.state_dict().items()}
-    vgg["classifier.6.bias"] = torch.zeros(1000)  # a full torchvision checkpoint also holds the classifier
-    torch.save(vgg, folder / metrics.VGG16_FILE)
-    torch.save({f"lin{k}.model.1.weight": h.weight.detach().clone() for k, h in enumerate(heads)},
-               folder / metrics.LPIPS_HEADS_FILE)
-    return folder / metrics.VGG16_FILE, folder / metrics.LPIPS_HEADS_FILE
+def weight_files(comfyui, tmp_path_factory):
+    return write_random_lpips_weights(tmp_path_factory.mktemp("lpips-weights"))
 
 
 @pytest.fixture(scope="module")

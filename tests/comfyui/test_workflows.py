@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.comfyui.csg_fixtures import write_random_lpips_weights
 from tests.comfyui.harness import WorkflowFailed
+from tests.comfyui.test_evaluation_nodes import judge_reply
 from tests.test_vlm_stages import load_scene, scene_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,8 +27,17 @@ PREDICTIONS = {"CSGCausalCounterfactual", "CSGCausalCounterfactuals"}
 
 @pytest.fixture(scope="module")
 def vlm_server():
-    with scene_server(load_scene("portrait")) as server:
+    """The portrait fixture's answers; the judge's checklist answered line by line (yes, no, yes, ...)."""
+    with scene_server(load_scene("portrait"), judge=judge_reply) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def torch_home(comfyui, tmp_path_factory) -> Path:
+    """A TORCH_HOME whose hub/checkpoints hold random LPIPS weights, for LPIPS Distance's default search."""
+    home = tmp_path_factory.mktemp("torch-home")
+    write_random_lpips_weights(home / "hub" / "checkpoints")
+    return home
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +90,21 @@ def test_the_shipped_workflows_are_what_tools_build_workflows_writes(comfyui):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.stem)
-def test_workflow_runs_through_comfyuis_engine(path, comfyui, sdxl_checkpoint, vlm_server, example_photo):
+def test_workflow_runs_through_comfyuis_engine(path, comfyui, sdxl_checkpoint, vlm_server, example_photo, torch_home,
+                                               monkeypatch):
     import folder_paths
+
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
 
     workflow = small(comfyui, json.loads(path.read_text()), sdxl_checkpoint, vlm_server.base_url)
     checkpoints = ids_of(workflow, {"CheckpointLoaderSimple"})
     predictions = ids_of(workflow, PREDICTIONS)
     baselines = ids_of(workflow, {"CSGBaselineEdit"})
+    scores = ids_of(workflow, {"CSGCounterfactualJudge", "CSGLPIPSDistance"})
     output_folder = Path(folder_paths.get_output_directory())
     saved_before = set(output_folder.rglob("*.png"))
 
-    execution = comfyui.run(workflow, outputs=[*checkpoints, *predictions, *baselines], fresh=True)
+    execution = comfyui.run(workflow, outputs=[*checkpoints, *predictions, *baselines, *scores], fresh=True)
 
     assert set(ids_of(workflow, OUTPUT_NODES)) <= set(execution.ui), "every preview and save node showed something"
     assert len(set(output_folder.rglob("*.png")) - saved_before) >= 1
@@ -109,6 +124,12 @@ def test_workflow_runs_through_comfyuis_engine(path, comfyui, sdxl_checkpoint, v
     for node_id in baselines:
         image, latent = execution.outputs[node_id]
         assert image.shape == (1, SIDE, SIDE, 3) and torch.isfinite(image).all()
+    for node_id in ids_of(workflow, {"CSGCounterfactualJudge"}):
+        effectiveness, report, _ = execution.outputs[node_id]
+        assert 0.0 <= effectiveness <= 1.0 and report.count("do(") == 3, "one verdict per counterfactual"
+    for node_id in ids_of(workflow, {"CSGLPIPSDistance"}):
+        mean, distances = execution.outputs[node_id]
+        assert mean > 0.0 and distances.count("image ") == 3, "every counterfactual differs from the photo"
     for node_id in checkpoints:
         model = execution.outputs[node_id][0]
         assert patches_of(model) == {"weights": {}, "objects": {}, "attention": {}}, "the user's MODEL is unpatched"
