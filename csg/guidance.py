@@ -121,19 +121,33 @@ def smooth(maps: torch.Tensor) -> torch.Tensor:
     return F.conv2d(padded, _device_kernel(maps.device, maps.dtype))[:, 0]
 
 
+@functools.cache
+def quantile_rank_dtype() -> torch.dtype:
+    """The precision in which the installed torch.quantile computes the rank q (n - 1).
+
+    The reference thresholds its masks with torch.quantile, which computed the rank in the values'
+    dtype up to torch 2.13 and computes it in float64 from 2.14 on. On a 0/1 step right after order
+    statistic 716 of 1024, the quantile at 0.7 is the rank's fractional part, which tells the two apart.
+    """
+    step = (torch.arange(1024) > 716).float()
+    in_float32 = torch.tensor(0.7) * 1023 - 716
+    return torch.float32 if torch.quantile(step, 0.7) == in_float32 else torch.float64
+
+
 def row_quantiles(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Per-row quantile of (R, n) ``values`` at per-row levels ``q`` (R,), linear interpolation.
 
-    Same arithmetic as torch.quantile (rank q (n - 1) in the values' dtype, then lerp between the
-    neighbouring order statistics), without its host-side range check.
+    Same arithmetic as the installed torch.quantile (the rank q (n - 1) in its precision, then a lerp
+    between the neighbouring order statistics), without its host-side range check.
     """
     n = values.shape[1]
     ordered = values.sort(dim=1).values
-    rank = q.to(values.dtype) * (n - 1)
+    rank_dtype = values.dtype if values.device.type == "mps" else quantile_rank_dtype()  # MPS has no float64
+    rank = q.to(rank_dtype) * (n - 1)
     below = rank.floor().long()
     above = (below + 1).clamp(max=n - 1)
     low, high = ordered.gather(1, below[:, None]), ordered.gather(1, above[:, None])
-    return torch.lerp(low, high, (rank - below.to(values.dtype))[:, None])[:, 0]
+    return torch.lerp(low, high, (rank - below.to(rank_dtype)).to(values.dtype)[:, None])[:, 0]
 
 
 def top_region(maps: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
