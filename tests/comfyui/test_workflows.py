@@ -3,7 +3,8 @@
 Small enough for the CPU: the random-weight SDXL test checkpoint, the photo scaled to 64x64, four
 inversion steps and one warm-up step; every other setting is the one the file ships with. The
 VLM node talks to a real OpenAI-compatible server on 127.0.0.1 that answers with the hand-written
-portrait fixture (tests/fixtures/vlm/portrait.json); hand_written_graph.json needs no VLM at all.
+portrait fixture (tests/fixtures/vlm/portrait.json), the judge's checklists answered line by line;
+hand_written_graph.json needs no VLM at all. LPIPS Distance finds random-weight files under TORCH_HOME.
 """
 
 import json
