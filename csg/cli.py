@@ -394,7 +394,7 @@ class Request:
     """The user's side of the plan, parsed and checked before anything slow happens."""
 
     graph: object | None  # CausalGraph from --graph-json
-    intervention: object | None  # Intervention from --intervention-json
+    intervention: object | None  # Intervention from --intervention-json, or --do with --target-only
     do: tuple[str, str] | None  # (concept, value) from --do
     pick: int | None  # 1-based proposal, None for all
 
