@@ -28,11 +28,14 @@ SDXL, so choose ``--rows`` to fit a time budget. On CUDA the warm-up also counts
 (``torch.cuda.set_sync_debug_mode``) of an inversion and an edit at two step counts: equal counts
 mean no per-step sync. The summary checks the issue's targets against the fastest variant.
 
-Peak memory is ``torch.cuda.max_memory_allocated`` over each row (weights included). Notes on the
+Ours runs as the CLI does on a GPU: text encoders offloaded (``offload_text_encoders``) and, in an
+fp16 run, the VAE in bfloat16 where the GPU supports it (``sdxl_vae_dtype``); ``memory_model.py``
+predicts the peaks without a GPU. Peak memory is ``torch.cuda.max_memory_allocated`` over each row
+(weights included). Notes on the
 reference: it installs explicit (non-SDPA) attention on every layer and leaves it there, so we
 save and restore the UNet's processors around it; and its fp16 path breaks with SDXL's upcasting
 VAE (see ``reference_state``), so while it runs its VAE is in the run's dtype without upcasting,
-and back to fp32 for ours.
+and back to ours (bf16 or fp32) afterwards.
 
 On a machine without diffusers and without a package index (our GPU box), carry the wheel:
 ``pip download diffusers --no-deps -d wheels/`` here, then ``pip install --no-deps wheels/diffusers-*.whl``
@@ -174,11 +177,14 @@ def row_specs(row: str, s: Settings) -> list[list[EditSpec]]:
 
 
 def make_host(components: SDXLComponents, variant: str) -> DiffusersSDXLHost:
-    if variant == "none":
-        return DiffusersSDXLHost.from_components(components)
+    """Ours as the CLI runs it (text encoders offloaded), with the variant's compile mode. Run the
+    reference first: offloading moves the shared text encoders to the CPU."""
+    options = dict(offload_text_encoders=True)
     if variant == "cudagraphs":  # dynamo's CUDA-graph backend over the eager kernels, no inductor
-        return DiffusersSDXLHost.from_components(components, compile_unet="default", compile_backend="cudagraphs")
-    return DiffusersSDXLHost.from_components(components, compile_unet=variant)
+        options.update(compile_unet="default", compile_backend="cudagraphs")
+    elif variant != "none":
+        options.update(compile_unet=variant)
+    return DiffusersSDXLHost.from_components(components, **options)
 
 
 def count_syncs(run: Callable[[], object], device: torch.device) -> int:
@@ -286,7 +292,7 @@ def reference_state(components: SDXLComponents, dtype: torch.dtype) -> Iterator[
     * Its VAE in the run dtype with ``force_upcast`` off. With SDXL's ``force_upcast=True`` its fp16
       path breaks: ``invert`` upcasts the VAE for its extra reconstruction decode and never casts it
       back, so the next ``__call__`` decodes fp16 latents with an fp32 VAE and raises a dtype error.
-      (This gives it a slightly faster fp16 VAE than ours, which decodes in fp32.)
+      (Its fp16 VAE is about as fast as our bf16 one; fp16 would overflow with real SDXL weights.)
     * Our attention processors back: it replaces all of them and never restores them.
     """
     unet, vae = components.unet, components.vae
@@ -400,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     components = build_sdxl_components(args.size, seed=args.seed, device=device, dtype=dtype)
     side = IMAGE_SIDE[args.size]
     image = benchmark_image(side)
-    print(f"SDXL {args.size} (random weights), {args.dtype}, {side}x{side} on {device} "
+    print(f"SDXL {args.size} (random weights), {args.dtype}, VAE {str(components.vae.dtype).split('.')[-1]}, "
+          f"{side}x{side} on {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), torch {torch.__version__}; "
           f"built in {time.perf_counter() - started:.1f} s")
     print(f"steps {settings.steps}, skip {settings.skip}, source guidance {settings.source_guidance}, "

@@ -23,12 +23,20 @@ selector). With no request the processor skips the capture, so each input shape 
 graphs, "with" and "without" capture; ``csg.prediction`` passes its request on every step, so one
 edit loop uses one graph. Per step there is no ``.item()``, no host copy and no branch on tensor
 values. ``use_compiled_unet(None)`` goes back to eager and restores the layers' processors.
+
+GPU memory: the UNet's fp16 weights (4.8 GiB) are the floor; the text encoders (1.5 GiB) are only
+needed for a moment per ``encode_prompts`` and SDXL's VAE decodes at full resolution. So
+``offload_text_encoders`` parks the encoders' weights in pinned CPU memory and lends them to the GPU
+for each encoding (about 30 ms of PCIe per call, no copy back), and ``sdxl_vae_dtype`` runs the VAE
+in bfloat16 on GPUs that have it (fp16 overflows in SDXL's VAE; bf16 has fp32's range, and ComfyUI
+decodes SDXL in bf16 too), which halves the decoder's activations. ``benchmarks/memory_model.py``
+shows the effect per phase.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -55,6 +63,59 @@ def scaled_linear_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 
     """SDXL's training noise schedule (diffusers' "scaled_linear"), float32 like diffusers computes it."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+def sdxl_vae_dtype(dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
+    """The dtype for SDXL's VAE next to a UNet in ``dtype``: fp16 overflows in it, so an fp16 run
+    decodes in bfloat16 where the device supports it and in float32 elsewhere."""
+    if dtype != torch.float16:
+        return dtype
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _same_kind(like: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    return torch.nn.Parameter(data, requires_grad=False) if isinstance(like, torch.nn.Parameter) else data
+
+
+class ParkedWeights:
+    """A module whose weights live in CPU memory (pinned when ``device`` is CUDA) between calls.
+
+    ``lent()`` puts copies on ``device`` into the module for the duration of a block (non-blocking
+    from pinned memory) and afterwards puts the CPU tensors back, so nothing is copied back and the
+    device copies are freed. Tensors are swapped in the modules' parameter and buffer tables, which
+    works between any two devices (``.data`` assignment does not, e.g. for meta tensors).
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
+        self.device = device
+        pin = device.type == "cuda" and torch.cuda.is_available()
+        parked: dict[int, torch.Tensor] = {}  # by the original tensor, so a shared weight is parked once
+        self.slots: list[tuple[dict, str, torch.Tensor]] = []  # (parameter or buffer table, name, CPU tensor)
+        for submodule in module.modules():
+            for table in (submodule._parameters, submodule._buffers):
+                for name, tensor in table.items():
+                    if tensor is None:
+                        continue
+                    if id(tensor) not in parked:
+                        cpu = tensor.detach().to("cpu")
+                        parked[id(tensor)] = _same_kind(tensor, cpu.pin_memory() if pin else cpu)
+                    table[name] = parked[id(tensor)]
+                    self.slots.append((table, name, parked[id(tensor)]))
+
+    @contextmanager
+    def lent(self) -> Iterator[None]:
+        on_device: dict[int, torch.Tensor] = {}
+        try:
+            for table, name, cpu in self.slots:
+                if id(cpu) not in on_device:
+                    on_device[id(cpu)] = _same_kind(cpu, cpu.detach().to(self.device, non_blocking=True))
+                table[name] = on_device[id(cpu)]
+            yield
+        finally:
+            for table, name, cpu in self.slots:
+                table[name] = cpu
 
 
 @dataclass(frozen=True)
@@ -152,16 +213,25 @@ class DiffusersSDXLHost:
     captures CUDA graphs of the eager kernels without inductor; "aot_eager" for tests). A mode other
     than "default" needs inductor. Each new input shape compiles once (minutes for full SDXL with
     inductor), so warm up before timing. See the module docstring.
+
+    ``offload_text_encoders``: keep the text encoders' weights in CPU memory and lend them to the
+    device for each ``encode_prompts`` (saves their 1.5 GiB of GPU memory for the whole run). The
+    host then owns those modules: it moves them to the CPU. ``from_pretrained`` and
+    ``from_single_file`` turn it on for CUDA devices.
     """
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
                  text_encoder_2: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer, tokenizer_2: CLIPTokenizer,
                  vae: AutoencoderKL, alphas_cumprod: torch.Tensor | None = None, *,
-                 compile_unet: str | None = None, compile_backend: str | Callable = "inductor") -> None:
+                 offload_text_encoders: bool = False, compile_unet: str | None = None,
+                 compile_backend: str | Callable = "inductor") -> None:
         self.unet, self.vae = unet, vae
         self.text_encoders = (text_encoder, text_encoder_2)
         self.tokenizers = (tokenizer, tokenizer_2)
         self.device, self.dtype = unet.device, unet.dtype
+        self.offload_text_encoders = offload_text_encoders
+        self._text_encoders_on_device = [ParkedWeights(e, self.device).lent for e in self.text_encoders] \
+            if offload_text_encoders else [nullcontext, nullcontext]
         if alphas_cumprod is None:
             alphas_cumprod = scaled_linear_alphas_cumprod()
         self.alphas_cumprod = alphas_cumprod.to(self.device, torch.float32)
@@ -182,17 +252,20 @@ class DiffusersSDXLHost:
 
     @classmethod
     def from_components(cls, components, alphas_cumprod: torch.Tensor | None = None,
-                        **compile_options) -> "DiffusersSDXLHost":
+                        **options) -> "DiffusersSDXLHost":
         """From anything with unet, text_encoder(_2), tokenizer(_2) and vae attributes (e.g. SDXLComponents).
-        Keywords: ``compile_unet``, ``compile_backend``."""
+        Keywords: ``offload_text_encoders``, ``compile_unet``, ``compile_backend``."""
         c = components
         return cls(c.unet, c.text_encoder, c.text_encoder_2, c.tokenizer, c.tokenizer_2, c.vae, alphas_cumprod,
-                   **compile_options)
+                   **options)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, **compile_options) -> "DiffusersSDXLHost":
-        """Load a diffusers-format SDXL folder from local files only (never downloads)."""
+                        dtype: torch.dtype = torch.float32, **options) -> "DiffusersSDXLHost":
+        """Load a diffusers-format SDXL folder from local files only (never downloads).
+
+        The VAE gets ``sdxl_vae_dtype``; on CUDA the text encoders are offloaded unless
+        ``offload_text_encoders=False`` is passed."""
         folder = Path(folder)
         missing = [sub for sub in SDXL_SUBFOLDERS if not (folder / sub).is_dir()]
         if missing:
@@ -203,8 +276,7 @@ class DiffusersSDXLHost:
         local = dict(local_files_only=True)
         try:
             unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **local)
-            vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # SDXL's VAE overflows in fp16
-            vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype, **local)
+            vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=sdxl_vae_dtype(dtype, device), **local)
             text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, **local)
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=dtype, **local)
             tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **local)
@@ -225,15 +297,17 @@ class DiffusersSDXLHost:
         modules = [unet, vae, text_encoder, text_encoder_2]
         for m in modules:
             m.to(device).requires_grad_(False).eval()
-        return cls(unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, vae, alphas_cumprod, **compile_options)
+        options.setdefault("offload_text_encoders", torch.device(device).type == "cuda")
+        return cls(unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, vae, alphas_cumprod, **options)
 
     @classmethod
     def from_single_file(cls, path: str | Path, config_folder: str | Path, device: str | torch.device = "cpu",
-                         dtype: torch.dtype = torch.float32, **compile_options) -> "DiffusersSDXLHost":
+                         dtype: torch.dtype = torch.float32, **options) -> "DiffusersSDXLHost":
         """Load an SDXL checkpoint file (.safetensors, as ComfyUI uses) from local files only.
 
         A single file holds weights but no tokenizers or configs, so ``config_folder`` must be a
-        diffusers-format SDXL folder holding at least the JSON configs and both tokenizers.
+        diffusers-format SDXL folder holding at least the JSON configs and both tokenizers. VAE dtype
+        and text-encoder offloading as in ``from_pretrained``.
         """
         path, config_folder = Path(path), Path(config_folder)
         if not path.is_file():
@@ -256,11 +330,10 @@ class DiffusersSDXLHost:
                                                           local_files_only=True)
         for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             m.to(device).requires_grad_(False).eval()
-        if dtype == torch.float16:
-            pipe.vae.to(torch.float32)
+        pipe.vae.to(sdxl_vae_dtype(dtype, device))
+        options.setdefault("offload_text_encoders", torch.device(device).type == "cuda")
         return cls(pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2, pipe.vae,
-                   pipe.scheduler.alphas_cumprod if hasattr(pipe.scheduler, "alphas_cumprod") else None,
-                   **compile_options)
+                   pipe.scheduler.alphas_cumprod if hasattr(pipe.scheduler, "alphas_cumprod") else None, **options)
 
     # -- text ----------------------------------------------------------------------------------------
 
@@ -268,10 +341,11 @@ class DiffusersSDXLHost:
     def encode_prompts(self, prompts: Sequence[str]) -> SDXLConditioning:
         prompts = list(prompts)
         hidden = []
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+        for tokenizer, encoder, on_device in zip(self.tokenizers, self.text_encoders, self._text_encoders_on_device):
             ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                             return_tensors="pt").input_ids.to(self.device)
-            out = encoder(ids, output_hidden_states=True)
+            with on_device():  # offloaded: one encoder's weights on the device at a time
+                out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
         embeds = torch.cat(hidden, dim=-1).to(self.dtype)
         pooled = out.text_embeds.to(self.dtype)  # the second encoder's projection

@@ -26,6 +26,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from .diffusers_host import sdxl_vae_dtype
+
 Size = Literal["tiny", "full"]
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -160,7 +162,7 @@ def build_sdxl_components(size: Size = "tiny", seed: int = 0, device: str | torc
     models = [unet, text_encoder, text_encoder_2, vae]
     for m in models:
         m.requires_grad_(False).eval()
-    vae_dtype = torch.float32 if vae.config.force_upcast else dtype  # SDXL's VAE overflows in fp16
+    vae_dtype = sdxl_vae_dtype(dtype, device) if vae.config.force_upcast else dtype
     for m, wanted in ((unet, dtype), (text_encoder, dtype), (text_encoder_2, dtype), (vae, vae_dtype)):
         if m.dtype != wanted:
             m.to(dtype=wanted)

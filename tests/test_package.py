@@ -126,10 +126,13 @@ def test_readme_documents_exactly_the_cli_options():
 
 
 def test_readme_benchmark_options_exist():
-    tree = ast.parse((ROOT / "benchmarks" / "benchmark.py").read_text())
-    options = {arg.value for node in ast.walk(tree)
-               if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
-               for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value).startswith("--")}
-    assert options, "no add_argument options found in benchmarks/benchmark.py"
+    options = set()
+    for script in ("benchmark.py", "memory_model.py"):
+        tree = ast.parse((ROOT / "benchmarks" / script).read_text())
+        found = {arg.value for node in ast.walk(tree)
+                 if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
+                 for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value).startswith("--")}
+        assert found, f"no add_argument options found in benchmarks/{script}"
+        options |= found
     mentioned = _flags(_readme_section("### Benchmark")) - {"--no-deps"}  # pip's, for carrying the wheel
     assert mentioned - options == set(), f"README mentions unknown benchmark options: {sorted(mentioned - options)}"
