@@ -18,7 +18,10 @@ and batch row, at each step
 * Non-descendant protection (ours, off by default): each protected phrase (a non-descendant's
   current value) gets an attention-only row; its smoothed map's top region (>= the
   ``protect_threshold`` quantile) is removed from every edit mask of that intervention.
-* A term acts only on steps warmup <= i < cooldown (no guidance during warm-up).
+* A term acts only on steps warmup <= i < cooldown (no guidance during warm-up). A step where no
+  term acts needs only the base prediction, so it evaluates only the base rows
+  (``GuidancePlan.base_prompts``, ``unguided_epsilon``): at the paper's settings (warm-up 10 of 100
+  steps) a 3-concept edit evaluates 370 UNet rows instead of 400.
 
 Where M_c is 0 the term contributes exactly 0 (``torch.where``, not a product). Everything runs on
 the device with no host syncs: which terms are active at a step is known from Python integers.
@@ -175,11 +178,14 @@ class GuidancePlan:
     """Batch layout and constants for guiding K interventions in one UNet call per step.
 
     Rows, per intervention k: [uncond, source (exact mode with a source prompt), its terms...,
-    its protected phrases...]. Each row is computed on intervention k's latent.
+    its protected phrases...]. Each row is computed on intervention k's latent. A step where no
+    term guides evaluates only the base rows: per intervention k, [uncond, source].
     """
 
     prompts: tuple[str, ...]  # one per UNet row
     row_owner: torch.Tensor  # (B,) intervention of each row
+    base_prompts: tuple[str, ...]  # the rows of a step where no term guides
+    base_row_owner: torch.Tensor  # (K or 2K,) intervention of each base row
     uncond_rows: torch.Tensor  # (K,)
     source_rows: torch.Tensor | None  # (K,) or None
     source_guidance: float
@@ -239,6 +245,7 @@ def plan_guidance(host: DiffusionHost, specs: Sequence[EditSpec], num_steps: int
         owner.append(intervention)
         return len(prompts) - 1
 
+    base = ("",) if source_prompt is None else ("", source_prompt)
     for k, spec in enumerate(specs):
         if not spec.terms and not allow_empty:
             raise InputError(f"Intervention {k} has no concept to guide. Give at least one ConceptTerm "
@@ -269,6 +276,8 @@ def plan_guidance(host: DiffusionHost, specs: Sequence[EditSpec], num_steps: int
     return GuidancePlan(
         prompts=tuple(prompts),
         row_owner=index(owner),
+        base_prompts=base * len(specs),
+        base_row_owner=index([k for k in range(len(specs)) for _ in base]),
         uncond_rows=index(uncond),
         source_rows=index(source) if source_prompt is not None else None,
         source_guidance=source_guidance,
@@ -289,12 +298,21 @@ def plan_guidance(host: DiffusionHost, specs: Sequence[EditSpec], num_steps: int
 # -- one step ----------------------------------------------------------------------------------------
 
 
+def source_guided(plan: GuidancePlan, uncond: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+    return uncond if source is None else uncond + plan.source_guidance * (source - uncond)
+
+
 def base_epsilon(plan: GuidancePlan, eps: torch.Tensor) -> torch.Tensor:
-    """(K, C, h, w): eps_uncond, or the source-guided prediction in exact mode."""
-    uncond = eps.index_select(0, plan.uncond_rows)
+    """(K, C, h, w) from all rows: eps_uncond, or the source-guided prediction in exact mode."""
+    source = None if plan.source_rows is None else eps.index_select(0, plan.source_rows)
+    return source_guided(plan, eps.index_select(0, plan.uncond_rows), source)
+
+
+def unguided_epsilon(plan: GuidancePlan, eps: torch.Tensor) -> torch.Tensor:
+    """eps_hat (K, C, h, w) for a step where no term guides, from the rows of ``plan.base_prompts``."""
     if plan.source_rows is None:
-        return uncond
-    return uncond + plan.source_guidance * (eps.index_select(0, plan.source_rows) - uncond)
+        return eps
+    return source_guided(plan, eps[0::2], eps[1::2])
 
 
 def edit_masks(plan: GuidancePlan, terms: torch.Tensor, attention_maps: torch.Tensor | None, step: int) -> torch.Tensor:

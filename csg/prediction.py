@@ -9,7 +9,8 @@ The sampler is SDE-DPM-Solver++(2M) whose noise at step i is the stored map z_i 
 (``sde_dpmpp_2m_step``). K interventions share one ``Inversion`` and run in ONE loop: each has its
 own latent and its own rows (uncond, [source], its terms, its protected phrases), and every step
 makes one UNet call over all rows. Rows are independent, so a batched result equals K separate
-runs up to float rounding; the gain is fewer, larger launches, not fewer FLOPs.
+runs up to float rounding; the gain is fewer, larger launches, not fewer FLOPs. Steps where no
+term guides (warm-up, cool-down) evaluate only the base rows (uncond, [source]).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Sequence
 import torch
 
 from .abduction import Inversion
-from .guidance import EditSpec, GuidanceParams, GuidancePlan, guided_epsilon, plan_guidance
+from .guidance import EditSpec, GuidanceParams, GuidancePlan, guided_epsilon, plan_guidance, unguided_epsilon
 from .host import DiffusionHost
 from .schedule import SolverStep
 
@@ -47,19 +48,21 @@ def run_chain(host: DiffusionHost, inversion: Inversion, plan: GuidancePlan) -> 
     """The denoising loop from x_T with the inversion's noise maps and ``plan``'s guidance."""
     steps = inversion.schedule.steps
     x = inversion.x_T.expand(plan.num_interventions, -1, -1, -1).clone()
-    conditioning = host.encode_prompts(plan.prompts)
+    conditioning = host.encode_prompts(plan.prompts) if any(plan.active_steps) else None
+    base_conditioning = None if all(plan.active_steps) else host.encode_prompts(plan.base_prompts)
     timesteps = torch.tensor([s.t for s in steps]).to(host.device)
     num_terms = len(plan.term_rows)
     mask_sum = torch.zeros((num_terms, *x.shape[-2:]), device=x.device)
     last_masks = torch.zeros_like(mask_sum)
     prev_x0_pred = None
     for i, step in enumerate(steps):
-        rows = x.index_select(0, plan.row_owner)
-        # The request goes with every step, warm-up included (its maps are then unused): the UNet
-        # call keeps one structure for the whole loop, which a compiled host needs to avoid a
-        # second graph; the capture costs a few small matmuls per step.
-        eps, attention_maps = host.predict_noise(rows, timesteps[i], conditioning, plan.attention)
-        eps_hat, masks = guided_epsilon(plan, eps, attention_maps, i)
+        if plan.active_steps[i]:
+            rows = x.index_select(0, plan.row_owner)
+            eps, attention_maps = host.predict_noise(rows, timesteps[i], conditioning, plan.attention)
+            eps_hat, masks = guided_epsilon(plan, eps, attention_maps, i)
+        else:  # only the base prediction is used, so only its rows are evaluated
+            eps, _ = host.predict_noise(x.index_select(0, plan.base_row_owner), timesteps[i], base_conditioning)
+            eps_hat, masks = unguided_epsilon(plan, eps), None
         x, prev_x0_pred = sde_dpmpp_2m_step(step, x, eps_hat, prev_x0_pred, inversion.noise_maps[i])
         if masks is not None:
             mask_sum += masks

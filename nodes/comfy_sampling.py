@@ -3,7 +3,8 @@
 * ``CSGGuider`` (a ``comfy.samplers.CFGGuider``) evaluates one intervention's rows (uncond, its
   concept prompts, protected phrases) through ``ComfySDXLHost`` and combines them with the core's
   ``csg.guidance.guided_epsilon``. It returns x0_hat = x_k - sigma eps_hat, as every ComfyUI
-  guider does, so any sampler can drive it; its step index comes from the sampler's sigmas.
+  guider does, so any sampler can drive it; its step index comes from the sampler's sigmas. On
+  steps where no term guides it evaluates only the base rows, as the core's loop does.
 * ``sample_edit_friendly_dpmpp`` is SDE-DPM-Solver++(2M) whose noise at step i is the inversion's
   stored map z_i, stepping with the core's ``csg.prediction.sde_dpmpp_2m_step`` in VP terms
   (x_vp = x_k / sqrt(1 + sigma^2)).
@@ -23,9 +24,9 @@ import comfy.samplers
 
 from ..csg.abduction import Inversion
 from ..csg.errors import InputError
-from ..csg.guidance import GuidancePlan, guided_epsilon
+from ..csg.guidance import GuidancePlan, guided_epsilon, unguided_epsilon
 from ..csg.prediction import sde_dpmpp_2m_step
-from .comfy_host import ComfyConditioning, ComfySDXLHost
+from .comfy_host import ComfySDXLHost
 
 SIGMAS_HINT = "Connect the SIGMAS output of 'Inversion Sigmas & Noise' for this inversion."
 
@@ -48,10 +49,11 @@ def step_index(sample_sigmas: torch.Tensor, sigma: torch.Tensor) -> int:
 
 
 class CSGGuider(comfy.samplers.CFGGuider):
-    def __init__(self, host: ComfySDXLHost, plan: GuidancePlan, conditioning: ComfyConditioning,
-                 inversion: Inversion) -> None:
+    def __init__(self, host: ComfySDXLHost, plan: GuidancePlan, inversion: Inversion) -> None:
         super().__init__(host.model)
-        self.host, self.plan, self.conditioning, self.inversion = host, plan, conditioning, inversion
+        self.host, self.plan, self.inversion = host, plan, inversion
+        self.conditioning = host.encode_prompts(plan.prompts)
+        self.base_conditioning = host.encode_prompts(plan.base_prompts)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (CFGGuider's signature)
         sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
@@ -64,10 +66,15 @@ class CSGGuider(comfy.samplers.CFGGuider):
         sigma = timestep.reshape(-1)[:1].float()
         t = self.inner_model.model_sampling.timestep(sigma)[0]
         x_vp = x.float() / (1.0 + sigma**2).sqrt()
-        request = self.plan.attention if self.plan.active_steps[step] else None
         with self.host.bound(self.inner_model, model_options):
-            eps, maps = self.host.predict_noise(x_vp.index_select(0, self.plan.row_owner), t, self.conditioning, request)
-        eps_hat, _ = guided_epsilon(self.plan, eps, maps, step)
+            if self.plan.active_steps[step]:
+                rows = x_vp.index_select(0, self.plan.row_owner)
+                eps, maps = self.host.predict_noise(rows, t, self.conditioning, self.plan.attention)
+                eps_hat, _ = guided_epsilon(self.plan, eps, maps, step)
+            else:
+                rows = x_vp.index_select(0, self.plan.base_row_owner)
+                eps, _ = self.host.predict_noise(rows, t, self.base_conditioning)
+                eps_hat = unguided_epsilon(self.plan, eps)
         return (x.float() - sigma * eps_hat).to(x.dtype)
 
 

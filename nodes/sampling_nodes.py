@@ -77,7 +77,7 @@ class CSGGuiderNode(io.ComfyNode):
                              source_guidance=inversion.source_guidance,
                              params=GuidanceParams(mask_mode=settings.mask_mode,
                                                    protect_threshold=settings.protect_threshold))
-        return io.NodeOutput(CSGGuider(host, plan, host.encode_prompts(plan.prompts), inversion))
+        return io.NodeOutput(CSGGuider(host, plan, inversion))
 
 
 class EditFriendlySampler(io.ComfyNode):

@@ -1,4 +1,4 @@
-"""The opt-in compiled UNet path of ``DiffusersSDXLHost`` equals eager and compiles once per loop.
+"""The opt-in compiled UNet path of ``DiffusersSDXLHost`` equals eager and compiles once per call shape.
 
 On CPU with the tiny random SDXL and torch.compile's "aot_eager" backend (seconds to compile;
 inductor takes ~90 s here). The same code runs under inductor / CUDA graphs on a GPU.
@@ -48,7 +48,7 @@ def compiled(tiny_components):
         torch._dynamo.reset()
 
 
-def test_compiled_matches_eager_and_compiles_once_per_loop(tiny_host, tiny_components, compiled):
+def test_compiled_matches_eager_and_compiles_once_per_call_shape(tiny_host, tiny_components, compiled):
     eager_inversion, eager_edit = run(tiny_host)
     host, backend = compiled
 
@@ -62,13 +62,14 @@ def test_compiled_matches_eager_and_compiles_once_per_loop(tiny_host, tiny_compo
 
     host.predict_noise = counting_predict
     inversion, result = run(host)
-    # Inversion (batch 2: uncond + source) and the edit (batch 3, with capture) compile one graph
-    # each, at their first step; no later step compiles again.
+    # Inversion (batch 2: uncond + source), the edit's warm-up (its base row alone, batch 1) and its
+    # guided steps (batch 3, with capture) compile one graph each, at first use; nothing recompiles.
+    warmup = min(term.warmup for term in SPECS[0].terms)
     assert len(graphs_after_call) == 2 * NUM_STEPS
-    assert graphs_after_call == [1] * NUM_STEPS + [2] * NUM_STEPS
-    with torch._dynamo.config.patch(error_on_recompile=True):  # a rerun reuses both graphs
+    assert graphs_after_call == [1] * NUM_STEPS + [2] * warmup + [3] * (NUM_STEPS - warmup)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a rerun reuses all three graphs
         again_inversion, again = run(host)
-    assert backend.graphs == 2
+    assert backend.graphs == 3
 
     for ours, eager in [(inversion.x_T, eager_inversion.x_T), (inversion.noise_maps, eager_inversion.noise_maps),
                         (result.latents, eager_edit.latents), (again.latents, eager_edit.latents),

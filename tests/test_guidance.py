@@ -7,7 +7,7 @@ from csg.abduction import invert_latents
 from csg.graph import CausalGraph, Intervention
 from csg.guidance import (ConceptTerm, EditSpec, GuidanceParams, guided_epsilon, plan_guidance,
                           reference_gaussian_kernel, row_quantiles, smooth)
-from csg.prediction import edit, reconstruct
+from csg.prediction import edit, reconstruct, sde_dpmpp_2m_step, source_row_prompt
 
 LATENT = (4, 32, 32)
 ATTENTION = (8, 8)
@@ -121,6 +121,41 @@ def test_batched_interventions_equal_separate_runs(tiny_host, inversion):
         assert torch.allclose(batched.masks[k], alone.masks[0], atol=1e-6)
         assert batched.masks[k].shape == (len(spec.terms), *LATENT[1:])
         assert 0 < batched.masks[k].mean() < 1 and batched.last_masks[k].max() == 1
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_unguided_steps_evaluate_only_the_base_rows_and_change_nothing(tiny_host, exact):
+    """Warm-up and cool-down steps call the UNet on [uncond, (source)] per intervention only, and the
+    result equals the loop that evaluates every row at every step."""
+    x0 = torch.randn(1, *LATENT, generator=torch.Generator().manual_seed(7))
+    inversion = invert_latents(tiny_host, x0, "a photo", num_steps=8, exact=exact)
+    specs = [EditSpec((ConceptTerm("black hair", warmup=2, cooldown=6), ConceptTerm("smiling", warmup=3, cooldown=7))),
+             EditSpec((ConceptTerm("blue eyes", warmup=2, cooldown=6),), protect=("old man",))]
+    plan = plan_guidance(tiny_host, specs, 8, source_prompt=source_row_prompt(inversion),
+                         source_guidance=inversion.source_guidance)
+    calls = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(tiny_host, name)
+
+        def predict_noise(self, latents, timestep, conditioning, attention=None):
+            calls.append((latents.shape[0], attention is not None))
+            return tiny_host.predict_noise(latents, timestep, conditioning, attention)
+
+    result = edit(Recording(), inversion, specs)
+    base, full = (4 if exact else 2), len(plan.prompts)
+    assert plan.base_prompts == (("", "a photo") if exact else ("",)) * 2
+    assert calls == [(base, False)] * 2 + [(full, True)] * 5 + [(base, False)]  # steps 0-1, 2-6, 7
+
+    # every row at every step, as the reference computes it
+    conditioning = tiny_host.encode_prompts(plan.prompts)
+    x, prev_x0_pred = inversion.x_T.expand(2, -1, -1, -1).clone(), None
+    for i, step in enumerate(inversion.schedule.steps):
+        eps, maps = tiny_host.predict_noise(x.index_select(0, plan.row_owner), step.t, conditioning, plan.attention)
+        eps_hat, _ = guided_epsilon(plan, eps, maps, i)
+        x, prev_x0_pred = sde_dpmpp_2m_step(step, x, eps_hat, prev_x0_pred, inversion.noise_maps[i])
+    assert (result.latents - x).abs().max().item() <= 1e-4  # other batch sizes, other CPU kernels' rounding
 
 
 def test_exact_mode_edit_uses_the_source_guided_base(tiny_host):
