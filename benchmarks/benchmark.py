@@ -17,6 +17,8 @@ intersect masks. Rows, each timed after a warm-up run of every code path:
 * 3 interventions, separate     three ``edit`` calls      vs three ``pipe(...)`` calls
 * bare UNet floors              one plain UNet call (no capture) at batch 2 (inversion: uncond +
                                 source), 4 (3-concept edit) and 12 (batched), times the step count
+                                (an edit's warm-up steps run its uncond rows alone, so an edit can
+                                come in a little under its floor)
 
 Ours runs once per ``--compile`` variant: "none" is eager; "default", "reduce-overhead" (CUDA
 graphs) and "max-autotune" are ``torch.compile`` modes with inductor; "cudagraphs" is dynamo's
