@@ -535,6 +535,8 @@ def edit_and_write(args: argparse.Namespace, plan: Plan, image, params, sdxl: SD
 
     log(f"loading SDXL from {sdxl.path} on {device} ({str(dtype).removeprefix('torch.')})")
     host = load_host(sdxl, device, dtype)
+    log(f"VAE in {str(host.vae.dtype).removeprefix('torch.')}"
+        + ("; text encoders in CPU memory, lent to the GPU per encoding" if host.offload_text_encoders else ""))
     log(f"{args.method}: inverting and editing {len(plan.interventions)} intervention(s), {args.steps} steps")
     if args.method == "csg":
         results = counterfactuals(host, image, plan.graph, plan.interventions, source_prompt=plan.source_prompt,
