@@ -109,9 +109,10 @@ def check_image_size(host: DiffusionHost, height: int, width: int) -> None:
                          f"Resize or crop it, e.g. to {near_w}x{near_h}.")
 
 
-def source_epsilon(host: DiffusionHost, x: torch.Tensor, timestep: torch.Tensor, conditioning: object,
-                   guidance: float | None) -> torch.Tensor:
-    """eps_uncond for one row, or eps_uncond + g (eps_source - eps_uncond) over [uncond, source] rows."""
+def cfg_epsilon(host: DiffusionHost, x: torch.Tensor, timestep: torch.Tensor, conditioning: object,
+                guidance: float | None) -> torch.Tensor:
+    """eps of one row (``guidance`` None), or classifier-free guidance eps_u + g (eps_c - eps_u) over
+    [uncond, prompt] rows; the source prompt's guidance here, the baselines' prompts too."""
     if guidance is None:
         return host.predict_noise(x, timestep, conditioning)[0]
     eps = host.predict_noise(torch.cat([x, x]), timestep, conditioning)[0]
@@ -158,7 +159,7 @@ def invert_latents(host: DiffusionHost, x0: torch.Tensor, source_prompt: str = "
     maps = torch.zeros((num_steps, *x0.shape), device=host.device)
     prev_x0_pred = None
     for i, step in enumerate(schedule.steps):
-        eps = source_epsilon(host, chain[i], device_timesteps[i], conditioning, guidance)
+        eps = cfg_epsilon(host, chain[i], device_timesteps[i], conditioning, guidance)
         x0_pred = step.predict_x0(chain[i], eps)
         mean = step.mean(chain[i], x0_pred, prev_x0_pred)
         if step.noise_std > 0.0:

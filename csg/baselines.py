@@ -48,6 +48,7 @@ from typing import Literal
 
 import torch
 
+from .abduction import cfg_epsilon
 from .errors import InputError
 from .host import DiffusionHost
 
@@ -115,17 +116,8 @@ def ddim_inversion_step(step: DDIMStep, x_prev: torch.Tensor, eps: torch.Tensor)
     return math.sqrt(step.abar) * x0_pred + math.sqrt(1.0 - step.abar) * eps
 
 
-def guided_epsilon(host: DiffusionHost, x: torch.Tensor, timestep: torch.Tensor, conditioning: object,
-                   guidance: float | None) -> torch.Tensor:
-    """eps(x) from one row (``guidance`` None), or CFG eps_u + g (eps_c - eps_u) over [uncond, prompt] rows."""
-    if guidance is None:
-        return host.predict_noise(x, timestep, conditioning)[0]
-    eps = host.predict_noise(torch.cat([x, x]), timestep, conditioning)[0]
-    return eps[:1] + guidance * (eps[1:] - eps[:1])
-
-
 def prompt_conditioning(host: DiffusionHost, prompt: str, guidance: float) -> tuple[object, float | None]:
-    """Rows and scale for ``guided_epsilon``: one row when guidance is 1 (the prompt alone) or the
+    """Rows and scale for ``cfg_epsilon``: one row when guidance is 1 (the prompt alone) or the
     prompt is empty (unconditional), else [uncond, prompt] with CFG."""
     if prompt == "" or guidance == 1.0:
         return host.encode_prompts([prompt]), None
@@ -171,7 +163,7 @@ def invert_ddpm_edit_friendly(host: DiffusionHost, x0: torch.Tensor, source_prom
     device_timesteps = torch.tensor(timesteps).to(host.device)
     maps = torch.zeros((num_steps, *x0.shape), device=host.device)
     for i, step in enumerate(steps):
-        eps = guided_epsilon(host, chain[i], device_timesteps[i], conditioning, guidance)
+        eps = cfg_epsilon(host, chain[i], device_timesteps[i], conditioning, guidance)
         mean = step.mean(chain[i], eps)
         maps[i] = (chain[i + 1] - mean) / step.sigma
         chain[i + 1] = mean + step.sigma * maps[i]  # what the sampler will compute, to the last bit
@@ -189,7 +181,7 @@ def invert_ddim(host: DiffusionHost, x0: torch.Tensor, source_prompt: str = "", 
     device_timesteps = torch.tensor(timesteps).to(host.device)
     x = x0
     for i in reversed(range(num_steps)):  # from the least noisy step up
-        eps = guided_epsilon(host, x, device_timesteps[i], conditioning, guidance)
+        eps = cfg_epsilon(host, x, device_timesteps[i], conditioning, guidance)
         x = ddim_inversion_step(steps[i], x, eps)
     return BaselineInversion("ddim", x0, x, None, steps, source_prompt, float(inversion_guidance))
 
@@ -204,7 +196,7 @@ def sample_with_guidance(host: DiffusionHost, inversion: BaselineInversion, targ
     device_timesteps = torch.tensor([s.t for s in inversion.steps]).to(host.device)
     x = inversion.x_T
     for i, step in enumerate(inversion.steps):
-        eps = guided_epsilon(host, x, device_timesteps[i], conditioning, guidance)
+        eps = cfg_epsilon(host, x, device_timesteps[i], conditioning, guidance)
         noise = None if inversion.noise_maps is None else inversion.noise_maps[i]
         x = ddim_step(step, x, eps, noise)
     return x

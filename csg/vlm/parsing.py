@@ -66,22 +66,29 @@ def reasoning_end(text: str) -> int | None:
         position = end + len(_THINK_CLOSE)
 
 
-def _balanced_end(text: str, start: int) -> int | None:
-    """Index just past the bracket that closes ``text[start]``, or None when it never closes cleanly."""
-    stack: list[str] = []
+def _json_characters(text: str, start: int = 0) -> Iterator[tuple[int, str, bool]]:
+    """(index, character, quoted) for ``text[start:]``; quoted is True inside a JSON string, its
+    quotes and escapes included, so brackets and commas in quoted text are never taken as syntax."""
     in_string = escaped = False
     for i in range(start, len(text)):
         ch = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
+        quoted = in_string or ch == '"'
+        if escaped:
+            escaped = False
+        elif in_string and ch == "\\":
+            escaped = True
         elif ch == '"':
-            in_string = True
-        elif ch in _CLOSER:
+            in_string = not in_string
+        yield i, ch, quoted
+
+
+def _balanced_end(text: str, start: int) -> int | None:
+    """Index just past the bracket that closes ``text[start]``, or None when it never closes cleanly."""
+    stack: list[str] = []
+    for i, ch, quoted in _json_characters(text, start):
+        if quoted:
+            continue
+        if ch in _CLOSER:
             stack.append(_CLOSER[ch])
         elif ch in "}]":
             if not stack or stack.pop() != ch:
@@ -93,22 +100,8 @@ def _balanced_end(text: str, start: int) -> int | None:
 
 def _drop_trailing_commas(candidate: str) -> str:
     """Remove commas that directly precede a closing bracket, leaving string contents alone."""
-    out: list[str] = []
-    in_string = escaped = False
-    for i, ch in enumerate(candidate):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch == "," and _BEFORE_CLOSER.match(candidate, i + 1):
-            continue
-        out.append(ch)
-    return "".join(out)
+    return "".join(ch for i, ch, quoted in _json_characters(candidate)
+                   if quoted or ch != "," or not _BEFORE_CLOSER.match(candidate, i + 1))
 
 
 def _loads(candidate: str) -> Any:

@@ -112,7 +112,8 @@ class SmallSDXL:
     vae_state_dict: dict
 
 
-def build_comfy_sdxl(seed: int = 0) -> SmallSDXL:
+def build_comfy_sdxl(seed: int = 0, unet_config: dict = UNET_CONFIG) -> SmallSDXL:
+    """ComfyUI's SDXL model, CLIP and VAE with seeded random weights; the UNet shaped by ``unet_config``."""
     import_comfy()
     import comfy.model_management
     import comfy.model_patcher
@@ -120,7 +121,7 @@ def build_comfy_sdxl(seed: int = 0) -> SmallSDXL:
     import comfy.supported_models
     from diffusers import AutoencoderKL
 
-    config = comfy.supported_models.SDXL(dict(UNET_CONFIG))
+    config = comfy.supported_models.SDXL(dict(unet_config))
     base = config.get_model({}, device="cpu")
     initialise(base, seed)
     model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),

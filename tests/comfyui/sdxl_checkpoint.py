@@ -19,9 +19,7 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
-from tests.comfyui.csg_fixtures import VAE_CONFIG, import_comfy, initialise
+from tests.comfyui.csg_fixtures import build_comfy_sdxl
 
 CHECKPOINT_NAME = "csg-test-sdxl-random-v1.safetensors"
 
@@ -41,32 +39,18 @@ def cache_folder() -> Path:
 
 def build_checkpoint(path: Path, seed: int = 0) -> None:
     """Write the checkpoint to ``path`` (atomically: a half-written file is never seen)."""
-    import_comfy()
     import comfy.model_management
-    import comfy.model_patcher
     import comfy.sd
-    import comfy.supported_models
-    from diffusers import AutoencoderKL
 
-    config = comfy.supported_models.SDXL(dict(SMALL_SDXL_UNET))
-    base = config.get_model({}, device="cpu")
-    initialise(base, seed)
-    model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
-                                             offload_device=comfy.model_management.unet_offload_device())
-    clip = comfy.sd.CLIP(config.clip_target({}), parameters=0)
-    initialise(clip.cond_stage_model, seed + 1)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed + 2)
-        vae_state_dict = AutoencoderKL(**VAE_CONFIG).state_dict()
-    vae = comfy.sd.VAE(sd=dict(vae_state_dict))
+    small = build_comfy_sdxl(seed, SMALL_SDXL_UNET)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        comfy.sd.save_checkpoint(str(partial), model, clip, vae)
+        comfy.sd.save_checkpoint(str(partial), small.model, small.clip, small.vae)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    del model, clip, vae, base
+    del small
     comfy.model_management.unload_all_models()
 
 
