@@ -136,6 +136,7 @@ def invert_latents(host: DiffusionHost, x0: torch.Tensor, source_prompt: str = "
         raise InputError(f"Expected one latent shaped (1, C, h, w), got {tuple(x0.shape)}.")
     height, width = x0.shape[-2:]
     check_image_size(host, height * host.vae_scale_factor, width * host.vae_scale_factor)
+    timesteps = leading_timesteps(num_steps, skip)
     if num_zero_noise_steps is None:
         num_zero_noise_steps = 0 if exact else 3
     if exact and num_zero_noise_steps:
@@ -145,7 +146,6 @@ def invert_latents(host: DiffusionHost, x0: torch.Tensor, source_prompt: str = "
     if isinstance(generator, int):
         generator = torch.Generator().manual_seed(generator)
 
-    timesteps = leading_timesteps(num_steps, skip)
     schedule = sde_dpmpp_2m_schedule(host.alphas_cumprod, timesteps, final_noise_std=1.0 if exact else 0.0)
     x0 = x0.to(host.device, torch.float32)
     noise = draw_noise(generator, tuple(x0.shape), num_steps, host.device)

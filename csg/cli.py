@@ -512,6 +512,8 @@ def run(args: argparse.Namespace) -> int:
                        concept_scales=parse_concept_scales(args.concept_scale), reverse=tuple(args.reverse),
                        mask_mode=args.mask_mode, non_descendant_protection=args.protect_non_descendants,
                        exact=args.exact, seed=args.seed, max_side=args.max_side)
+    if args.method == "csg":
+        params.check_guidance(params.num_steps)  # a warm-up that leaves nothing to guide fails before the VLM runs
     device, dtype = resolve_device(args.device, args.dtype)
     comfy = comfyui_root(args.comfyui_root)
     sdxl = find_sdxl(args.sdxl, args.sdxl_config, comfy)  # before any slow work: fail fast on missing weights

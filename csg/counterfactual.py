@@ -37,7 +37,7 @@ from .abduction import Inversion, image_to_tensor, invert
 from .baselines import DEFAULT_TARGET_GUIDANCE, BaselineInversion, Method, invert_baseline, sample_with_guidance
 from .errors import GraphError, InputError
 from .graph import CausalGraph, EditConcept, Intervention, check_intervention
-from .guidance import MASK_MODES, ConceptTerm, EditSpec, GuidanceParams, MaskMode
+from .guidance import ConceptTerm, EditSpec, GuidanceParams, MaskMode, check_specs, check_term_settings
 from .host import DiffusionHost
 from .prediction import edit
 
@@ -64,12 +64,23 @@ class CSGParams:
     max_side: int | None = 1024  # longer image side beyond which the input is downscaled; None: never
 
     def __post_init__(self) -> None:
-        if self.mask_mode not in MASK_MODES:
-            raise InputError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got {self.mask_mode!r}.")
+        self.check_guidance()  # bad settings fail here, before a VLM or an inversion runs, not after
         if self.max_side is not None and self.max_side < 1:
             raise InputError(f"max_side must be positive or None, got {self.max_side}.")
         object.__setattr__(self, "concept_scales", dict(self.concept_scales))
         object.__setattr__(self, "reverse", tuple(self.reverse))
+
+    def check_guidance(self, num_steps: int | None = None) -> None:
+        """Refuse guidance settings CSG cannot work with; given ``num_steps``, also a warm-up that
+        leaves no step to guide (the baselines have no warm-up, so it is not checked by default)."""
+        self.guidance_params()
+        for where, scale in [("The edit settings", self.scale),
+                             *((f"The scale of {concept!r}", scale) for concept, scale in self.concept_scales.items())]:
+            check_term_settings(where, scale=scale, threshold=self.threshold, warmup=self.warmup,
+                                cooldown=self.cooldown, num_steps=num_steps)
+
+    def guidance_params(self) -> GuidanceParams:
+        return GuidanceParams(mask_mode=self.mask_mode, protect_threshold=self.protect_threshold)
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -205,13 +216,13 @@ def counterfactuals(host: DiffusionHost, image: Image.Image | str | Path, graph:
     specs = [edit_spec(graph, i, params) for i in checked]
     source = graph.scene_summary if source_prompt is None else source_prompt
     picture = prepare_image(host, image, params)
+    check_specs(specs, params.num_steps if inversion is None else inversion.num_steps, host=host)
     if inversion is None:
         inversion = _invert(host, picture, source, params)
     elif inversion.image_size != (picture.height, picture.width):
         raise InputError(f"The given inversion is of a {inversion.image_size[1]}x{inversion.image_size[0]} image, "
                          f"not this {picture.width}x{picture.height} one. Invert this image instead.")
-    result = edit(host, inversion, specs, GuidanceParams(mask_mode=params.mask_mode,
-                                                         protect_threshold=params.protect_threshold))
+    result = edit(host, inversion, specs, params.guidance_params())
     outputs = []
     for k, intervention in enumerate(checked):
         latent = result.latents[k:k + 1]

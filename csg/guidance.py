@@ -62,13 +62,39 @@ class ConceptTerm:
     reverse: bool = False
     label: str = ""
 
+    def __post_init__(self) -> None:
+        where = f"The concept term {self.label or self.prompt!r}"
+        if not self.prompt.strip():
+            raise InputError(f"{where} has an empty prompt. Give the concept's value phrase, e.g. 'black hair'.")
+        check_term_settings(where, scale=self.scale, threshold=self.threshold, warmup=self.warmup,
+                            cooldown=self.cooldown)
+
     @classmethod
     def from_edit_concept(cls, concept: EditConcept, *, reverse: bool = False, **settings) -> "ConceptTerm":
         prompt = concept.original_prompt if reverse else concept.prompt
         return cls(prompt=prompt, reverse=reverse, label=concept.concept_id, **settings)
 
     def active_steps(self, num_steps: int) -> range:
-        return range(self.warmup, num_steps if self.cooldown is None else min(self.cooldown, num_steps))
+        return guided_steps(self.warmup, self.cooldown, num_steps)
+
+
+def guided_steps(warmup: int, cooldown: int | None, num_steps: int) -> range:
+    return range(warmup, num_steps if cooldown is None else min(cooldown, num_steps))
+
+
+def check_term_settings(where: str, *, scale: float, threshold: float, warmup: int, cooldown: int | None,
+                        num_steps: int | None = None) -> None:
+    """Refuse settings a guidance term cannot work with; given ``num_steps``, also a term that would never guide."""
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"{where}: threshold must be in [0, 1], got {threshold}.")
+    if not math.isfinite(scale):
+        raise InputError(f"{where}: scale must be a finite number, got {scale}.")
+    if warmup < 0 or (cooldown is not None and cooldown < 0):
+        raise InputError(f"{where}: warmup and cooldown must be non-negative step indices.")
+    if num_steps is not None and not guided_steps(warmup, cooldown, num_steps):
+        end = f"the end ({num_steps} steps)" if cooldown is None else f"the cool-down (step {cooldown})"
+        raise InputError(f"{where}: no step would be guided, as the warm-up ({warmup} steps) is not before {end}. "
+                         "Lower the warm-up or use more steps.")
 
 
 @dataclass(frozen=True)
@@ -95,6 +121,12 @@ class EditSpec:
 class GuidanceParams:
     mask_mode: MaskMode = "intersect"
     protect_threshold: float = 0.9  # a protected phrase claims the top 10% of its attention map
+
+    def __post_init__(self) -> None:
+        if self.mask_mode not in MASK_MODES:
+            raise InputError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got {self.mask_mode!r}.")
+        if not 0.0 <= self.protect_threshold <= 1.0:
+            raise InputError(f"protect_threshold must be in [0, 1], got {self.protect_threshold}.")
 
 
 # -- masks -------------------------------------------------------------------------------------------
@@ -210,18 +242,27 @@ class GuidancePlan:
         return self.mask_mode != "noise"
 
 
-def _check_term(term: ConceptTerm, where: str, num_steps: int) -> None:
-    if not term.prompt.strip():
-        raise InputError(f"{where} has an empty prompt. Give the concept's value phrase, e.g. 'black hair'.")
-    if not 0.0 <= term.threshold <= 1.0:
-        raise InputError(f"{where}: threshold must be in [0, 1], got {term.threshold}.")
-    if not math.isfinite(term.scale):
-        raise InputError(f"{where}: scale must be a finite number, got {term.scale}.")
-    if term.warmup < 0 or (term.cooldown is not None and term.cooldown < 0):
-        raise InputError(f"{where}: warmup and cooldown must be non-negative step indices.")
-    if len(term.active_steps(num_steps)) == 0:
-        raise InputError(f"{where} never guides: its warm-up ({term.warmup} steps) is not before its cool-down "
-                         f"({term.cooldown}) and the end ({num_steps} steps). Lower the warm-up or use more steps.")
+def check_specs(specs: Sequence[EditSpec], num_steps: int, *, allow_empty: bool = False,
+                host: DiffusionHost | None = None) -> None:
+    """Refuse what ``plan_guidance`` would refuse, and with ``host`` also a prompt its tokenizer
+    truncates. Settings of one term are checked when it is made; this adds what needs the step
+    count and the tokenizer. Call it before an inversion, so that bad settings fail in
+    milliseconds rather than after the abduction."""
+    if not specs:
+        raise InputError("No intervention to predict: pass at least one EditSpec.")
+    for k, spec in enumerate(specs):
+        if not spec.terms and not allow_empty:
+            raise InputError(f"Intervention {k} has no concept to guide. Give at least one ConceptTerm "
+                             "(the target concept's new value).")
+        for j, term in enumerate(spec.terms):
+            check_term_settings(f"Intervention {k}, term {j} ({term.label or term.prompt!r})", scale=term.scale,
+                                threshold=term.threshold, warmup=term.warmup, cooldown=term.cooldown,
+                                num_steps=num_steps)
+        if any(not phrase.strip() for phrase in spec.protect):
+            raise InputError(f"Intervention {k} has an empty protected phrase.")
+        if host is not None:
+            for prompt in (*(t.prompt for t in spec.terms), *spec.protect):
+                host.token_indices(prompt)
 
 
 def plan_guidance(host: DiffusionHost, specs: Sequence[EditSpec], num_steps: int, *, source_prompt: str | None,
@@ -229,12 +270,7 @@ def plan_guidance(host: DiffusionHost, specs: Sequence[EditSpec], num_steps: int
                   allow_empty: bool = False) -> GuidancePlan:
     """Validate ``specs`` and lay out their rows. ``source_prompt`` adds a source row per intervention
     (exact mode's base prediction). ``allow_empty`` permits specs without terms (reconstruction)."""
-    if params.mask_mode not in MASK_MODES:
-        raise InputError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got {params.mask_mode!r}.")
-    if not 0.0 <= params.protect_threshold <= 1.0:
-        raise InputError(f"protect_threshold must be in [0, 1], got {params.protect_threshold}.")
-    if not specs:
-        raise InputError("No intervention to predict: pass at least one EditSpec.")
+    check_specs(specs, num_steps, allow_empty=allow_empty)
     prompts: list[str] = []
     owner, uncond, source, term_rows, term_owner, protect_rows, protect_owner = [], [], [], [], [], [], []
     terms: list[ConceptTerm] = []
@@ -247,22 +283,16 @@ def plan_guidance(host: DiffusionHost, specs: Sequence[EditSpec], num_steps: int
 
     base = ("",) if source_prompt is None else ("", source_prompt)
     for k, spec in enumerate(specs):
-        if not spec.terms and not allow_empty:
-            raise InputError(f"Intervention {k} has no concept to guide. Give at least one ConceptTerm "
-                             "(the target concept's new value).")
         uncond.append(add_row("", k))
         if source_prompt is not None:
             source.append(add_row(source_prompt, k))
-        for j, term in enumerate(spec.terms):
-            _check_term(term, f"Intervention {k}, term {j} ({term.label or term.prompt!r})", num_steps)
+        for term in spec.terms:
             row = add_row(term.prompt, k)
             columns[row] = tuple(host.token_indices(term.prompt))
             term_rows.append(row)
             term_owner.append(k)
             terms.append(term)
         for phrase in spec.protect:
-            if not phrase.strip():
-                raise InputError(f"Intervention {k} has an empty protected phrase.")
             row = add_row(phrase, k)
             columns[row] = tuple(host.token_indices(phrase))
             protect_rows.append(row)

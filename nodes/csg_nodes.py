@@ -16,7 +16,6 @@ from comfy_api.latest import io
 
 from ..csg.abduction import check_image_size, image_to_tensor, invert_latents
 from ..csg.errors import InputError
-from ..csg.guidance import GuidanceParams
 from ..csg.prediction import edit
 from .comfy_host import ComfySDXLHost
 from .csg_common import (CATEGORY, CausalGraphType, InterventionType, Interventions, Inversion, edit_inputs,
@@ -92,8 +91,7 @@ def predict(model, clip, vae, inversion, interventions: list, graph, scale, thre
     host = ComfySDXLHost(model, clip, vae, on_prediction=progress(inversion.num_steps))
     rows = sum(1 + len(s.terms) + len(s.protect) for s in specs)
     with host.loaded((rows, *inversion.x0.shape[1:])):
-        result = edit(host, inversion, specs, GuidanceParams(mask_mode=settings.mask_mode,
-                                                             protect_threshold=settings.protect_threshold))
+        result = edit(host, inversion, specs, settings.guidance_params())
     images = torch.cat([host.decode_latents(latent[None]) for latent in result.latents])
     size = tuple(images.shape[-2:])
     masks = masks_at(torch.cat(result.masks), size)

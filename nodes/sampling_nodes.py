@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..csg.guidance import GuidanceParams, plan_guidance
+from ..csg.guidance import plan_guidance
 from ..csg.prediction import source_row_prompt  # exact mode adds the source row
 from .comfy_host import ComfySDXLHost, check_sdxl_epsilon
 from .comfy_sampling import CSGGuider, InversionNoise, edit_friendly_sampler, inversion_sigmas
@@ -74,9 +74,7 @@ class CSGGuiderNode(io.ComfyNode):
         spec = spec_for(intervention, causal_graph, settings, reverse)
         host = ComfySDXLHost(model, clip)
         plan = plan_guidance(host, [spec], inversion.num_steps, source_prompt=source_row_prompt(inversion),
-                             source_guidance=inversion.source_guidance,
-                             params=GuidanceParams(mask_mode=settings.mask_mode,
-                                                   protect_threshold=settings.protect_threshold))
+                             source_guidance=inversion.source_guidance, params=settings.guidance_params())
         return io.NodeOutput(CSGGuider(host, plan, inversion))
 
 

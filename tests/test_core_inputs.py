@@ -8,7 +8,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from csg.abduction import image_to_tensor, invert, invert_latents
 from csg.diffusers_host import DiffusersSDXLHost
 from csg.errors import CSGError, InputError, WeightsMissingError
-from csg.guidance import ConceptTerm, EditSpec, GuidanceParams
+from csg.guidance import ConceptTerm, EditSpec, GuidanceParams, check_specs
 from csg.host import AttentionRequest, DiffusionHost
 from csg.prediction import edit
 from tests.sdxl_fixtures import sample_image
@@ -75,7 +75,9 @@ def test_empty_intervention_list_and_empty_concept_list_are_refused(tiny_host, i
     with pytest.raises(InputError, match="no concept to guide"):
         edit(tiny_host, inversion, [EditSpec(())])
     with pytest.raises(InputError, match="empty prompt"):
-        edit(tiny_host, inversion, [EditSpec((ConceptTerm("  ", warmup=0),))])
+        ConceptTerm("  ", warmup=0)
+    with pytest.raises(InputError, match="empty protected phrase"):
+        edit(tiny_host, inversion, [EditSpec((ConceptTerm("black hair", warmup=0),), protect=(" ",))])
 
 
 def test_prompt_the_tokenizer_would_truncate_is_refused(tiny_host, inversion):
@@ -84,24 +86,36 @@ def test_prompt_the_tokenizer_would_truncate_is_refused(tiny_host, inversion):
         tiny_host.token_indices(long_prompt)
     with pytest.raises(InputError, match="Shorten"):
         edit(tiny_host, inversion, [EditSpec((ConceptTerm(long_prompt, warmup=0),))])
+    with pytest.raises(InputError, match="Shorten"):  # before any inversion, given the host
+        check_specs([EditSpec((ConceptTerm("black hair", warmup=0),), protect=(long_prompt,))], 6, host=tiny_host)
 
 
 def test_fewer_steps_than_warmup_is_refused(tiny_host, inversion):
-    with pytest.raises(InputError, match="never guides"):
+    with pytest.raises(InputError, match=r"no step would be guided.*warm-up \(10 steps\).*the end \(6 steps\)"):
         edit(tiny_host, inversion, [EditSpec((ConceptTerm("black hair", warmup=10),))])
-    with pytest.raises(InputError, match="never guides"):
+    with pytest.raises(InputError, match=r"no step would be guided.*the cool-down \(step 3\)"):
         edit(tiny_host, inversion, [EditSpec((ConceptTerm("black hair", warmup=3, cooldown=3),))])
 
 
-@pytest.mark.parametrize("term, params, message", [
-    (ConceptTerm("black hair", warmup=0, threshold=1.5), GuidanceParams(), "threshold"),
-    (ConceptTerm("black hair", warmup=0, scale=float("nan")), GuidanceParams(), "finite"),
-    (ConceptTerm("black hair", warmup=0), GuidanceParams(mask_mode="union"), "mask_mode"),
-    (ConceptTerm("black hair", warmup=0), GuidanceParams(protect_threshold=-0.1), "protect_threshold"),
+@pytest.mark.parametrize("settings, message", [
+    (dict(threshold=1.5), "threshold must be in"),
+    (dict(threshold=float("nan")), "threshold must be in"),
+    (dict(scale=float("nan")), "finite"),
+    (dict(warmup=-1), "non-negative"),
+    (dict(cooldown=-2), "non-negative"),
 ])
-def test_bad_guidance_settings_are_refused(tiny_host, inversion, term, params, message):
+def test_bad_term_settings_are_refused_when_the_term_is_made(settings, message):
+    with pytest.raises(InputError, match=f"'black hair'.*{message}"):
+        ConceptTerm("black hair", **settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(mask_mode="union"), "mask_mode"),
+    (dict(protect_threshold=-0.1), "protect_threshold"),
+])
+def test_bad_guidance_params_are_refused_when_made(settings, message):
     with pytest.raises(InputError, match=message):
-        edit(tiny_host, inversion, [EditSpec((term,))], params)
+        GuidanceParams(**settings)
 
 
 # -- the diffusers host ------------------------------------------------------------------------------

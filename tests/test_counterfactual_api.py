@@ -100,6 +100,33 @@ def test_params_reach_the_guidance_terms(graph):
         CSGParams(mask_mode="union")
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(threshold=1.5), "threshold"),
+    (dict(scale=float("inf")), "finite"),
+    (dict(concept_scales={"sky": float("nan")}), "The scale of 'sky'"),
+    (dict(protect_threshold=2.0), "protect_threshold"),
+])
+def test_bad_settings_are_refused_when_the_params_are_made(settings, message):
+    with pytest.raises(InputError, match=message):
+        CSGParams(**settings)
+
+
+def test_settings_that_need_the_steps_or_the_tokenizer_fail_before_the_inversion(tiny_host, graph):
+    """A warm-up past the last step, or a value the tokenizer would truncate, costs no UNet call."""
+    unet_calls = []
+    hook = tiny_host.unet.register_forward_pre_hook(lambda module, args: unet_calls.append(1))
+    wordy = Intervention.from_dict({"id": "i3", "target_concept_id": "c3", "new_value": " ".join(["woman"] * 80)})
+    try:
+        with pytest.raises(InputError, match="no step would be guided"):
+            counterfactual(tiny_host, sample_image(), graph, red_shirt(), params=CSGParams(num_steps=4, warmup=10))
+        with pytest.raises(InputError, match="Shorten"):
+            counterfactual(tiny_host, sample_image(), graph, wordy, params=CSGParams(**FAST))
+    finally:
+        hook.remove()
+    assert unet_calls == []
+    assert CSGParams(num_steps=4, warmup=10).warmup == 10  # the baselines have no warm-up: allowed until CSG runs
+
+
 def test_paper_defaults():
     p = CSGParams()
     assert (p.num_steps, p.skip, p.source_guidance, p.scale, p.threshold, p.warmup, p.mask_mode) == (
@@ -160,5 +187,3 @@ def test_bad_calls_get_clear_errors(tiny_host, graph):
     with pytest.raises(InputError, match="Invert this image"):
         counterfactual(tiny_host, sample_image(32, 32), graph, red_shirt(), params=CSGParams(**FAST),
                        inversion=first.inversion)
-    with pytest.raises(InputError, match="warm-up"):
-        counterfactual(tiny_host, sample_image(), graph, red_shirt(), params=CSGParams(num_steps=4, warmup=10))
