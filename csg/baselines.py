@@ -186,12 +186,16 @@ def invert_ddim(host: DiffusionHost, x0: torch.Tensor, source_prompt: str = "", 
     return BaselineInversion("ddim", x0, x, None, steps, source_prompt, float(inversion_guidance))
 
 
+def check_guidance_scale(guidance_scale: float) -> None:
+    if not math.isfinite(guidance_scale):
+        raise InputError(f"guidance_scale must be a finite number, got {guidance_scale}.")
+
+
 @torch.no_grad()
 def sample_with_guidance(host: DiffusionHost, inversion: BaselineInversion, target_prompt: str,
                          guidance_scale: float = DEFAULT_TARGET_GUIDANCE) -> torch.Tensor:
     """Denoise from ``inversion.x_T`` with CFG on ``target_prompt``; DDPM replays the stored maps."""
-    if not math.isfinite(guidance_scale):
-        raise InputError(f"guidance_scale must be a finite number, got {guidance_scale}.")
+    check_guidance_scale(guidance_scale)
     conditioning, guidance = prompt_conditioning(host, target_prompt, guidance_scale)
     device_timesteps = torch.tensor([s.t for s in inversion.steps]).to(host.device)
     x = inversion.x_T

@@ -503,6 +503,7 @@ def write_outputs(out: Path, plan: Plan, results: list, report_fields: dict) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    from .baselines import check_guidance_scale
     from .counterfactual import CSGParams, edit_spec, load_image
 
     image = load_image(args.image)
@@ -512,8 +513,10 @@ def run(args: argparse.Namespace) -> int:
                        concept_scales=parse_concept_scales(args.concept_scale), reverse=tuple(args.reverse),
                        mask_mode=args.mask_mode, non_descendant_protection=args.protect_non_descendants,
                        exact=args.exact, seed=args.seed, max_side=args.max_side)
-    if args.method == "csg":
-        params.check_guidance(params.num_steps)  # a warm-up that leaves nothing to guide fails before the VLM runs
+    if args.method == "csg":  # settings that need the method fail before the VLM runs
+        params.check_guidance(params.num_steps)
+    else:
+        check_guidance_scale(args.guidance_scale)
     device, dtype = resolve_device(args.device, args.dtype)
     comfy = comfyui_root(args.comfyui_root)
     sdxl = find_sdxl(args.sdxl, args.sdxl_config, comfy)  # before any slow work: fail fast on missing weights

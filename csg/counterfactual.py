@@ -34,7 +34,8 @@ import torch
 from PIL import Image, ImageOps
 
 from .abduction import Inversion, image_to_tensor, invert
-from .baselines import DEFAULT_TARGET_GUIDANCE, BaselineInversion, Method, invert_baseline, sample_with_guidance
+from .baselines import (DEFAULT_TARGET_GUIDANCE, BaselineInversion, Method, check_guidance_scale, invert_baseline,
+                        sample_with_guidance)
 from .errors import GraphError, InputError
 from .graph import CausalGraph, EditConcept, Intervention, check_intervention
 from .guidance import ConceptTerm, EditSpec, GuidanceParams, MaskMode, check_specs, check_term_settings
@@ -250,6 +251,7 @@ def baseline_counterfactual(host: DiffusionHost, image: Image.Image | str | Path
     if not target:
         raise InputError(f"Intervention '{intervention.id}' has no generation_prompt; the baselines guide with the "
                          "full target prompt. Write one (the source caption with the changed values).")
+    check_guidance_scale(guidance_scale)  # before the inversion, not after it
     picture = prepare_image(host, image, params)
     x0 = host.encode_image(image_to_tensor(picture).to(host.device))
     inversion = invert_baseline(host, method, x0, source_prompt, num_steps=params.num_steps, skip=params.skip,

@@ -184,6 +184,8 @@ def test_single_checkpoint_without_configs_says_how_to_get_them(tmp_path, capsys
     (["--do", "age=old", "--target-only"], "--target-only"),
     (["--do", "age=old", "--threshold", "1.5"], "threshold must be in [0, 1]"),  # before the VLM, which is not set up
     (["--do", "age=old", "--steps", "8"], "no step would be guided"),  # the default warm-up is 10
+    (["--do", "age=old", "--steps", "8", "--method", "ddim"], "weights were not found"),  # no warm-up to check
+    (["--do", "age=old", "--method", "ddpm", "--guidance-scale", "nan"], "guidance_scale must be a finite"),
 ])
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     assert main([str(PORTRAIT), *argv]) == 2

@@ -178,6 +178,8 @@ def test_baselines_guide_with_the_generation_prompt(tiny_host):
         assert result.inversion.method == method
     with pytest.raises(InputError, match="generation_prompt"):
         baseline_counterfactual(tiny_host, sample_image(), red_shirt())
+    with pytest.raises(InputError, match="finite"):
+        baseline_counterfactual(tiny_host, sample_image(), rainy(), guidance_scale=float("nan"))
 
 
 def test_bad_calls_get_clear_errors(tiny_host, graph):
