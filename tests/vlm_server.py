@@ -2,16 +2,20 @@
 
 It records every request (path, headers, JSON body) and answers with whatever the test's
 ``responder`` returns for it, optionally after a delay, so tests can exercise good answers,
-HTTP errors, malformed bodies and timeouts through the real urllib client.
+HTTP errors, malformed bodies and timeouts through the real urllib client. A ``Reply`` can also
+misbehave below HTTP: send raw bytes that are no valid response, trickle its bytes one by one,
+or end the connection with a TCP reset.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
@@ -48,6 +52,19 @@ class Reply:
     body: str | bytes = ""
     delay: float = 0.0
     headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+    raw: bytes | None = None  # sent as it is instead of status, headers and body: garbage, lying lengths
+    trickle: float = 0.0  # seconds between the single bytes of the reply, from byte ``trickle_from`` on
+    trickle_from: int = 0
+    reset: bool = False  # end with a TCP reset instead of a close, as a crashing server does
+
+    def wire_bytes(self) -> bytes:
+        """The reply as it goes onto the socket."""
+        if self.raw is not None:
+            return self.raw
+        body = self.body.encode() if isinstance(self.body, str) else self.body
+        head = [f"HTTP/1.0 {self.status} {HTTPStatus(self.status).phrase}",
+                *(f"{key}: {value}" for key, value in self.headers.items()), f"Content-Length: {len(body)}"]
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
 def completion(text: str, model: str = "test-vlm") -> Reply:
@@ -74,16 +91,20 @@ class VLMServer:
                 reply = server.responder(request)
                 if reply.delay:
                     time.sleep(reply.delay)
-                body = reply.body.encode() if isinstance(reply.body, str) else reply.body
+                data = reply.wire_bytes()
                 try:
-                    self.send_response(reply.status)
-                    for key, value in reply.headers.items():
-                        self.send_header(key, value)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
+                    if not reply.trickle:
+                        self.wfile.write(data)
+                    else:
+                        self.wfile.write(data[:reply.trickle_from])
+                        for index in range(reply.trickle_from, len(data)):
+                            time.sleep(reply.trickle)
+                            self.wfile.write(data[index:index + 1])
                 except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (a timeout test); nothing to answer
+                    return  # the client gave up (a timeout test); nothing to answer
+                if reply.reset:  # a zero linger time makes close() send RST instead of FIN
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # keep test output clean
