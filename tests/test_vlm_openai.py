@@ -1,6 +1,7 @@
 """OpenAICompatibleVLM against a real HTTP server: what it sends, and each way a server can fail."""
 
 import base64
+import email.utils
 import io
 import json
 import logging
@@ -10,7 +11,9 @@ import pytest
 from PIL import Image
 
 from csg.errors import InputError, VLMError
-from csg.vlm import CachedVLM, OpenAICompatibleVLM, Turn, chat_completions_url
+from csg.vlm import CachedVLM, OpenAICompatibleVLM, Turn, VLMOutputError, ask_until_valid, chat_completions_url
+from csg.vlm.openai_backend import MAX_RETRY_AFTER
+from csg.vlm.prompts import Stage
 from tests.vlm_server import Reply, VLMServer, closed_port_url, completion
 
 KEY = "sk-test-5f0c1e9d-never-print-me"
@@ -171,3 +174,141 @@ def test_the_key_never_leaves_the_authorization_header(key_env, tmp_path, caplog
     saved.append(caplog.text)
     for text in saved:
         assert KEY not in text
+
+
+# -- failures below HTTP: every one a VLMError that names it, retried like a refused connection ------------------
+
+HEAD_THEN_SHORT_BODY = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"choices\""
+HEAD_OF_A_LONG_BODY = b"HTTP/1.0 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 50_000
+
+
+@pytest.mark.parametrize("reply, fragment", [
+    (Reply(raw=b"HTCPCP/1.0 418 I am a teapot\r\n\r\n"), r"sent a reply that is not HTTP \(BadStatusLine"),
+    (Reply(raw=HEAD_THEN_SHORT_BODY), r"broke off its answer \(IncompleteRead\(10 bytes read, 90 more expected\)\)"),
+    (Reply(raw=HEAD_OF_A_LONG_BODY, reset=True), r"dropped the connection \(ConnectionResetError"),
+    (Reply(raw=b""), "closed the connection without answering"),
+], ids=["garbage status line", "body shorter than its length", "reset mid-body", "closed before answering"])
+def test_a_broken_reply_is_a_retried_vlm_error(reply, fragment):
+    with VLMServer(lambda request: reply) as server:
+        with pytest.raises(VLMError, match=fragment + ".* after 2 tries") as caught:
+            ask(OpenAICompatibleVLM(server.base_url, "m", retries=1, **FAST))
+    assert len(server.requests) == 2
+    assert server.base_url in str(caught.value)
+
+
+def test_tls_to_a_plain_http_server_is_final_and_says_check_the_scheme():
+    with VLMServer(lambda request: completion("never")) as server:
+        vlm = OpenAICompatibleVLM(server.base_url.replace("http://", "https://"), "m", retries=2, **FAST)
+        with pytest.raises(VLMError, match=r"could not agree on TLS .*Check http:// versus https://") as caught:
+            ask(vlm)
+    assert "tries" not in str(caught.value)  # not retried: it cannot get better
+
+
+# -- the timeout is a deadline for the whole exchange ----------------------------------------------------------
+
+ANSWER = completion("late")
+
+
+@pytest.mark.parametrize("trickle_from", [0, ANSWER.wire_bytes().index(b"\r\n\r\n") + 4], ids=["head", "body"])
+def test_a_trickling_server_is_cut_off_at_the_deadline(trickle_from):
+    """One byte every 0.25 s never trips a per-read timeout; the deadline ends each try after 1 s."""
+    trickling = Reply(body=ANSWER.body, trickle=0.25, trickle_from=trickle_from)
+    with VLMServer(lambda request: trickling) as server:
+        vlm = OpenAICompatibleVLM(server.base_url, "m", timeout=1.0, retries=1, **FAST)
+        start = time.monotonic()
+        with pytest.raises(VLMError, match=r"did not answer within 1 s after 2 tries"):
+            ask(vlm)
+        elapsed = time.monotonic() - start
+    assert 2.0 <= elapsed < 2.0 + 0.8  # two deadlines, a 0.01 s backoff, and slack
+    assert len(server.requests) == 2
+
+
+# -- Retry-After ------------------------------------------------------------------------------------------------
+
+def timed_ask(vlm):
+    start = time.monotonic()
+    answer = ask(vlm)
+    return answer, time.monotonic() - start
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_seconds_is_waited_for(status, caplog):
+    replies = iter([Reply(status, "slow down", headers={"Retry-After": "1"}), completion("fine")])
+    with VLMServer(lambda request: next(replies)) as server:
+        answer, elapsed = timed_ask(OpenAICompatibleVLM(server.base_url, "m", retries=1, **FAST))
+    assert answer == "fine" and len(server.requests) == 2
+    assert 1.0 <= elapsed < 1.8
+    assert f"HTTP {status}" in caplog.text and "retrying in 1 s" in caplog.text
+
+
+def test_retry_after_as_an_http_date_is_waited_for():
+    def respond(request):
+        if len(server.requests) == 1:  # the date is made when asked: whole seconds, so 1 to 2 s from now
+            return Reply(503, "restarting", headers={"Retry-After": email.utils.formatdate(time.time() + 2, usegmt=True)})
+        return completion("back")
+    with VLMServer(respond) as server:
+        answer, elapsed = timed_ask(OpenAICompatibleVLM(server.base_url, "m", retries=1, **FAST))
+    assert answer == "back" and len(server.requests) == 2
+    assert 1.0 <= elapsed < 2.8
+
+
+def test_a_retry_after_above_the_maximum_fails_at_once_naming_the_wait():
+    wait = int(MAX_RETRY_AFTER * 60)
+    with VLMServer(lambda request: Reply(429, "quota used up", headers={"Retry-After": str(wait)})) as server:
+        vlm = OpenAICompatibleVLM(server.base_url, "m", retries=3, **FAST)
+        start = time.monotonic()
+        with pytest.raises(VLMError, match=fr"HTTP 429.*quota used up.*asking to wait {wait} s before the next try "
+                                           fr"\(this client waits at most {MAX_RETRY_AFTER:g} s\)"):
+            ask(vlm)
+        assert time.monotonic() - start < 1
+    assert len(server.requests) == 1
+
+
+# -- a server that echoes the key ---------------------------------------------------------------------------------
+
+ESCAPED_KEY = "".join(f"\\u{ord(c):04x}" for c in KEY)  # the key as JSON \\uXXXX escapes, invisible to a text search
+
+
+def test_an_echoed_key_reaches_no_error_log_or_cache_file(key_env, tmp_path, caplog):
+    """Wherever the server puts the key (answer, escaped answer, error page, status line), it arrives as ***."""
+    def echo(request):
+        sent = request.headers["Authorization"]
+        question = request.text()
+        if "status line" in question:
+            return Reply(raw=f"HTTP/1.0 {sent}\r\n\r\n".encode())
+        if "error page" in question:
+            return Reply(500, f"cannot serve {sent}")
+        if "escaped" in question:
+            return Reply(body='{"choices": [{"message": {"content": "key: ' + ESCAPED_KEY + '"}}]}')
+        return completion(f"You sent {sent}. No JSON today.")
+
+    def refuse(answer):
+        raise VLMOutputError("This is not JSON.", output=answer)
+
+    caplog.set_level(logging.DEBUG)
+    with VLMServer(echo) as server:
+        backend = OpenAICompatibleVLM(server.base_url, "m", api_key_env=key_env, retries=1, **FAST)
+        cached = CachedVLM(backend, tmp_path / "cache")
+        with pytest.raises(VLMOutputError) as refused:
+            ask_until_valid(cached, Stage("echo", "system", 0.0, 50), "answer", [], refuse, max_attempts=2)
+        escaped = ask(cached, text="escaped")
+        errors = [refused.value]
+        for question in ("status line", "error page"):
+            with pytest.raises(VLMError) as caught:
+                ask(cached, text=question)
+            errors.append(caught.value)
+    assert all(r.headers["Authorization"] == f"Bearer {KEY}" for r in server.requests)
+    assert refused.value.output == "You sent Bearer ***. No JSON today." and escaped == "key: ***"
+    assert all("Bearer ***" in str(error) for error in errors)
+    files = [p.read_text() for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert files
+    for text in [*map(str, errors), *map(repr, errors), *files, caplog.text]:
+        assert KEY not in text
+
+
+def test_a_key_a_header_cannot_carry_is_refused_without_quoting_it(monkeypatch):
+    monkeypatch.setenv("CSG_TEST_VLM_KEY", "sk-pasted\nwith-a-line-break")
+    with VLMServer(lambda request: completion("x")) as server:
+        with pytest.raises(InputError, match="CSG_TEST_VLM_KEY has characters an HTTP header cannot carry") as caught:
+            ask(OpenAICompatibleVLM(server.base_url, "m", api_key_env="CSG_TEST_VLM_KEY"))
+    assert "pasted" not in str(caught.value) and server.requests == []

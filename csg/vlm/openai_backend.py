@@ -7,22 +7,32 @@ and provider paths such as ``https://host/openai/v1`` keep their prefix.
 
 The API key, when needed, is read from an environment variable whose *name* is given
 (``api_key_env="OPENAI_API_KEY"``), at request time. The key goes only into the Authorization
-header: never into ``repr``, ``identity`` (the cache key), log lines or error messages.
+header: never into ``repr``, ``identity`` (the cache key), log lines or error messages. A server
+can still send it back (error pages that quote the request, a model that repeats its prompt
+headers), so everything the server sends is masked here, at the boundary, before any error,
+log line, cache entry or stage sees it: the key and the URL's query values (where some providers
+put theirs) become ``***``. Values shorter than ``SHORTEST_SECRET`` are placeholders, not secrets
+("EMPTY", "ollama"), and are left alone: masking such common words would garble answers.
 """
 
 from __future__ import annotations
 
 import base64
+import email.utils
+import http.client
 import io
 import json
 import logging
 import os
 import socket
+import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import timezone
 from typing import Any, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from PIL import Image
 
@@ -33,7 +43,11 @@ from .protocol import MAX_IMAGE_SIDE, Turn, prepare_image
 log = logging.getLogger("csg.vlm")
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # worth asking again; other errors are final
+RETRY_AFTER_STATUSES = frozenset({429, 503})  # where a Retry-After header says how long to wait
+MAX_RETRY_AFTER = 60.0  # seconds; a server asking for a longer wait gets a final error naming it instead
 BODY_QUOTE_LIMIT = 400
+SHORTEST_SECRET = 8  # characters; shorter keys are placeholders, see the module docstring
+SERVER_LOG_HINT = "The server may have crashed or restarted; look at its log."
 
 
 def chat_completions_url(base_url: str) -> str:
@@ -78,13 +92,124 @@ def chat_messages(system: str, turns: Sequence[Turn], images: Sequence[Image.Ima
     return messages
 
 
+def retry_after_seconds(value: str | None) -> float | None:
+    """The wait a ``Retry-After`` header asks for, in seconds: either form of RFC 9110, delay-seconds
+    (``"120"``) or an HTTP-date (``"Wed, 21 Oct 2026 07:28:00 GMT"``). None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # HTTP-dates are always GMT
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - time.time())
+
+
+class Deadline:
+    """One exchange's time limit, over all of it: connecting, sending, waiting and reading the body.
+
+    A socket timeout bounds each read, not the exchange, so a server trickling a byte at a time can
+    hold a client for ever. Instead a timer shuts the exchange's socket down when the time is up; that
+    wakes whatever read or write is blocked on it, the exchange fails, and ``expired`` tells why.
+    """
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down at the deadline, or now if the connecting already used it up."""
+        with self._lock:
+            self._socket = sock
+            expired = self.expired
+        if expired:
+            self._shut(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sock = self._socket
+        if sock is not None:
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:  # the plain socket's shutdown, also for a TLS socket: its own drops the TLS state under the reader
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed: the exchange is over
+
+
+class _Watched:
+    """An HTTP(S) connection whose socket a ``Deadline`` shuts down when the exchange runs late."""
+
+    def __init__(self, *args: Any, deadline: Deadline, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def connect(self) -> None:
+        super().connect()  # each step bounded by the socket timeout, which is the whole deadline
+        self.deadline.watch(self.sock)  # from here on, the exchange as a whole
+
+
+class _WatchedHTTPConnection(_Watched, http.client.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, http.client.HTTPSConnection):
+    pass
+
+
+_WATCHED = {http.client.HTTPConnection: _WatchedHTTPConnection, http.client.HTTPSConnection: _WatchedHTTPSConnection}
+
+
+class _WatchedOpen:
+    """urllib's HTTP(S) handler opening watched connections (proxies and TLS settings work as usual)."""
+
+    def __init__(self, deadline: Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def do_open(self, http_class: type, req: urllib.request.Request, **kwargs: Any) -> http.client.HTTPResponse:
+        return super().do_open(_WATCHED[http_class], req, deadline=self.deadline, **kwargs)
+
+
+class _WatchedHTTPHandler(_WatchedOpen, urllib.request.HTTPHandler):
+    pass
+
+
+class _WatchedHTTPSHandler(_WatchedOpen, urllib.request.HTTPSHandler):
+    pass
+
+
 class OpenAICompatibleVLM:
     """A VLM behind an OpenAI-compatible ``/chat/completions`` endpoint.
 
-    ``timeout`` bounds one HTTP exchange (seconds). Refused connections, timeouts and the statuses
-    in ``RETRY_STATUSES`` are tried ``retries`` more times, waiting ``backoff``, 2·``backoff``, ...
-    seconds in between. There is deliberately no way to pass the key's value: only the name of the
-    environment variable that holds it, so no workflow, cache or log can ever contain it.
+    ``timeout`` is a deadline in seconds for one whole exchange: connecting, sending the question and
+    receiving the complete answer, however slowly the server sends it. (Only the DNS lookup, which no
+    standard-library call bounds, comes on top; a TLS handshake is bounded step by step.)
+
+    A failed exchange is tried ``retries`` more times, each try with a fresh deadline: after a
+    timeout, a refused or broken connection, a reply that is not HTTP, or one of the
+    ``RETRY_STATUSES``. Between tries it waits ``backoff``, 2·``backoff``, 4·``backoff``, ... seconds,
+    or what a 429/503 reply's ``Retry-After`` asks for; a server asking for more than
+    ``MAX_RETRY_AFTER`` seconds gets a final error naming its wait instead. So one call takes at most
+    (retries + 1)·timeout plus those waits: with the defaults (300 s, 2 retries, 1 s backoff) 903 s,
+    or 1020 s if the server asks for the longest Retry-After waits.
+
+    There is deliberately no way to pass the key's value: only the name of the environment variable
+    that holds it, so no workflow, cache or log can ever contain it.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, timeout: float = 300.0,
@@ -118,12 +243,20 @@ class OpenAICompatibleVLM:
         if not key:
             raise InputError(f"The environment variable {self.api_key_env} that should hold the VLM server's API key "
                              "is not set. Set it before starting, or leave api_key_env empty for servers without a key.")
+        if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
+            # http.client would refuse the header with a ValueError that quotes the key
+            raise InputError(f"The API key in the environment variable {self.api_key_env} has characters an HTTP "
+                             "header cannot carry (spaces, line breaks or non-ASCII letters). Copy the key again.")
         return key
 
     def _redact(self, text: str) -> str:
-        """Mask the key wherever a server echoed it back (some error pages quote request headers)."""
-        secret = os.environ.get(self.api_key_env, "").strip() if self.api_key_env else ""
-        return text.replace(secret, "***") if secret else text
+        """``text`` from the server with every secret it echoed masked (see the module docstring)."""
+        key = os.environ.get(self.api_key_env, "").strip() if self.api_key_env else ""
+        query_values = [value for _, value in parse_qsl(urlsplit(self._endpoint).query)]
+        for secret in sorted({key, *query_values}, key=len, reverse=True):  # a longer one may contain a shorter
+            if len(secret) >= SHORTEST_SECRET:
+                text = text.replace(secret, "***")
+        return text
 
     # -- the request ------------------------------------------------------------------------------
 
@@ -146,33 +279,71 @@ class OpenAICompatibleVLM:
         return self._answer_text(body)
 
     def _post(self, data: bytes, headers: dict[str, str]) -> bytes:
-        """POST with bounded retries; returns the 200 body or raises VLMError."""
+        """POST with bounded retries; returns the 2xx body or raises VLMError."""
         for attempt in range(self.retries + 1):
-            request = urllib.request.Request(self._endpoint, data=data, headers=headers, method="POST")
+            wait = self.backoff * 2 ** attempt
+            deadline = Deadline(self.timeout)
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read()
-            except urllib.error.HTTPError as exc:
-                body = exc.read().decode("utf-8", errors="replace")
-                problem = f"answered HTTP {exc.code} {exc.reason}: {quote(self._redact(body), BODY_QUOTE_LIMIT)}"
-                final = exc.code not in RETRY_STATUSES
-                hint = self._status_hint(exc.code)
-            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as exc:
-                reason = getattr(exc, "reason", exc)
-                final = False
-                if isinstance(reason, (TimeoutError, socket.timeout)):
-                    problem = f"did not answer within {self.timeout:g} s"
-                    hint = "It may still be loading the model, or the answer is long: raise the timeout."
-                else:
-                    problem = f"is not reachable ({self._redact(str(reason))})"
-                    hint = "Start the server or fix the URL."
+                status, reason, reply_headers, body = self._exchange(data, headers, deadline)
+            except (OSError, http.client.HTTPException) as exc:  # every failure below HTTP, TLS included
+                problem, hint, final = self._transport_failure(exc, deadline.expired)
+            else:
+                if 200 <= status < 300:
+                    return body
+                problem = f"answered HTTP {status} {reason}: {quote(body.decode('utf-8', errors='replace'), BODY_QUOTE_LIMIT)}"
+                final = status not in RETRY_STATUSES
+                hint = self._status_hint(status)
+                asked = retry_after_seconds(reply_headers.get("Retry-After")) if status in RETRY_AFTER_STATUSES else None
+                if asked is not None and asked > MAX_RETRY_AFTER:
+                    problem += f", asking to wait {asked:.0f} s before the next try (this client waits at most {MAX_RETRY_AFTER:g} s)"
+                    hint = "Try again once the server is ready, or ask its operator about its limits."
+                    final = True
+                elif asked is not None:
+                    wait = asked
+            finally:
+                deadline.cancel()
+            problem = self._redact(problem)
             if final or attempt == self.retries:
                 tries = f" after {attempt + 1} tries" if attempt else ""
                 raise VLMError(f"The VLM server at {self.url} {problem}{tries}. {hint}") from None
-            delay = self.backoff * 2 ** attempt
-            log.warning("VLM server at %s %s; retrying in %.2g s", self.url, problem, delay)
-            time.sleep(delay)
+            log.warning("VLM server at %s %s; retrying in %.2g s", self.url, problem, wait)
+            time.sleep(wait)
         raise AssertionError("unreachable")  # the loop always returns or raises
+
+    def _exchange(self, data: bytes, headers: dict[str, str], deadline: Deadline) -> tuple[int, str, Any, bytes]:
+        """One POST under ``deadline``: status, reason, headers and body, whatever the status."""
+        opener = urllib.request.build_opener(_WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline))
+        request = urllib.request.Request(self._endpoint, data=data, headers=headers, method="POST")
+        try:
+            response = opener.open(request, timeout=self.timeout)
+        except urllib.error.HTTPError as error:  # an error status: still a reply, with headers and a body
+            response = error
+        with response:
+            return response.status, response.reason, response.headers, response.read()
+
+    def _transport_failure(self, exc: BaseException, timed_out: bool) -> tuple[str, str, bool]:
+        """(problem, hint, final) for a failure below HTTP: no connection, a broken one, or no HTTP on it."""
+        # urllib wraps what fails while connecting and sending; what fails later comes as it is
+        cause = exc.reason if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException) else exc
+        if timed_out or isinstance(cause, TimeoutError):
+            return (f"did not answer within {self.timeout:g} s",
+                    "It may still be loading the model, or the answer is long: raise the timeout.", False)
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (f"has a TLS certificate this machine does not trust ({cause.verify_message})",
+                    "Install the certificate of the authority that signed it, or fix the host name in the URL.", True)
+        broken_tls = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)  # a connection that broke
+        if isinstance(cause, ssl.SSLError) and not isinstance(cause, broken_tls):
+            return (f"could not agree on TLS ({cause})", "Check http:// versus https:// in the URL.", True)
+        if isinstance(cause, http.client.IncompleteRead):
+            return f"broke off its answer ({cause!r})", SERVER_LOG_HINT, False
+        if isinstance(cause, http.client.RemoteDisconnected):
+            return "closed the connection without answering", SERVER_LOG_HINT, False
+        if isinstance(cause, http.client.HTTPException):
+            return (f"sent a reply that is not HTTP ({type(cause).__name__}: {quote(str(cause), BODY_QUOTE_LIMIT)})",
+                    "Check that the URL points at the OpenAI-compatible API and not at another service.", False)
+        if isinstance(exc, urllib.error.URLError):
+            return f"is not reachable ({cause})", "Start the server or fix the URL.", False
+        return f"dropped the connection ({type(cause).__name__}: {cause})", SERVER_LOG_HINT, False
 
     def _status_hint(self, status: int) -> str:
         if status in (401, 403):
@@ -185,18 +356,18 @@ class OpenAICompatibleVLM:
         return "Check the model name and the server's limits (image size, max_tokens)."
 
     def _answer_text(self, body: bytes) -> str:
-        text = body.decode("utf-8", errors="replace")
+        text = self._redact(body.decode("utf-8", errors="replace"))
         malformed = f"The VLM server at {self.url} sent a response that is not a chat completion"
         try:
             data = json.loads(text)
         except ValueError:
-            raise VLMError(f"{malformed} (not JSON): {quote(self._redact(text), BODY_QUOTE_LIMIT)}. "
+            raise VLMError(f"{malformed} (not JSON): {quote(text, BODY_QUOTE_LIMIT)}. "
                            "Check that the URL points at an OpenAI-compatible API.") from None
         try:
             choice = data["choices"][0]
             content = choice["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise VLMError(f"{malformed} (no choices[0].message.content): {quote(self._redact(text), BODY_QUOTE_LIMIT)}.") from None
+            raise VLMError(f"{malformed} (no choices[0].message.content): {quote(text, BODY_QUOTE_LIMIT)}.") from None
         if isinstance(content, list):  # some servers return content parts
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
         if not isinstance(content, str) or not content.strip():
@@ -205,4 +376,4 @@ class OpenAICompatibleVLM:
                            "If it is a reasoning model, turn its thinking mode off (e.g. a non-thinking "
                            "variant or the server's reasoning switch): each stage has a fixed token budget that "
                            "long reasoning can use up.")
-        return content
+        return self._redact(content)  # again: JSON escapes in the raw body can hide a secret from the first pass
