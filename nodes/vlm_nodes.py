@@ -105,6 +105,12 @@ class _Watched:
         if forget is not None:
             forget(system, turns, images, temperature=temperature, max_tokens=max_tokens)
 
+    def remember(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *, temperature: float,
+                 max_tokens: int, answer: str) -> None:
+        remember = getattr(self.backend, "remember", None)  # the answer cache keeps a corrected answer it accepted
+        if remember is not None:
+            remember(system, turns, images, temperature=temperature, max_tokens=max_tokens, answer=answer)
+
 
 @contextmanager
 def asking(handle: VLMHandle, questions: int) -> Iterator[VLM]:

@@ -161,13 +161,13 @@ def test_a_bad_answer_is_fed_back_and_the_retry_used(tmp_path):
     scene = load_scene("portrait")
     cyclic = json.loads(json.dumps(scene["extraction"]))
     cyclic["relationships"].append({"id": "r9", "cause_id": "c2", "effect_id": "c1", "description": "loop"})
-    answers = iter([json.dumps(cyclic), json.dumps(scene["extraction"]), json.dumps(scene["extraction"])])
+    answers = iter([json.dumps(cyclic), json.dumps(scene["extraction"])])
     with VLMServer(lambda request: completion(next(answers))) as server:
         extraction = extract_graph(backend(server, tmp_path / "cache"), scene_image(scene), caption="a portrait")
-        # The rejected answer was dropped from the cache: a new run asks the first question again
-        # (and now gets a good answer), while the corrected exchange is not needed any more.
+        assert len(server.requests) == 2
+        # The corrected answer was stored as the answer to the first question: a rerun asks nothing.
         assert extract_graph(backend(server, tmp_path / "cache"), scene_image(scene), caption="a portrait") == extraction
-        assert len(server.requests) == 3
+        assert len(server.requests) == 2
     assert extraction.graph == CausalGraph.from_dict(scene["extraction"])
     retry = server.requests[1].messages
     assert [m["role"] for m in retry] == ["system", "user", "assistant", "user"]
@@ -184,6 +184,17 @@ def test_unusable_answers_end_in_an_error_naming_the_stage_and_quoting_the_answe
     assert len(server.requests) == 3
     assert error.stage == "concept extraction" and error.output == "I cannot help with causal graphs today."
     assert "3 attempt(s)" in str(error) and "no valid JSON" in str(error) and "causal graphs today" in str(error)
+
+
+def test_a_stage_that_found_no_usable_answer_asks_again_on_a_rerun(tmp_path):
+    """Rejected answers are dropped from the cache, so a rerun does not replay them."""
+    with VLMServer(lambda request: completion("I cannot help with causal graphs today.")) as server:
+        for run in (1, 2):
+            with pytest.raises(VLMOutputError):
+                extract_graph(backend(server, tmp_path / "cache"), scene_image(load_scene("street")),
+                              caption="a street", max_attempts=2)
+            assert len(server.requests) == 2 * run
+    assert not list((tmp_path / "cache").rglob("*.json"))
 
 
 def test_a_lighting_concept_is_sent_back():

@@ -26,16 +26,21 @@ def ask_until_valid(vlm: VLM, stage: Stage, user: str, images: Sequence[Image.Im
     After a rejected answer the conversation grows by that answer and a user turn naming the
     problem, so the model can correct itself. Errors of the backend itself (server down, weights
     missing) are not retried here; they propagate at once.
+
+    A backend may offer two optional methods, as ``CachedVLM`` does: ``forget`` (the question whose
+    answer was rejected) and ``remember`` (the first question, with the corrected answer accepted
+    later), so that a cache replays only accepted answers and a rerun asks nothing.
     """
     if max_attempts < 1:
         raise InputError(f"max_attempts must be at least 1, got {max_attempts}.")
     pictures = [prepare_image(image) for image in images]
-    turns = [Turn("user", user)]
+    question = [Turn("user", user)]
+    turns = question
     problem, answer = "", ""
     for attempt in range(1, max_attempts + 1):
         answer = vlm.generate(stage.system, turns, pictures, temperature=stage.temperature, max_tokens=stage.max_tokens)
         try:
-            return validate(answer)
+            result = validate(answer)
         except (VLMOutputError, GraphError) as exc:
             problem = exc.problem if isinstance(exc, VLMOutputError) else str(exc)
             log.warning("%s: attempt %d of %d unusable: %s", stage.name, attempt, max_attempts, problem)
@@ -43,6 +48,12 @@ def ask_until_valid(vlm: VLM, stage: Stage, user: str, images: Sequence[Image.Im
             if forget is not None:  # a cache must not replay an answer we rejected
                 forget(stage.system, turns, pictures, temperature=stage.temperature, max_tokens=stage.max_tokens)
             turns = [*turns, Turn("assistant", answer), Turn("user", correction_user(problem))]
+            continue
+        remember = getattr(vlm, "remember", None)
+        if attempt > 1 and remember is not None:  # a rerun of the question gets the accepted answer at once
+            remember(stage.system, question, pictures, temperature=stage.temperature, max_tokens=stage.max_tokens,
+                     answer=answer)
+        return result
     raise VLMOutputError(
         f"The VLM gave no usable {stage.name} answer in {max_attempts} attempt(s). Last problem: {problem} "
         "Try a larger or instruction-tuned model, allow more attempts, or write the JSON by hand "

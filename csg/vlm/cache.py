@@ -5,6 +5,10 @@ model), the system prompt, the conversation, the images' pixel hashes, the tempe
 token budget. An entry is one small JSON file written atomically (temp file + ``os.replace``);
 an entry that cannot be read is ignored and rewritten. Identities never hold secrets (the
 backends guarantee it) and the files hold only the key, the identity and the answer.
+
+The stages keep it consistent with what they accept (``ask_until_valid``): an answer they reject
+is forgotten, and when a later, corrected answer is accepted it is remembered as the answer to the
+first question, so a rerun of the stage is answered from here without asking at all.
 """
 
 from __future__ import annotations
@@ -85,10 +89,14 @@ class CachedVLM:
         except OSError as exc:  # a cache that cannot be written only costs time, never the answer
             log.warning("could not write the VLM cache entry %s: %s", path, exc)
 
+    def _entry(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], temperature: float,
+               max_tokens: int) -> tuple[str, Path]:
+        key = answer_key(self.identity, system, turns, images, temperature, max_tokens)
+        return key, self.entry_path(key)
+
     def generate(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *,
                  temperature: float, max_tokens: int) -> str:
-        key = answer_key(self.identity, system, turns, images, temperature, max_tokens)
-        path = self.entry_path(key)
+        key, path = self._entry(system, turns, images, temperature, max_tokens)
         cached = self._read(path, key)
         if cached is not None:
             log.debug("VLM cache hit %s", key[:12])
@@ -100,8 +108,15 @@ class CachedVLM:
     def forget(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *,
                temperature: float, max_tokens: int) -> None:
         """Drop a stored answer (the stages call this for answers they rejected, so they are asked anew)."""
-        key = answer_key(self.identity, system, turns, images, temperature, max_tokens)
+        _, path = self._entry(system, turns, images, temperature, max_tokens)
         try:
-            self.entry_path(key).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         except OSError as exc:
-            log.warning("could not remove the VLM cache entry %s: %s", self.entry_path(key), exc)
+            log.warning("could not remove the VLM cache entry %s: %s", path, exc)
+
+    def remember(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *,
+                 temperature: float, max_tokens: int, answer: str) -> None:
+        """Store ``answer`` as the answer to this question (the stages call this with the corrected answer
+        they accepted, under their first question, so a rerun needs no correction round)."""
+        key, path = self._entry(system, turns, images, temperature, max_tokens)
+        self._write(path, key, answer)

@@ -27,6 +27,7 @@ class VLM(Protocol):
 
     ``identity`` names the backend kind and model (e.g. ``"openai:http://host:8000/v1:qwen3-vl"``);
     it keys the answer cache, so it must change when the model does and never contain a secret.
+    A cache adds the optional ``forget`` and ``remember`` that ``ask_until_valid`` calls.
     """
 
     @property
