@@ -290,19 +290,19 @@ class OpenAICompatibleVLM:
             else:
                 if 200 <= status < 300:
                     return body
-                problem = f"answered HTTP {status} {reason}: {quote(body.decode('utf-8', errors='replace'), BODY_QUOTE_LIMIT)}"
-                final = status not in RETRY_STATUSES
-                hint = self._status_hint(status)
+                page = quote(body.decode("utf-8", errors="replace"), BODY_QUOTE_LIMIT)
+                problem = f"answered HTTP {status} {reason}: {page}"
+                hint, final = self._status_hint(status), status not in RETRY_STATUSES
                 asked = retry_after_seconds(reply_headers.get("Retry-After")) if status in RETRY_AFTER_STATUSES else None
                 if asked is not None and asked > MAX_RETRY_AFTER:
-                    problem += f", asking to wait {asked:.0f} s before the next try (this client waits at most {MAX_RETRY_AFTER:g} s)"
-                    hint = "Try again once the server is ready, or ask its operator about its limits."
-                    final = True
+                    problem += (f", asking to wait {asked:.0f} s before the next try "
+                                f"(this client waits at most {MAX_RETRY_AFTER:g} s)")
+                    hint, final = "Try again once the server is ready, or ask its operator about its limits.", True
                 elif asked is not None:
                     wait = asked
             finally:
                 deadline.cancel()
-            problem = self._redact(problem)
+            problem = self._redact(problem)  # status lines, bodies and error texts all come from the server
             if final or attempt == self.retries:
                 tries = f" after {attempt + 1} tries" if attempt else ""
                 raise VLMError(f"The VLM server at {self.url} {problem}{tries}. {hint}") from None
