@@ -248,9 +248,11 @@ class OpenAICompatibleVLMNode(io.ComfyNode):
                                         "OPENAI_API_KEY), set before starting ComfyUI. Never the key itself: this "
                                         "field is saved in the workflow. Empty for servers without a key."),
                 io.Float.Input("timeout", default=300.0, min=1.0, max=3600.0, step=1.0,
-                               tooltip="Seconds to wait for one answer."),
+                               tooltip="Seconds one question may take in all: connecting, sending and the whole "
+                                       "answer, however slowly it comes. Each retry gets this time afresh."),
                 io.Int.Input("retries", default=2, min=0, max=10,
-                             tooltip="Extra tries after a refused connection, a timeout or a busy server."),
+                             tooltip="Extra tries after a refused or broken connection, a timeout or a busy server "
+                                     "(whose Retry-After is honoured up to 60 s)."),
                 cache_input(),
             ],
             outputs=[VLMType.Output(display_name="vlm")],
