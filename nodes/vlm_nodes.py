@@ -31,6 +31,7 @@ from ..csg.errors import InputError, WeightsMissingError
 from ..csg.graph import CausalGraph
 from ..csg.vlm import (DEFAULT_ATTEMPTS, VLM, CachedVLM, OpenAICompatibleVLM, TransformersVLM, Turn, extract_graph,
                        manual_intervention, propagate_intervention, propose_interventions)
+from ..csg.vlm.openai_backend import MAX_RETRY_AFTER
 from .csg_common import CATEGORY, CausalGraphType, InterventionType, Interventions
 from .graph_nodes import graph_preview, image_to_pil, intervention_report, interventions_json, preview_width_input
 
@@ -252,7 +253,7 @@ class OpenAICompatibleVLMNode(io.ComfyNode):
                                        "answer, however slowly it comes. Each retry gets this time afresh."),
                 io.Int.Input("retries", default=2, min=0, max=10,
                              tooltip="Extra tries after a refused or broken connection, a timeout or a busy server "
-                                     "(whose Retry-After is honoured up to 60 s)."),
+                                     f"(whose Retry-After is honoured up to {MAX_RETRY_AFTER:g} s)."),
                 cache_input(),
             ],
             outputs=[VLMType.Output(display_name="vlm")],
