@@ -137,6 +137,26 @@ def test_a_rerun_is_answered_from_the_cache_without_asking_the_server(comfyui, s
     assert second.outputs["6"][0] == first.outputs["6"][0]
 
 
+def test_a_rerun_after_a_corrected_answer_asks_nothing(comfyui, scene, portrait, api_key, answer_cache):
+    """The extractor's first answer is refused and the corrected one accepted: the cache serves that to the rerun."""
+    answer_the_scene = scene_server(scene).responder
+    refused = []
+
+    def respond(request):
+        if stage_of(request) == "extraction" and not refused:
+            refused.append(request)
+            return completion("No JSON from me today.")
+        return answer_the_scene(request)
+
+    with VLMServer(respond) as server:
+        prompt = understanding_prompt(server, portrait, caption="a portrait", preview=False)
+        first = comfyui.run(prompt, outputs=["3"], fresh=True)
+        assert len(server.requests) == 2  # the refused answer and its correction
+        second = comfyui.run(prompt, outputs=["3"], fresh=True)
+        assert len(server.requests) == 2
+    assert second.outputs["3"][0] == first.outputs["3"][0]
+
+
 def test_a_caption_is_the_base_prompt_and_saves_the_description_question(comfyui, scene, portrait, api_key,
                                                                          answer_cache):
     caption = "an astronaut portrait"
