@@ -43,7 +43,8 @@ def test_url_rule(base, endpoint):
     assert chat_completions_url(base) == endpoint
 
 
-@pytest.mark.parametrize("base", ["", "localhost:8000", "ftp://host/v1"])
+@pytest.mark.parametrize("base", ["", "localhost:8000", "ftp://host/v1", "http://127.0.0.1:99999/v1",
+                                  "http://127.0.0.1:8000/my models/v1", "http://127.0.0.1:8000/v1\x00"])
 def test_unusable_urls_are_input_errors(base):
     with pytest.raises(InputError, match="URL"):
         OpenAICompatibleVLM(base, "m")

@@ -54,7 +54,15 @@ def chat_completions_url(base_url: str) -> str:
     """The endpoint for a user-given base URL, by the rule in the module docstring."""
     if not isinstance(base_url, str) or not base_url.strip():
         raise InputError("The VLM server URL is empty. Give its base URL, e.g. http://127.0.0.1:8000/v1.")
+    if any(c.isspace() or not c.isprintable() for c in base_url.strip()):
+        raise InputError("The VLM server URL contains spaces or control characters, which no request can carry. "
+                         "Give it like http://127.0.0.1:8000/v1 (write a space in a path as %20).")
     parts = urlsplit(base_url.strip())
+    try:
+        parts.port  # parsed on access: raises for a port out of range or not a number
+    except ValueError:
+        raise InputError("The VLM server URL has a port that is not a number from 0 to 65535. "
+                         "Give it like http://127.0.0.1:8000/v1.") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InputError(f"The VLM server URL {redact_url(base_url)!r} is not an http(s) URL. "
                          "Give it like http://127.0.0.1:8000/v1.")
