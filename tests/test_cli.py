@@ -46,7 +46,7 @@ def test_hand_written_graph_and_intervention_run_end_to_end(sdxl_folder, tmp_pat
     code = main([str(PORTRAIT), "--graph-json", str(GRAPH), "--intervention-json", str(INTERVENTION),
                  "--sdxl", str(sdxl_folder), "--out", str(out), *FAST])
     assert code == 0, capsys.readouterr().err
-    for name in ("original.png", "counterfactual.png", "mask_c1.png", "mask_c2.png", "mask_c3.png"):
+    for name in ("original.png", "counterfactual.png", "mask_1.png", "mask_2.png", "mask_3.png"):
         with Image.open(out / name) as image:
             assert image.size == (64, 64), name
     with Image.open(out / "counterfactual.png") as image:
@@ -58,6 +58,7 @@ def test_hand_written_graph_and_intervention_run_end_to_end(sdxl_folder, tmp_pat
     [entry] = report["interventions"]
     assert entry["intervention"]["new_value"] == "old" and entry["stripped_changes"] == []
     assert [c["concept_id"] for c in entry["edit_concepts"]] == ["c1", "c2", "c3"]
+    assert entry["files"]["masks"] == [{"concept_id": f"c{k}", "file": str(out / f"mask_{k}.png")} for k in (1, 2, 3)]
     assert report["parameters"]["num_steps"] == 6 and report["parameters"]["mask_mode"] == "intersect"
     assert report["source_prompt"].startswith("a portrait photo")
     assert report["models"]["sdxl"] == str(sdxl_folder) and report["models"]["vlm"] is None
@@ -132,7 +133,7 @@ def test_forbidden_changes_are_stripped_and_reported(sdxl_folder, tmp_path, caps
     assert report["parameters"]["concept_scales"] == {"hair color": 5.0} and report["parameters"]["reverse"] == ["c3"]
     [entry] = report["interventions"]
     assert [v["concept_id"] for v in entry["stripped_changes"]] == ["c6"]
-    assert not (out / "mask_c6.png").exists()
+    assert "c6" not in [m["concept_id"] for m in entry["files"]["masks"]]
     assert "c6" in capsys.readouterr().err
 
 
