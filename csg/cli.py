@@ -343,14 +343,7 @@ def load_json_file(path: str, what: str) -> Any:
                          "permissions.") from None
     if len(raw) > MAX_JSON_BYTES:
         raise InputError(too_big)
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"The {what} file {file} is not UTF-8 text ({describe_encoding(raw, exc)}). Save it as "
-                         "UTF-8 (e.g. in your editor's \"Save with encoding\" menu).") from None
-    if "\0" in text:  # valid UTF-8, but JSON never holds NUL bytes: UTF-16 without a byte-order mark, or binary
-        raise InputError(f"The {what} file {file} contains NUL bytes, so it is UTF-16 or binary, not UTF-8 text. "
-                         "Save it as UTF-8.")
+    text = utf8_text(raw, file, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -360,10 +353,19 @@ def load_json_file(path: str, what: str) -> Any:
         raise InputError(f"The {what} file {file} nests lists or objects too deeply to be a {what}.") from None
 
 
-def describe_encoding(raw: bytes, error: UnicodeDecodeError) -> str:
+def utf8_text(raw: bytes, file: Path, what: str) -> str:
+    """``raw`` as text, a UTF-8 byte-order mark dropped; anything else is an InputError saying what it looks like."""
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return "it starts with a UTF-16 byte-order mark, as Windows Notepad and PowerShell write"
-    return f"byte {error.start} is 0x{raw[error.start]:02x}, as in Latin-1 or a binary file"
+        looks = "it starts with a UTF-16 byte-order mark, as Windows Notepad and PowerShell write"
+    elif b"\0" in raw:  # JSON text never holds a NUL byte: UTF-16 without a byte-order mark, or binary
+        looks = "it holds NUL bytes, as UTF-16 text or a binary file does"
+    else:
+        try:
+            return raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            looks = f"byte {exc.start} is 0x{raw[exc.start]:02x}, as in Latin-1 or a binary file"
+    raise InputError(f"The {what} file {file} is not UTF-8 text ({looks}). Save it as UTF-8 (e.g. with your "
+                     "editor's \"Save with encoding\").")
 
 
 def resolve_device(name: str, dtype_name: str):
@@ -616,15 +618,21 @@ class Interrupted(Exception):
     """Ctrl-C after the plan was saved; the message says how to resume from it."""
 
 
+def write_json(path: Path, text: str) -> None:
+    # A lone surrogate (which a model can write as "\ud800") has no UTF-8 form; written back as that same
+    # escape, the file stays valid JSON and reads back identically.
+    path.write_text(text, encoding="utf-8", errors="backslashreplace")
+
+
 def save_plan(layout: OutputLayout, plan: Plan) -> None:
     """The graph and each intervention as JSON, before SDXL runs: an interrupted or failed edit keeps
     the VLM's work, and ``--graph-json`` / ``--intervention-json`` replay it without a VLM."""
     try:
         layout.graph_json.parent.mkdir(parents=True, exist_ok=True)
-        layout.graph_json.write_text(plan.graph.to_json(), encoding="utf-8")
+        write_json(layout.graph_json, plan.graph.to_json())
         for files, intervention in zip(layout.items, plan.interventions):
             files.folder.mkdir(parents=True, exist_ok=True)
-            files.intervention.write_text(intervention.to_json(), encoding="utf-8")
+            write_json(files.intervention, intervention.to_json())
     except OSError as exc:  # e.g. a disk that filled up; nothing slow has run yet
         raise InputError(f"Could not write {exc.filename} ({exc.strerror}). Choose another --out folder.") from None
 
@@ -666,7 +674,7 @@ def write_outputs(layout: OutputLayout, plan: Plan, results: list, report_fields
         "interventions": entries,
         **report_fields,
     }
-    layout.report.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json(layout.report, json.dumps(report, indent=2, ensure_ascii=False))
     return layout.report
 
 

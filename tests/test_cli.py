@@ -3,14 +3,16 @@ discovery on real folder layouts, the missing-weights message, and the benchmark
 
 import json
 import runpy
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from csg.cli import SDXL_REPO, find_sdxl, find_vlm, main
+from csg.cli import MAX_JSON_BYTES, SDXL_REPO, find_sdxl, find_vlm, main
 from csg.errors import WeightsMissingError
 from tests.test_vlm_stages import load_scene, scene_server
+from tests.vlm_server import Reply, VLMServer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "csg" / "examples"
@@ -187,6 +189,18 @@ def test_single_checkpoint_without_configs_says_how_to_get_them(tmp_path, capsys
     (["--do", "age=old", "--steps", "8"], "no step would be guided"),  # the default warm-up is 10
     (["--do", "age=old", "--steps", "8", "--method", "ddim"], "weights were not found"),  # no warm-up to check
     (["--do", "age=old", "--method", "ddpm", "--guidance-scale", "nan"], "guidance_scale must be a finite"),
+    (["--do", "age=old", "--pick", "2"], "--pick chooses among"),
+    (["--pick", "²"], "--pick expects"),  # a digit to str.isdigit, not to int()
+    *[(["--do", "age=old", "--vlm-url", "http://127.0.0.1:9/v1", "--vlm-name", "m", option, value], message)
+      for option, value, message in [("--vlm-timeout", "0", "--vlm-timeout must be"),
+                                     ("--vlm-timeout", "-5", "--vlm-timeout must be"),
+                                     ("--vlm-timeout", "nan", "--vlm-timeout must be"),
+                                     ("--vlm-timeout", "inf", "--vlm-timeout must be"),
+                                     ("--vlm-timeout", "1e300", "at most 3600"),
+                                     ("--vlm-retries", "-1", "--vlm-retries must be"),
+                                     ("--vlm-retries", "11", "from 0 to 10")]],
+    (["--do", "age=old", "--vlm-timeout", "30"], "give its --vlm-url"),  # a local model has no timeout
+    (["--graph-json", str(GRAPH), "--intervention-json", str(INTERVENTION), "--out", str(PORTRAIT)], "is a file"),
 ])
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     assert main([str(PORTRAIT), *argv]) == 2
@@ -297,3 +311,173 @@ def test_an_interrupted_edit_keeps_the_vlms_work_for_a_rerun_without_it(sdxl_fol
     [entry] = read_report(rerun)["interventions"]
     assert entry["intervention"] == json.loads((out / "intervention.json").read_text())
     assert (rerun / "counterfactual.png").is_file() and read_report(rerun)["models"]["vlm"] is None
+
+
+# -- hostile input: ids, files and options -------------------------------------------------------
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def proposals_scene(ids: list[str]) -> dict:
+    scene = load_scene("portrait")
+    for proposal, new_id in zip(scene["proposals"]["interventions"], ids):
+        proposal["id"] = new_id
+    return scene
+
+
+@pytest.mark.parametrize("ids", [["..", ".", "int/1"], ["int 1", "int/1", "int_1"]])
+def test_model_chosen_ids_never_decide_where_files_go(ids, sdxl_folder, tmp_path, capsys):
+    """A VLM proposal id '..' used to put intervention.json (and then the images) beside --out, '.' into --out
+    itself, and ids that slug alike into one folder. Folders are numbered; the report says which is which."""
+    work = tmp_path / "work"
+    out = work / "out"
+    argv = [str(PORTRAIT), "--pick", "all", "--caption", "a portrait photo", "--vlm-name", "fixture-vlm",
+            "--sdxl", str(sdxl_folder), "--out", str(out), *FAST]
+    with scene_server(proposals_scene(ids)) as server:
+        assert main([*argv, "--vlm-url", server.base_url]) == 0, capsys.readouterr().err
+        written = files_under(work)
+        first_report = read_report(out)
+        assert main([*argv, "--vlm-url", server.base_url]) == 0  # a rerun writes the very same files
+    assert files_under(work) == written and all(name.startswith("out/") for name in written)
+    report = read_report(out)
+    assert [e["intervention"]["id"] for e in report["interventions"]] == ids
+    for number, (entry, first) in enumerate(zip(report["interventions"], first_report["interventions"]), start=1):
+        folder = out / f"intervention_{number}"
+        assert entry["files"] == first["files"] and entry["files"]["folder"] == str(folder)
+        assert json.loads((folder / "intervention.json").read_text())["id"] == ids[number - 1]
+        masks = [m["file"] for m in entry["files"]["masks"]]
+        assert masks == [str(folder / f"mask_{k}.png") for k in range(1, len(entry["edit_concepts"]) + 1)]
+        assert [m["concept_id"] for m in entry["files"]["masks"]] == [c["concept_id"] for c in entry["edit_concepts"]]
+        assert {entry["files"]["counterfactual"], entry["files"]["graph"], *masks} <= {str(work / f) for f in written}
+
+
+def test_concept_ids_that_slug_alike_get_a_mask_each(sdxl_folder, tmp_path, capsys):
+    ids = ["c 1", "c/1", "c_1"]  # all three used to be written to mask_c_1.png
+    graph = {"concepts": [{"id": cid, "name": f"part {k}", "current_value": f"value {k}"} for k, cid in enumerate(ids)],
+             "relationships": [{"id": "r1", "cause_id": "c 1", "effect_id": "c/1"},
+                               {"id": "r2", "cause_id": "c/1", "effect_id": "c_1"}]}
+    intervention = {"id": "../../escape", "target_concept_id": "c 1", "new_value": "red",
+                    "propagated_changes": [{"concept_id": "c/1", "new_value": "blue"},
+                                           {"concept_id": "c_1", "new_value": "green"}]}
+    (tmp_path / "graph.json").write_text(json.dumps(graph))
+    (tmp_path / "intervention.json").write_text(json.dumps(intervention))
+    out = tmp_path / "out"
+    code = main([str(PORTRAIT), "--graph-json", str(tmp_path / "graph.json"), "--intervention-json",
+                 str(tmp_path / "intervention.json"), "--sdxl", str(sdxl_folder), "--out", str(out), *FAST])
+    assert code == 0, capsys.readouterr().err
+    [entry] = read_report(out)["interventions"]
+    assert entry["files"]["masks"] == [{"concept_id": cid, "file": str(out / f"mask_{k}.png")}
+                                       for k, cid in enumerate(ids, start=1)]
+    assert files_under(out) == {"original.png", "graph.json", "intervention.json", "report.json", "counterfactual.png",
+                                "graph.png", "mask_1.png", "mask_2.png", "mask_3.png"}
+    assert files_under(tmp_path) - {f"out/{name}" for name in files_under(out)} == {"graph.json", "intervention.json"}
+
+
+GOOD_GRAPH_TEXT = GRAPH.read_text(encoding="utf-8").replace("light brown", "châtain")  # not ASCII
+
+
+@pytest.mark.parametrize("content, message", [
+    (GOOD_GRAPH_TEXT.encode("latin-1"), "is not UTF-8 text (byte"),
+    (GOOD_GRAPH_TEXT.encode("utf-16"), "UTF-16 byte-order mark"),  # Notepad, PowerShell's Out-File
+    (GOOD_GRAPH_TEXT.encode("utf-16-le"), "it holds NUL bytes"),  # no byte-order mark
+    (bytes(range(256)) * 4, "is not UTF-8 text"),
+    (b"[" * 100_000 + b"]" * 100_000, "nests lists or objects too deeply"),
+    (b'{"concepts": [', "Fix the JSON syntax"),
+], ids=["latin-1", "utf-16", "utf-16-le", "binary", "deep", "syntax"])
+def test_graph_files_that_are_not_utf8_json_exit_2_naming_the_file(content, message, tmp_path, capsys):
+    path = tmp_path / "graph.json"
+    path.write_bytes(content)
+    assert main([str(PORTRAIT), "--graph-json", str(path), "--intervention-json", str(INTERVENTION)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err and "Traceback" not in err
+    if "UTF" in message:
+        assert "Save it as UTF-8" in err
+
+
+def test_json_files_that_cannot_be_read_exit_2(tmp_path, monkeypatch, capsys):
+    huge = tmp_path / "huge.json"
+    with huge.open("wb") as handle:
+        handle.truncate(MAX_JSON_BYTES + 1)  # sparse: nothing is really written
+    locked = tmp_path / "locked.json"
+    locked.write_text(INTERVENTION.read_text())
+    real_open = Path.open
+
+    def refuse_locked(self, *args, **kwargs):  # chmod does not stop root, who runs the CI
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse_locked)
+    for path, message in [(tmp_path, "is a folder"), (tmp_path / "missing.json", "does not exist"),
+                          (huge, "larger than 1 MiB"), (locked, "cannot be read (Permission denied)")]:
+        assert main([str(PORTRAIT), "--graph-json", str(GRAPH), "--intervention-json", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(path) in err and "Traceback" not in err, err
+
+
+def test_a_utf8_file_with_a_byte_order_mark_is_read(tmp_path, capsys):
+    graph = tmp_path / "graph.json"
+    graph.write_bytes(GOOD_GRAPH_TEXT.encode("utf-8-sig"))  # as Windows editors save "UTF-8 with BOM"
+    assert main([str(PORTRAIT), "--graph-json", str(graph), "--intervention-json", str(INTERVENTION)]) == 2
+    assert "weights were not found" in capsys.readouterr().err  # past both files, at the weights
+
+
+def test_vlm_timeout_and_retries_reach_the_server(sdxl_folder, tmp_path, capsys):
+    with VLMServer(lambda request: Reply(body="{}", delay=3.0)) as server:  # slower than the timeout
+        started = time.monotonic()
+        code = main([str(PORTRAIT), "--do", "age=old", "--vlm-url", server.base_url, "--vlm-name", "fixture-vlm",
+                     "--vlm-timeout", "0.3", "--vlm-retries", "1", "--sdxl", str(sdxl_folder),
+                     "--out", str(tmp_path / "out"), *FAST])
+        elapsed = time.monotonic() - started
+        assert code == 1 and len(server.requests) == 2  # the first try and one retry
+    assert elapsed < 2.9, elapsed  # neither try waited for the 3 s answer
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_every_input_is_checked_before_the_weights_are_looked_for(tmp_path, capsys):
+    """No --sdxl and nothing in the caches: each of these used to report the missing weights first."""
+    portrait = json.loads(INTERVENTION.read_text())
+    cases = [
+        (write_json(tmp_path / "target.json", {**portrait, "target_concept_id": "c99"}), [],
+         "targets 'c99', which is not in the graph"),
+        (write_json(tmp_path / "null.json", {**portrait, "new_value": None}), [],
+         "field 'new_value' is null. It must be a string"),
+        (write_json(tmp_path / "list.json", [portrait]), [], 'expected one intervention'),
+        (write_json(tmp_path / "three.json", {"interventions": [portrait] * 3}), ["--pick", "4"],
+         "three.json holds only 3 intervention(s)"),
+        (write_json(tmp_path / "empty.json", {"interventions": []}), [], "non-empty list"),
+        (INTERVENTION, ["--reverse", "ocean"], "ocean"),
+    ]
+    for path, extra, message in cases:
+        assert main([str(PORTRAIT), "--graph-json", str(GRAPH), "--intervention-json", str(path), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "weights" not in err, err
+
+
+def test_an_interventions_file_from_the_proposal_stage_is_accepted_with_pick(sdxl_folder, tmp_path, capsys):
+    portrait = json.loads(INTERVENTION.read_text())
+    hair = {"id": "i2", "target_concept_id": "c2", "new_value": "black hair"}
+    smile = {"id": "i3", "target_concept_id": "c4", "new_value": "serious"}
+    path = write_json(tmp_path / "proposals.json", {"interventions": [portrait, hair, smile]})
+    base = [str(PORTRAIT), "--graph-json", str(GRAPH), "--intervention-json", str(path), "--sdxl", str(sdxl_folder),
+            *FAST]
+
+    assert main([*base, "--out", str(tmp_path / "first")]) == 0
+    assert "holds 3 interventions; editing the first" in capsys.readouterr().err
+    assert [e["intervention"]["id"] for e in read_report(tmp_path / "first")["interventions"]] == ["i1"]
+
+    assert main([*base, "--pick", "2", "--out", str(tmp_path / "second")]) == 0
+    assert [e["intervention"]["id"] for e in read_report(tmp_path / "second")["interventions"]] == ["i2"]
+
+    out = tmp_path / "all"
+    assert main([*base, "--pick", "all", "--out", str(out)]) == 0
+    assert [e["intervention"]["id"] for e in read_report(out)["interventions"]] == ["i1", "i2", "i3"]
+    for number in (1, 2, 3):
+        assert (out / f"intervention_{number}" / "counterfactual.png").is_file()
