@@ -2,15 +2,22 @@
 discovery on real folder layouts, the missing-weights message, and the benchmark's smoke mode."""
 
 import json
+import re
 import runpy
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from csg.cli import MAX_JSON_BYTES, SDXL_REPO, find_sdxl, find_vlm, main
+from csg.cli import (MAX_JSON_BYTES, SDXL_REPO, Plan, find_sdxl, find_vlm, load_json_file, main, output_layout,
+                     plan_layout, save_plan, write_outputs)
 from csg.errors import WeightsMissingError
+from csg.graph import CausalGraph, Intervention, check_intervention
 from tests.test_vlm_stages import load_scene, scene_server
 from tests.vlm_server import Reply, VLMServer
 
@@ -481,3 +488,92 @@ def test_an_interventions_file_from_the_proposal_stage_is_accepted_with_pick(sdx
     assert [e["intervention"]["id"] for e in read_report(out)["interventions"]] == ["i1", "i2", "i3"]
     for number in (1, 2, 3):
         assert (out / f"intervention_{number}" / "counterfactual.png").is_file()
+
+
+# -- output paths, for any ids a model or a file may choose ---------------------------------------
+
+HOSTILE = ["..", ".", "/", "\\", "\0", "../..", "a/../../b", "C:\\Windows", "CON", "nul", "A", "a", "ß", "SS", "ss",
+           "e\u0301", "\u00e9", "\u202egnp.exe", "\u05e9\u05dc\u05d5\u05dd", "😀", "\ud800", " ", "~", "$HOME",
+           "intervention_1", "mask_1.png", "report.json", "x" * 10_000]  # the last four tempt collisions
+hostile_text = st.one_of(st.sampled_from(HOSTILE), st.text(max_size=20))
+LAYOUT_OUT = Path(tempfile.gettempdir()) / "csg-layout" / "out"  # never written: output_layout only names paths
+
+
+def written_paths(layout) -> list[Path]:
+    return [layout.original, layout.graph_json, layout.report] + [
+        path for item in layout.items for path in (item.intervention, item.counterfactual, item.graph,
+                                                   *(mask for _, mask in item.masks))]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(items=st.lists(st.tuples(hostile_text, st.lists(hostile_text, max_size=6)), min_size=1, max_size=5))
+def test_output_paths_are_inside_out_distinct_and_stable_for_any_ids(items):
+    layout = output_layout(LAYOUT_OUT, items)
+    paths = written_paths(layout)
+    root = LAYOUT_OUT.resolve()
+    assert all(path.resolve().is_relative_to(root) and path.resolve() != root for path in paths)
+    assert len({str(path.resolve()).casefold() for path in paths}) == len(paths)  # also on case-insensitive disks
+    assert all(re.fullmatch(r"[a-z0-9_]+(\.png|\.json)?", part) for path in paths
+               for part in path.relative_to(LAYOUT_OUT).parts)  # short, portable names
+    renamed = [(f"id {k}", [f"concept {j}" for j in range(len(concepts))]) for k, (_, concepts) in enumerate(items)]
+    assert written_paths(output_layout(LAYOUT_OUT, renamed)) == paths  # the ids never shape a path
+    assert [(item.intervention_id, [cid for cid, _ in item.masks]) for item in layout.items] == \
+        [(iid, list(concepts)) for iid, concepts in items]  # ... but the report can map each id to its files
+
+
+@dataclass
+class PaintedResult:
+    """What write_outputs reads from a counterfactual result, with small real images."""
+
+    image: Image.Image
+    source_image: Image.Image
+    masks: dict
+
+    def mask_image(self, concept_id: str) -> Image.Image:
+        return Image.new("L", (8, 8), self.masks[concept_id])
+
+
+@st.composite
+def hostile_plans(draw) -> Plan:
+    """A chain graph c_1 -> c_2 -> ... and interventions that change a concept and all below it, every id hostile."""
+    named = st.one_of(st.sampled_from(HOSTILE[:-1]), st.text(max_size=20)).filter(str.strip)  # names are drawn
+    ids = draw(st.lists(hostile_text.filter(str.strip), min_size=1, max_size=4, unique_by=str.strip))
+    names = draw(st.lists(named, min_size=len(ids), max_size=len(ids), unique_by=lambda t: t.strip().lower()))
+    graph = CausalGraph.from_dict({
+        "concepts": [{"id": cid, "name": name, "current_value": "now"} for cid, name in zip(ids, names)],
+        "relationships": [{"id": f"r{k}", "cause_id": a, "effect_id": b} for k, (a, b) in enumerate(zip(ids, ids[1:]))]})
+    interventions = []
+    for _ in range(draw(st.integers(1, 3))):
+        target = draw(st.integers(0, len(ids) - 1))
+        interventions.append(check_intervention(graph, Intervention.from_dict({
+            "id": draw(hostile_text.filter(str.strip)), "target_concept_id": ids[target], "new_value": draw(named),
+            "propagated_changes": [{"concept_id": cid, "new_value": "then"} for cid in ids[target + 1:]]})))
+    return Plan(graph, interventions, "a photo", None)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=hostile_plans())
+def test_the_cli_writes_every_file_inside_out_once_and_the_same_on_a_rerun(plan):
+    painted = Image.new("RGB", (8, 8), "gray")
+    results = [PaintedResult(painted, painted, {c.concept_id: 40 * k for k, c in enumerate(i.edit_concepts(plan.graph))})
+               for i in plan.interventions]
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        out = root / "runs" / "out"
+
+        def run() -> dict[Path, bytes]:
+            layout = plan_layout(out, plan)
+            save_plan(layout, plan)
+            write_outputs(layout, plan, results, {})
+            return {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
+
+        written = run()
+        assert all(path.resolve().is_relative_to(out.resolve()) for path in written)
+        assert set(written) == set(written_paths(plan_layout(out, plan)))  # one file per item, none shared
+        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        for entry, intervention in zip(report["interventions"], plan.interventions):
+            replayed = load_json_file(entry["files"]["intervention"], "intervention")  # --intervention-json FILE
+            assert replayed == intervention.to_dict() == entry["intervention"]
+            assert [m["concept_id"] for m in entry["files"]["masks"]] == [c.concept_id for c in
+                                                                           intervention.edit_concepts(plan.graph)]
+        assert run() == written  # a rerun writes the same files, byte for byte
