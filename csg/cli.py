@@ -1,8 +1,9 @@
 """``csg-counterfactual``: one photo in, its causal counterfactual (and everything behind it) out.
 
-    csg-counterfactual IMAGE [--do "concept=value" | --pick N | --pick all] [--caption TEXT]
-                       [--graph-json FILE [--target-only]] [--intervention-json FILE]
-                       [--vlm-model PATH | --vlm-url URL --vlm-name NAME [--api-key-env VAR]] [--vlm-cache DIR]
+    csg-counterfactual IMAGE [--do "concept=value" | --intervention-json FILE] [--pick N | --pick all]
+                       [--caption TEXT] [--graph-json FILE [--target-only]]
+                       [--vlm-model PATH | --vlm-url URL --vlm-name NAME [--api-key-env VAR]
+                        [--vlm-timeout SECONDS] [--vlm-retries N]] [--vlm-cache DIR]
                        [--sdxl PATH [--sdxl-config DIR]] [--comfyui-root DIR] [--method csg|ddpm|ddim]
                        [--steps 100] [--skip 0.15] [--source-guidance 3.5] [--scale 8] [--threshold 0.7]
                        [--warmup 10] [--mask-mode intersect] [--protect-non-descendants] [--exact]
@@ -14,9 +15,11 @@ proposal number ``--pick``, the user's ``--do`` whose consequences the VLM propa
 photo, guide with CSG and save.
 
 Written to ``--out``: ``original.png`` (the input as edited), ``counterfactual.png``, ``graph.png``
-(the graph with the intervention drawn on it), ``mask_<concept id>.png`` per edited concept and
-``report.json`` (graph, intervention including the changes the causal check stripped, parameters,
-models). With ``--pick all`` each intervention gets its own sub-folder, all from one inversion.
+(the graph with the intervention drawn on it), ``mask_1.png``, ``mask_2.png`` ... per edited concept
+and ``report.json`` (graph, intervention including the changes the causal check stripped, which file
+holds which concept's mask, parameters, models). With several interventions each gets its own
+sub-folder ``intervention_1/``, ``intervention_2/`` ..., all from one inversion. No file or folder is
+ever named after an id a model or a file chose.
 ``graph.json`` and ``intervention.json`` are written first, before SDXL loads, so an interrupted
 or failed edit keeps the VLM's work: rerun with ``--graph-json`` / ``--intervention-json``.
 Ctrl-C exits with code 130 and says so. No API key is ever written or printed; ``--api-key-env`` names the variable that holds it.
@@ -35,13 +38,16 @@ it. Other bad input (unreadable image, malformed JSON, unknown concept) also exi
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
+import math
 import os
 import re
+import stat
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import CSGError, GraphError, InputError, WeightsMissingError
 
@@ -53,6 +59,8 @@ VLM_FAMILIES = ("qwen3-vl", "qwen2.5-vl", "qwen2_5-vl", "qwen2_5_vl")  # folder-
 EXIT_USAGE = 2  # missing weights and bad input, like argparse's own usage errors
 EXIT_FAILURE = 1  # the run itself failed (e.g. the VLM answered unusably)
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+MAX_JSON_BYTES = 2**20  # a graph or intervention file is a few kB; a bigger one is the wrong file
+MAX_VLM_TIMEOUT, MAX_VLM_RETRIES = 3600.0, 10  # the ComfyUI server node's limits
 
 
 # -- finding weights on this machine ---------------------------------------------------------------
@@ -217,9 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "description, or the graph's scene_summary)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--do", metavar="CONCEPT=VALUE", help='your intervention, e.g. "age=old" (concept by name or id)')
-    what.add_argument("--pick", default="1", metavar="N|all",
-                      help="which of the VLM's three proposed interventions to apply (1-3, default 1), or all")
-    what.add_argument("--intervention-json", metavar="FILE", help="a hand-written intervention (no VLM needed)")
+    what.add_argument("--intervention-json", metavar="FILE",
+                      help='a hand-written intervention, or {"interventions": [...]} (no VLM needed)')
+    p.add_argument("--pick", metavar="N|all",
+                   help="which of the VLM's three proposed interventions (or of the --intervention-json file's) to "
+                        "apply (default 1), or all")
     p.add_argument("--graph-json", metavar="FILE", help="a hand-written causal graph instead of the VLM's")
     p.add_argument("--target-only", action="store_true",
                    help="with --do and --graph-json: edit the target alone, without a VLM to propagate the change "
@@ -230,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     vlm.add_argument("--vlm-name", metavar="NAME", help="the model name the server expects")
     vlm.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the server's API key")
     vlm.add_argument("--vlm-cache", metavar="DIR", help="keep the VLM's answers here and reuse them on reruns")
+    vlm.add_argument("--vlm-timeout", type=float, metavar="SECONDS",
+                     help=f"how long to wait for one answer of the --vlm-url server (default 300, at most "
+                          f"{MAX_VLM_TIMEOUT:.0f})")
+    vlm.add_argument("--vlm-retries", type=int, metavar="N",
+                     help=f"extra tries after a refused connection, a timeout or a busy --vlm-url server (default 2, "
+                          f"at most {MAX_VLM_RETRIES})")
     models = p.add_argument_group("diffusion model")
     models.add_argument("--sdxl", metavar="PATH", help="SDXL diffusers folder or single .safetensors checkpoint")
     models.add_argument("--sdxl-config", metavar="DIR", help="SDXL config+tokenizer folder for a single-file checkpoint")
@@ -286,16 +302,70 @@ def parse_pick(text: str) -> int | None:
     """1-based proposal index, or None for all."""
     if text.strip().lower() == "all":
         return None
-    if not text.strip().isdigit() or int(text) < 1:
+    if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) < 1:  # ASCII digits: int() refuses "²"
         raise InputError(f"--pick expects a proposal number (1, 2, 3) or 'all', got {text!r}.")
     return int(text)
 
 
-def read_json_file(path: str, what: str) -> str:
+def check_vlm_options(args: argparse.Namespace) -> None:
+    """How long to wait for the VLM server and how often to retry: checked before anything slow."""
+    if (args.vlm_timeout is not None or args.vlm_retries is not None) and not args.vlm_url:
+        raise InputError("--vlm-timeout and --vlm-retries are for a VLM server; give its --vlm-url (a local "
+                         "--vlm-model needs neither).")
+    if args.vlm_timeout is not None and not (math.isfinite(args.vlm_timeout) and 0 < args.vlm_timeout <= MAX_VLM_TIMEOUT):
+        raise InputError(f"--vlm-timeout must be a number of seconds above 0 and at most {MAX_VLM_TIMEOUT:.0f}, "
+                         f"got {args.vlm_timeout}.")
+    if args.vlm_retries is not None and not 0 <= args.vlm_retries <= MAX_VLM_RETRIES:
+        raise InputError(f"--vlm-retries must be a whole number from 0 to {MAX_VLM_RETRIES}, got {args.vlm_retries}.")
+
+
+def load_json_file(path: str, what: str) -> Any:
+    """The parsed content of a graph or intervention file; any problem with the file is an InputError that
+    names it and says what to do. A UTF-8 byte-order mark (as Windows editors write) is accepted."""
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise InputError(f"The {what} file {file} does not exist.")
-    return file.read_text(encoding="utf-8")
+    too_big = (f"The {what} file {file} is larger than {MAX_JSON_BYTES // 2**20} MiB, far more than any {what} needs; "
+               "is it the right file?")
+    try:
+        status = file.stat()
+        if stat.S_ISDIR(status.st_mode):
+            raise InputError(f"The {what} file {file} is a folder. Give the JSON file itself.")
+        if not stat.S_ISREG(status.st_mode):
+            raise InputError(f"The {what} file {file} is not a regular file (a pipe or device?). Save the JSON to a "
+                             "file.")
+        if status.st_size > MAX_JSON_BYTES:
+            raise InputError(too_big)
+        with file.open("rb") as handle:
+            raw = handle.read(MAX_JSON_BYTES + 1)  # the size may change between stat and read
+    except FileNotFoundError:
+        raise InputError(f"The {what} file {file} does not exist.") from None
+    except OSError as exc:
+        raise InputError(f"The {what} file {file} cannot be read ({exc.strerror}). Check its path and "
+                         "permissions.") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise InputError(too_big)
+    text = utf8_text(raw, file, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"The {what} file {file} is not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                         f"{exc.colno}). Fix the JSON syntax.") from None
+    except RecursionError:
+        raise InputError(f"The {what} file {file} nests lists or objects too deeply to be a {what}.") from None
+
+
+def utf8_text(raw: bytes, file: Path, what: str) -> str:
+    """``raw`` as text, a UTF-8 byte-order mark dropped; anything else is an InputError saying what it looks like."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        looks = "it starts with a UTF-16 byte-order mark, as Windows Notepad and PowerShell write"
+    elif b"\0" in raw:  # JSON text never holds a NUL byte: UTF-16 without a byte-order mark, or binary
+        looks = "it holds NUL bytes, as UTF-16 text or a binary file does"
+    else:
+        try:
+            return raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            looks = f"byte {exc.start} is 0x{raw[exc.start]:02x}, as in Latin-1 or a binary file"
+    raise InputError(f"The {what} file {file} is not UTF-8 text ({looks}). Save it as UTF-8 (e.g. with your "
+                     "editor's \"Save with encoding\").")
 
 
 def resolve_device(name: str, dtype_name: str):
@@ -327,7 +397,9 @@ def make_vlm(args: argparse.Namespace, comfy: Path | None, device):
             raise InputError(f"--api-key-env {args.api_key_env}: that environment variable is not set.")
         from .vlm import OpenAICompatibleVLM
 
-        backend = OpenAICompatibleVLM(args.vlm_url, args.vlm_name, api_key_env=args.api_key_env)
+        waiting = {name: value for name, value in (("timeout", args.vlm_timeout), ("retries", args.vlm_retries))
+                   if value is not None}  # the backend's defaults otherwise
+        backend = OpenAICompatibleVLM(args.vlm_url, args.vlm_name, api_key_env=args.api_key_env, **waiting)
         name = f"{backend.url} ({backend.model})"
     else:
         folder = find_vlm(args.vlm_model, comfy)
@@ -347,22 +419,6 @@ def load_host(weights: SDXLWeights, device, dtype):
     if weights.config is None:
         return DiffusersSDXLHost.from_pretrained(weights.path, device=device, dtype=dtype)
     return DiffusersSDXLHost.from_single_file(weights.path, weights.config, device=device, dtype=dtype)
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "item"
-
-
-def save_outputs(folder: Path, image, graph, intervention, masks: dict, render_graph) -> dict[str, str]:
-    """The counterfactual, the graph with its intervention, and one mask image per edited concept."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {"counterfactual": folder / "counterfactual.png", "graph": folder / "graph.png"}
-    image.save(files["counterfactual"])
-    render_graph(graph, intervention).save(files["graph"])
-    for concept_id, mask in masks.items():
-        files[f"mask {concept_id}"] = folder / f"mask_{slug(concept_id)}.png"
-        mask.save(files[f"mask {concept_id}"])
-    return {name: str(path) for name, path in files.items()}
 
 
 def log(message: str) -> None:
@@ -394,18 +450,27 @@ class Request:
     """The user's side of the plan, parsed and checked before anything slow happens."""
 
     graph: object | None  # CausalGraph from --graph-json
-    intervention: object | None  # Intervention from --intervention-json, or --do with --target-only
+    interventions: list | None  # from --intervention-json (those --pick chose), or --do with --target-only
     do: tuple[str, str] | None  # (concept, value) from --do
     pick: int | None  # 1-based proposal, None for all
 
 
 def read_request(args: argparse.Namespace) -> Request:
-    from .graph import CausalGraph, Intervention
+    from .graph import CausalGraph, check_intervention
 
-    graph = CausalGraph.from_json(read_json_file(args.graph_json, "graph")) if args.graph_json else None
-    given = Intervention.from_json(read_json_file(args.intervention_json, "intervention")) if args.intervention_json else None
+    if args.pick is not None and args.do:
+        raise InputError("--pick chooses among the VLM's proposals or the interventions of an --intervention-json "
+                         "file, and --do is an intervention of your own: give one of them.")
+    pick = parse_pick(args.pick or "1")
+    graph = CausalGraph.from_dict(load_json_file(args.graph_json, "graph")) if args.graph_json else None
+    given = None
+    if args.intervention_json:
+        in_file = read_interventions(args.intervention_json)
+        given = pick_interventions(in_file, pick, f"{args.intervention_json} holds")
+        if len(in_file) > 1 and args.pick is None:
+            log(f"{args.intervention_json} holds {len(in_file)} interventions; editing the first (--pick N or "
+                "--pick all for the others)")
     do = parse_do(args.do) if args.do else None
-    pick = parse_pick(args.pick) if not (do or given) else 1
     if args.target_only and (do is None or graph is None):
         raise InputError("--target-only edits the target of --do on the graph of --graph-json; give both "
                          '(e.g. --graph-json csg/examples/portrait_graph.json --do "age=old" --target-only).')
@@ -414,18 +479,70 @@ def read_request(args: argparse.Namespace) -> Request:
     if args.target_only:
         from .vlm import manual_intervention
 
-        given, do = manual_intervention(graph, do[0], do[1], generation_prompt=args.caption or ""), None
+        given, do = [manual_intervention(graph, do[0], do[1], generation_prompt=args.caption or "")], None
+    if given is not None and graph is not None:
+        given = [check_intervention(graph, i) for i in given]  # an unknown target fails now, before any weights
     return Request(graph, given, do, pick)
+
+
+def read_interventions(path: str) -> list:
+    """The interventions in an --intervention-json file: one intervention object, or the proposal stage's
+    ``{"interventions": [...]}``."""
+    from .graph import Intervention
+
+    data = load_json_file(path, "intervention")
+    if isinstance(data, dict) and "interventions" in data:
+        items = data["interventions"]
+        if not isinstance(items, list) or not items:
+            raise InputError(f'In the intervention file {path}, "interventions" must be a non-empty list of '
+                             "intervention objects.")
+        return [Intervention.from_dict(item) for item in items]
+    if isinstance(data, dict):
+        return [Intervention.from_dict(data)]
+    raise InputError(f"The intervention file {path} holds a JSON {type(data).__name__}; expected one intervention "
+                     '({"id": ..., "target_concept_id": ..., "new_value": ...}) or {"interventions": [...]} '
+                     "(see csg/examples/portrait_intervention.json).")
+
+
+def pick_interventions(items: list, pick: int | None, source: str) -> list:
+    """The ``pick``-th of ``items`` (1-based), or all of them for None; ``source`` says where they came from."""
+    if pick is None:
+        return list(items)
+    if pick > len(items):
+        raise InputError(f"--pick {pick}: {source} only {len(items)} intervention(s).")
+    return [items[pick - 1]]
+
+
+def check_settings(graph, interventions: list, params) -> None:
+    """Per-concept settings (--concept-scale, --reverse) naming unknown concepts fail here, before SDXL loads."""
+    from .counterfactual import edit_spec
+
+    for intervention in interventions:
+        edit_spec(graph, intervention, params)
+
+
+def check_out_folder(out: Path) -> None:
+    """An --out that cannot become a folder fails before anything slow (it is only created once there is
+    something to save)."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} is a file, not a folder. Choose a folder (it is created if missing).")
+        existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise InputError(f"--out {out} cannot be a folder here ({exc.strerror}). Choose another folder.") from None
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: cannot create or write there ({existing} is not a writable folder). "
+                         "Choose a folder you can write to.")
 
 
 def plan_interventions(args: argparse.Namespace, request: Request, image, comfy: Path | None, device) -> Plan:
     """Graph and interventions from the JSON files, or from the VLM's stages for what they leave open."""
     from .graph import check_intervention
 
-    graph, given, do, pick = request.graph, request.intervention, request.do, request.pick
+    graph, given, do, pick = request.graph, request.interventions, request.do, request.pick
     caption, vlm_name = args.caption, None
     if given is not None and graph is not None:
-        interventions = [given]
+        interventions = given
     else:
         vlm, vlm_name = make_vlm(args, comfy, device)
         log(f"vision-language model: {vlm_name}")
@@ -436,78 +553,139 @@ def plan_interventions(args: argparse.Namespace, request: Request, image, comfy:
             extraction = stages.extract_graph(vlm, image, caption)
             graph, caption = extraction.graph, extraction.base_prompt
         if given is not None:
-            interventions = [given]
+            interventions = given
         elif do is not None:
             log(f"propagating do({do[0]} = {do[1]})")
             interventions = [stages.propagate_intervention(vlm, image, graph, do[0], do[1], base_prompt=caption)]
         else:
             log("proposing interventions")
             proposals = stages.propose_interventions(vlm, image, graph, caption)
-            if pick is not None and pick > len(proposals):
-                raise InputError(f"--pick {pick}: the VLM proposed only {len(proposals)} interventions.")
-            interventions = list(proposals) if pick is None else [proposals[pick - 1]]
+            interventions = pick_interventions(proposals, pick, "the VLM proposed")
         del vlm
         free_accelerator_memory()  # the VLM's memory goes back before SDXL loads
     source = caption if caption is not None else graph.scene_summary
     return Plan(graph, [check_intervention(graph, i) for i in interventions], source, vlm_name)
 
 
+# -- where files go --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ItemFiles:
+    """Where one intervention's files go, and which intervention and concepts they belong to."""
+
+    intervention_id: str
+    folder: Path
+    intervention: Path  # its intervention.json
+    counterfactual: Path
+    graph: Path  # the graph drawn with this intervention
+    masks: tuple[tuple[str, Path], ...]  # (concept id, mask image), in the edit's order
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Every path the command writes. Files are named by position, never after an id or name that a model or
+    a file chose (an id ".." or "a/b" must not become a folder), so every path lies inside the output folder,
+    no two items share one, and a rerun of the same plan writes the same paths. report.json maps each id to
+    its files."""
+
+    original: Path
+    graph_json: Path
+    report: Path
+    items: tuple[ItemFiles, ...]
+
+
+def output_layout(out: Path, items: Sequence[tuple[str, Sequence[str]]]) -> OutputLayout:
+    """The layout for interventions given as (id, edit concept ids): a single one writes into ``out``, several
+    into ``out/intervention_1``, ``out/intervention_2``, ...; masks are ``mask_1.png``, ``mask_2.png``, ... in
+    the order of the edit's concepts."""
+    several = len(items) > 1
+    files = []
+    for number, (intervention_id, concept_ids) in enumerate(items, start=1):
+        folder = out / f"intervention_{number}" if several else out
+        masks = tuple((concept_id, folder / f"mask_{k}.png") for k, concept_id in enumerate(concept_ids, start=1))
+        files.append(ItemFiles(intervention_id, folder, folder / "intervention.json", folder / "counterfactual.png",
+                               folder / "graph.png", masks))
+    return OutputLayout(out / "original.png", out / "graph.json", out / "report.json", tuple(files))
+
+
+def plan_layout(out: Path, plan: Plan) -> OutputLayout:
+    return output_layout(out, [(i.id, [c.concept_id for c in i.edit_concepts(plan.graph)])
+                               for i in plan.interventions])
+
+
 class Interrupted(Exception):
     """Ctrl-C after the plan was saved; the message says how to resume from it."""
 
 
-def save_plan(out: Path, plan: Plan) -> list[Path]:
+def write_json(path: Path, text: str) -> None:
+    # A lone surrogate (which a model can write as "\ud800") has no UTF-8 form; written back as that same
+    # escape, the file stays valid JSON and reads back identically.
+    path.write_text(text, encoding="utf-8", errors="backslashreplace")
+
+
+def save_plan(layout: OutputLayout, plan: Plan) -> None:
     """The graph and each intervention as JSON, before SDXL runs: an interrupted or failed edit keeps
     the VLM's work, and ``--graph-json`` / ``--intervention-json`` replay it without a VLM."""
-    out.mkdir(parents=True, exist_ok=True)
-    saved = [out / "graph.json"]
-    saved[0].write_text(plan.graph.to_json(), encoding="utf-8")
-    for intervention in plan.interventions:
-        folder = out if len(plan.interventions) == 1 else out / slug(intervention.id)
-        folder.mkdir(parents=True, exist_ok=True)
-        saved.append(folder / "intervention.json")
-        saved[-1].write_text(intervention.to_json(), encoding="utf-8")
-    return saved
+    try:
+        layout.graph_json.parent.mkdir(parents=True, exist_ok=True)
+        write_json(layout.graph_json, plan.graph.to_json())
+        for files, intervention in zip(layout.items, plan.interventions):
+            files.folder.mkdir(parents=True, exist_ok=True)
+            write_json(files.intervention, intervention.to_json())
+    except OSError as exc:  # e.g. a disk that filled up; nothing slow has run yet
+        raise InputError(f"Could not write {exc.filename} ({exc.strerror}). Choose another --out folder.") from None
 
 
-def write_outputs(out: Path, plan: Plan, results: list, report_fields: dict) -> Path:
-    """Images, masks and graph per intervention (a sub-folder each when there are several), and the report."""
+def save_item(files: ItemFiles, result, graph, intervention) -> dict:
+    """The counterfactual, the graph with its intervention, and one mask per edited concept; the report's
+    record of where they went."""
     from .render import render_graph
 
-    out.mkdir(parents=True, exist_ok=True)
-    results[0].source_image.save(out / "original.png")
+    result.image.save(files.counterfactual)
+    render_graph(graph, intervention).save(files.graph)
+    masks = [(concept_id, path) for concept_id, path in files.masks
+             if concept_id in getattr(result, "masks", {})]  # the baselines have no masks
+    for concept_id, path in masks:
+        result.mask_image(concept_id).save(path)
+    return {"folder": str(files.folder), "intervention": str(files.intervention),
+            "counterfactual": str(files.counterfactual), "graph": str(files.graph),
+            "masks": [{"concept_id": concept_id, "file": str(path)} for concept_id, path in masks]}
+
+
+def write_outputs(layout: OutputLayout, plan: Plan, results: list, report_fields: dict) -> Path:
+    """Images, masks and graph per intervention (a sub-folder each when there are several), and the report."""
+    results[0].source_image.save(layout.original)
     entries = []
-    for intervention, result in zip(plan.interventions, results):
-        folder = out if len(results) == 1 else out / slug(intervention.id)
-        masks = {cid: result.mask_image(cid) for cid in getattr(result, "masks", {})}  # baselines have none
-        files = save_outputs(folder, result.image, plan.graph, intervention, masks, render_graph)
+    for files, intervention, result in zip(layout.items, plan.interventions, results):
         entries.append({
             "intervention": intervention.to_dict(),
             "stripped_changes": [v.to_dict() for v in intervention.violations],
             "edit_concepts": [asdict(c) for c in intervention.edit_concepts(plan.graph)],
-            "files": files,
+            "files": save_item(files, result, plan.graph, intervention),
         })
         for v in intervention.violations:
-            log(f"note: {intervention.id}: dropped the change {v.concept_id} -> {v.new_value!r}: {v.problem}")
+            log(f"note: {intervention.id!r}: dropped the change {v.concept_id!r} -> {v.new_value!r}: {v.problem}")
     report = {
-        "original": str(out / "original.png"),
+        "original": str(layout.original),
         "edited_size": list(results[0].source_image.size),
         "source_prompt": plan.source_prompt,
         "graph": plan.graph.to_dict(),
         "interventions": entries,
         **report_fields,
     }
-    path = out / "report.json"
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    return path
+    write_json(layout.report, json.dumps(report, indent=2, ensure_ascii=False))
+    return layout.report
 
 
 def run(args: argparse.Namespace) -> int:
     from .baselines import check_guidance_scale
-    from .counterfactual import CSGParams, edit_spec, load_image
+    from .counterfactual import CSGParams, load_image
 
+    check_vlm_options(args)
+    out = Path(args.out).expanduser()
+    check_out_folder(out)
     image = load_image(args.image)
-    request = read_request(args)
     params = CSGParams(num_steps=args.steps, skip=args.skip, source_guidance=args.source_guidance, scale=args.scale,
                        threshold=args.threshold, warmup=args.warmup, cooldown=args.cooldown,
                        concept_scales=parse_concept_scales(args.concept_scale), reverse=tuple(args.reverse),
@@ -517,25 +695,27 @@ def run(args: argparse.Namespace) -> int:
         params.check_guidance(params.num_steps)
     else:
         check_guidance_scale(args.guidance_scale)
+    request = read_request(args)
+    if request.graph is not None and request.interventions is not None:
+        check_settings(request.graph, request.interventions, params)  # no VLM: all is known before the weights
     device, dtype = resolve_device(args.device, args.dtype)
     comfy = comfyui_root(args.comfyui_root)
     sdxl = find_sdxl(args.sdxl, args.sdxl_config, comfy)  # before any slow work: fail fast on missing weights
     plan = plan_interventions(args, request, image, comfy, device)
-    for intervention in plan.interventions:  # settings naming unknown concepts fail here, before SDXL loads
-        edit_spec(plan.graph, intervention, params)
+    check_settings(plan.graph, plan.interventions, params)
 
-    out = Path(args.out).expanduser()
-    graph_file, *intervention_files = save_plan(out, plan)
+    layout = plan_layout(out, plan)
+    save_plan(layout, plan)
     try:
-        return edit_and_write(args, plan, image, params, sdxl, device, dtype, out)
+        return edit_and_write(args, plan, image, params, sdxl, device, dtype, layout)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted. The graph and the intervention(s) are saved in {out}; rerun with "
-                          f"--graph-json {graph_file} --intervention-json {intervention_files[0]} (each intervention "
-                          "has its own file) to skip the VLM.") from None
+                          f"--graph-json {layout.graph_json} --intervention-json {layout.items[0].intervention} "
+                          "(each intervention has its own file) to skip the VLM.") from None
 
 
 def edit_and_write(args: argparse.Namespace, plan: Plan, image, params, sdxl: SDXLWeights, device, dtype,
-                   out: Path) -> int:
+                   layout: OutputLayout) -> int:
     from .counterfactual import baseline_counterfactual, counterfactuals
 
     log(f"loading SDXL from {sdxl.path} on {device} ({str(dtype).removeprefix('torch.')})")
@@ -550,7 +730,7 @@ def edit_and_write(args: argparse.Namespace, plan: Plan, image, params, sdxl: SD
         results = [baseline_counterfactual(host, image, i, method=args.method, source_prompt=plan.source_prompt,
                                            params=params, guidance_scale=args.guidance_scale)
                    for i in plan.interventions]
-    report = write_outputs(out, plan, results, {
+    report = write_outputs(layout, plan, results, {
         "image": str(Path(args.image)),
         "method": args.method,
         "parameters": params.to_dict() | ({"guidance_scale": args.guidance_scale} if args.method != "csg" else {}),

@@ -16,9 +16,11 @@ from .errors import GraphError
 def _require_str(data: Mapping[str, Any], key: str, where: str, *, allow_empty: bool = False) -> str:
     if not isinstance(data, Mapping):
         raise GraphError(f"{where} must be a JSON object, got {type(data).__name__}: {data!r:.200}")
-    value = data.get(key)
-    if value is None:
+    if key not in data:
         raise GraphError(f"{where} is missing the field '{key}'. Add it as a string.")
+    value = data[key]
+    if value is None:
+        raise GraphError(f"{where} field '{key}' is null. It must be a string.")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
