@@ -11,6 +11,7 @@ test that skips (e.g. the frontend test without Playwright or Chromium) fails in
 Fixtures:
     comfyui          (session) a started ComfyUI with this pack loaded; ``comfyui.run(prompt_or_workflow,
                      outputs=[node ids])`` -> ``Execution`` (see harness.py)
+    memory_requests  every call to ComfyUI's load_models_gpu during one test (``MemoryRequest``)
     sdxl_checkpoint  (session) the ckpt_name of a random-weight SDXL checkpoint that CheckpointLoaderSimple
                      loads; built once into $CSG_TEST_CACHE (default ~/.cache/csg-tests) and reused
 """
@@ -18,6 +19,8 @@ Fixtures:
 from __future__ import annotations
 
 import os
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,30 @@ def sdxl_checkpoint(comfyui) -> str:
     path = ensure_checkpoint()
     folder_paths.add_model_folder_path("checkpoints", str(path.parent))
     return path.name
+
+
+@dataclass
+class MemoryRequest:
+    """One call to ComfyUI's load_models_gpu. The models are weak references, so recording them keeps none alive."""
+
+    models: list[weakref.ref]
+    kinds: list[str]  # their class names
+    memory_required: int
+
+
+@pytest.fixture
+def memory_requests(comfyui, monkeypatch) -> list[MemoryRequest]:
+    """Records each call to ComfyUI's memory manager, which still does the work."""
+    import comfy.model_management
+
+    real = comfy.model_management.load_models_gpu
+    calls = []
+
+    def recording(patchers, memory_required=0, **options):
+        models = [comfyui.model_of(patcher) for patcher in patchers]
+        calls.append(MemoryRequest([weakref.ref(m) for m in models], [type(m).__name__ for m in models],
+                                   memory_required))
+        return real(patchers, memory_required=memory_required, **options)
+
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", recording)
+    return calls
