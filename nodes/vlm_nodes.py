@@ -187,7 +187,8 @@ _LOCAL_MODELS: dict[tuple[str, str, str], TransformersVLM] = {}  # one loaded co
 def shared_local_model(folder: Path, device: str, dtype: str) -> TransformersVLM:
     """The folder's model on the device, shared by every node that asks for the same folder, device and dtype.
 
-    Nothing loads here: the model loads when first asked, through ComfyUI's memory manager.
+    Nothing loads here: what the model needs is logged and checked against the device, and the model
+    loads when first asked, through ComfyUI's memory manager.
     """
     device, dtype = resolve_device_dtype(node_device(device), dtype)
     working_memory = checked_working_memory(folder, device, dtype)
@@ -222,8 +223,9 @@ class LocalVLM(io.ComfyNode):
             display_name="VLM (Local)",
             category=UNDERSTANDING_CATEGORY,
             description="A Qwen3-VL or Qwen2.5-VL instruct model from models/LLM/<name>, run with transformers. It "
-                        "loads on first use and is shared by every node that uses the same folder; nothing is "
-                        "downloaded.",
+                        "loads on first use, through ComfyUI's memory manager (which makes room for it, moving "
+                        "SDXL out if it must), and is shared by every node that uses the same folder; nothing is "
+                        "downloaded. The node logs how much memory the model needs and refuses a device too small.",
             inputs=[
                 io.Combo.Input("model", options=names, default=names[0],
                                tooltip="A folder in models/LLM holding a whole Hugging Face snapshot of the model."),
@@ -233,7 +235,8 @@ class LocalVLM(io.ComfyNode):
                                tooltip="auto: bfloat16 on GPUs that support it (else float16), float32 on the CPU."),
                 io.Boolean.Input("unload_after_use", default=True,
                                  tooltip="Free the VLM's memory after each node that used it, so SDXL gets the VRAM; "
-                                         "the next use loads it again."),
+                                         "the next use loads it again. Off: ComfyUI keeps it loaded and moves it to "
+                                         "system memory when another model needs the room."),
                 cache_input(),
             ],
             outputs=[VLMType.Output(display_name="vlm")],
