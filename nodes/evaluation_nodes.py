@@ -9,7 +9,8 @@ Effectiveness (VLM-Eff) asks the VLM, per counterfactual, whether each concept t
 changes shows its new value (``csg.vlm.judge_counterfactual``) and averages the share of "yes" over
 the images (``csg.metrics.vlm_effectiveness``). Minimality is LPIPS on a VGG16 backbone
 (``csg.metrics``), from local weight files only; the loaded model is kept in a module-level cache,
-since V3 nodes hold no state of their own.
+since V3 nodes hold no state of their own, and goes to its device through ComfyUI's memory manager
+(model_memory.py), which makes room for it there.
 """
 
 from __future__ import annotations
@@ -18,17 +19,18 @@ import json
 from pathlib import Path
 
 import comfy.model_management
+import comfy.model_patcher
 import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
 from ..csg.errors import InputError
 from ..csg.graph import CausalGraph, Intervention
-from ..csg.metrics import (LPIPS, LPIPS_HEADS_FILE, VGG16_FILE, load_lpips_vgg, lpips_distance, vlm_effectiveness,
-                           weights_dir)
+from ..csg.metrics import LPIPS_HEADS_FILE, VGG16_FILE, load_lpips_vgg, lpips_distance, vlm_effectiveness, weights_dir
 from ..csg.vlm.judge import VERDICTS, Judgement, judge_counterfactual
 from .csg_common import CATEGORY, CausalGraphType, InterventionType, Interventions
 from .graph_nodes import image_to_pil
+from .model_memory import held, load_for_use, managed, node_device
 from .vlm_nodes import VLMHandle, VLMType, asking, attempts_input
 
 EVALUATION_CATEGORY = f"{CATEGORY}/evaluation"
@@ -141,7 +143,12 @@ class CounterfactualJudge(io.ComfyNode):
 # -- LPIPS Distance ---------------------------------------------------------------------------------
 
 
-_LPIPS_MODELS: dict[tuple[str, str, str, str], LPIPS] = {}  # (vgg path, heads path, device, weights dir) -> model
+# (vgg path, heads path, device, weights dir) -> the model, under ComfyUI's memory manager
+_LPIPS_MODELS: dict[tuple[str, str, str, str], comfy.model_patcher.ModelPatcher] = {}
+# Memory to compare one pair of images with, per pixel of one image: twice the float32 peak of about
+# 2 KB, which is the first image's five taps (122 channels per input pixel over VGG16's pyramid) kept
+# while the second runs through VGG16's widest layers at full size (64 channels in, 64 out, one tap).
+LPIPS_BYTES_PER_PIXEL = 4096
 
 
 def _path_field(value: str | None) -> str | None:
@@ -150,19 +157,13 @@ def _path_field(value: str | None) -> str | None:
     return str(Path(value).expanduser()) if value else None
 
 
-def _lpips_device(device: str) -> str:
-    if device == "auto":
-        return str(comfy.model_management.get_torch_device())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("device is cuda, but torch sees no CUDA GPU here; choose auto or cpu.")
-    return device
-
-
-def shared_lpips(vgg_weights: str | None, lpips_weights: str | None, device: str) -> LPIPS:
-    """LPIPS(VGG) loaded once per weight files and device, reused by every later execution."""
-    key = (vgg_weights or "", lpips_weights or "", device, str(weights_dir()))
+def shared_lpips(vgg_weights: str | None, lpips_weights: str | None, device: torch.device
+                 ) -> comfy.model_patcher.ModelPatcher:
+    """LPIPS(VGG) read once per weight files and device, reused by every later execution; ComfyUI's memory
+    manager moves it to ``device`` (``load_for_use``) and may offload it between uses."""
+    key = (vgg_weights or "", lpips_weights or "", str(device), str(weights_dir()))
     if key not in _LPIPS_MODELS:
-        _LPIPS_MODELS[key] = load_lpips_vgg(vgg_weights, lpips_weights, device=device)
+        _LPIPS_MODELS[key] = managed(load_lpips_vgg(vgg_weights, lpips_weights), device)
     return _LPIPS_MODELS[key]
 
 
@@ -231,7 +232,9 @@ class LPIPSDistance(io.ComfyNode):
                 lpips_weights: str | None = None) -> io.NodeOutput:
         a, b = _channels_first(factual, "factual"), _channels_first(counterfactual, "counterfactual")
         check_pairs(a, b)
-        model = shared_lpips(_path_field(vgg_weights), _path_field(lpips_weights), _lpips_device(device))
+        patcher = shared_lpips(_path_field(vgg_weights), _path_field(lpips_weights), node_device(device))
+        load_for_use(patcher, LPIPS_BYTES_PER_PIXEL * a.shape[-2] * a.shape[-1])
+        model = held(patcher)
         bar = comfy.utils.ProgressBar(b.shape[0])
         distances = []
         for k in range(b.shape[0]):

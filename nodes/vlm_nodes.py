@@ -9,11 +9,13 @@
 The stages are ``csg.vlm``'s; these nodes only translate ComfyUI types, show progress and honour
 Cancel. A VLM socket carries a ``VLMHandle``: the backend the stages call (wrapped in the answer
 cache when asked) and, for a local model, whether to free its memory once a node has used it, so
-SDXL gets the VRAM back.
+SDXL gets the VRAM back. A local model loads through ComfyUI's memory manager (model_memory.py),
+which makes room for it on the device first, evicting SDXL if it must.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from contextlib import contextmanager
@@ -24,6 +26,7 @@ from typing import Iterator, Sequence
 import comfy.model_management
 import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
@@ -32,8 +35,10 @@ from ..csg.graph import CausalGraph
 from ..csg.vlm import (DEFAULT_ATTEMPTS, VLM, CachedVLM, OpenAICompatibleVLM, TransformersVLM, Turn, extract_graph,
                        manual_intervention, propagate_intervention, propose_interventions)
 from ..csg.vlm.openai_backend import MAX_RETRY_AFTER
+from ..csg.vlm.transformers_backend import GIB, WORKING_MEMORY_BASE, check_fits, memory_needed, resolve_device_dtype
 from .csg_common import CATEGORY, CausalGraphType, InterventionType, Interventions
 from .graph_nodes import graph_preview, image_to_pil, intervention_report, interventions_json, preview_width_input
+from .model_memory import ManagedPlacement, node_device
 
 UNDERSTANDING_CATEGORY = f"{CATEGORY}/understanding"
 VLMType = io.Custom("VLM")  # nodes.vlm_nodes.VLMHandle
@@ -44,6 +49,8 @@ PUT_A_MODEL_THERE = ("Put a Qwen3-VL (or Qwen2.5-VL) instruct model there, e.g. 
                      "Qwen/Qwen3-VL-8B-Instruct --local-dir <ComfyUI>/models/LLM/Qwen3-VL-8B-Instruct, then refresh "
                      "the page.")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+log = logging.getLogger("csg.vlm")
 
 
 # -- what travels on a VLM socket ---------------------------------------------------------------------
@@ -167,15 +174,35 @@ def local_model_folder(name: str) -> Path:
                               f"{PUT_A_MODEL_THERE}")
 
 
+def checked_working_memory(folder: Path, device: torch.device, dtype: torch.dtype) -> int:
+    """Log what the model needs on the device, refuse a device too small for it, and return the memory
+    to generate with (beyond the weights) that ComfyUI's manager is asked to keep free."""
+    need = memory_needed(folder, dtype)
+    if need is None:
+        log.warning("VLM %s: no safetensors files, so its size is unknown and whether it fits on %s is not checked",
+                    folder.name, device)
+        return WORKING_MEMORY_BASE
+    total = comfy.model_management.get_total_memory(device)
+    log.info("VLM %s needs %s; %s has %.1f GiB in all", folder.name, need, device, total / GIB)
+    check_fits(need, total, device, folder.name)
+    return need.working
+
+
 _LOCAL_MODELS: dict[tuple[str, str, str], TransformersVLM] = {}  # one loaded copy per folder, device and dtype
 
 
 def shared_local_model(folder: Path, device: str, dtype: str) -> TransformersVLM:
-    if device == "auto":
-        device = str(comfy.model_management.get_torch_device())
-    key = (str(folder.resolve()), device, dtype)
+    """The folder's model on the device, shared by every node that asks for the same folder, device and dtype.
+
+    Nothing loads here: what the model needs is logged and checked against the device, and the model
+    loads when first asked, through ComfyUI's memory manager.
+    """
+    device, dtype = resolve_device_dtype(node_device(device), dtype)
+    working_memory = checked_working_memory(folder, device, dtype)
+    key = (str(folder.resolve()), str(device), str(dtype))
     if key not in _LOCAL_MODELS:
-        _LOCAL_MODELS[key] = TransformersVLM(folder, device=device, dtype=dtype)
+        _LOCAL_MODELS[key] = TransformersVLM(folder, device=device, dtype=dtype,
+                                             placement=ManagedPlacement(device, working_memory))
     return _LOCAL_MODELS[key]
 
 
@@ -203,8 +230,9 @@ class LocalVLM(io.ComfyNode):
             display_name="VLM (Local)",
             category=UNDERSTANDING_CATEGORY,
             description="A Qwen3-VL or Qwen2.5-VL instruct model from models/LLM/<name>, run with transformers. It "
-                        "loads on first use and is shared by every node that uses the same folder; nothing is "
-                        "downloaded.",
+                        "loads on first use, through ComfyUI's memory manager (which makes room for it, moving "
+                        "SDXL out if it must), and is shared by every node that uses the same folder; nothing is "
+                        "downloaded. The node logs how much memory the model needs and refuses a device too small.",
             inputs=[
                 io.Combo.Input("model", options=names, default=names[0],
                                tooltip="A folder in models/LLM holding a whole Hugging Face snapshot of the model."),
@@ -214,7 +242,8 @@ class LocalVLM(io.ComfyNode):
                                tooltip="auto: bfloat16 on GPUs that support it (else float16), float32 on the CPU."),
                 io.Boolean.Input("unload_after_use", default=True,
                                  tooltip="Free the VLM's memory after each node that used it, so SDXL gets the VRAM; "
-                                         "the next use loads it again."),
+                                         "the next use loads it again. Off: ComfyUI keeps it loaded and moves it to "
+                                         "system memory when another model needs the room."),
                 cache_input(),
             ],
             outputs=[VLMType.Output(display_name="vlm")],

@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 
 from csg.errors import InputError, WeightsMissingError
-from csg.vlm import TransformersVLM, Turn, VLMOutputError, describe_scene, extract_graph
-from csg.vlm.transformers_backend import ImageOnlyProcessor, load_processor, qwen_messages
+from csg.vlm import (MemoryNeed, TransformersVLM, Turn, VLMOutputError, check_fits, describe_scene, extract_graph,
+                     memory_needed)
+from csg.vlm.transformers_backend import (GIB, WORKING_MEMORY_BASE, WORKING_MEMORY_SHARE, ImageOnlyProcessor,
+                                          load_processor, qwen_messages)
 
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -174,3 +176,85 @@ def test_the_fallback_processor_feeds_the_model_what_autoprocessor_feeds_it(qwen
     assert set(ours) == set(theirs)
     for name in theirs:
         assert torch.equal(ours[name], theirs[name]), name
+
+
+# -- placement and memory ----------------------------------------------------------------------------------
+
+
+class RecordingPlacement:
+    """A host's placement: it records what it was asked to place and when it was told the model is dropped."""
+
+    def __init__(self):
+        self.events = []
+
+    def place(self, model):
+        self.events.append(("place", model))
+
+    def release(self):
+        self.events.append(("release", None))
+
+
+def test_a_placement_places_the_model_before_every_answer_and_hears_of_its_unloading(qwen_folder):
+    placement = RecordingPlacement()
+    vlm = TransformersVLM(qwen_folder, device="cpu", placement=placement)
+    for _ in range(2):
+        vlm.generate("s", [Turn("user", "u")], [PHOTO], temperature=0.0, max_tokens=2)
+    model = vlm._model
+    assert placement.events == [("place", model), ("place", model)]
+    vlm.unload()
+    vlm.generate("s", [Turn("user", "u")], [PHOTO], temperature=0.0, max_tokens=2)
+    assert [event for event, _ in placement.events] == ["place", "place", "release", "place"]
+    assert placement.events[-1][1] is vlm._model is not model  # a fresh copy, placed again
+
+
+def test_the_memory_need_is_the_checkpoints_parameter_count_in_the_dtype_plus_working_memory(qwen_folder, vlm,
+                                                                                            tmp_path):
+    vlm.load()
+    parameters = sum(p.numel() for p in vlm._model.parameters())
+    need = memory_needed(qwen_folder, torch.float32)
+    assert need.parameters == parameters and need.weights == 4 * parameters
+    assert need.working == WORKING_MEMORY_BASE + int(WORKING_MEMORY_SHARE * need.weights)
+    assert need.total == need.weights + need.working
+    half = memory_needed(qwen_folder, torch.bfloat16)
+    assert half.weights == 2 * parameters and half.total < need.total
+    assert f"{parameters / 1e9:.2f} B parameters x 2 bytes" in str(half) and "bfloat16" in str(half)
+
+    sharded = tmp_path / "sharded"  # an index and several shards, as the big snapshots come
+    vlm._model.save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        (sharded / name).write_bytes((qwen_folder / name).read_bytes())
+    assert len(list(sharded.glob("*.safetensors"))) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    assert memory_needed(sharded, torch.float32) == need
+
+    pickled = tmp_path / "pickled"  # old *.bin weights: their shapes cannot be read without loading them
+    pickled.mkdir()
+    for path in qwen_folder.iterdir():
+        if path.suffix != ".safetensors":
+            (pickled / path.name).write_bytes(path.read_bytes())
+    torch.save(vlm._model.state_dict(), pickled / "pytorch_model.bin")
+    assert memory_needed(pickled, torch.float32) is None
+
+    with pytest.raises(WeightsMissingError, match="no VLM model folder"):
+        memory_needed(tmp_path / "nowhere", torch.float32)
+
+
+QWEN3_VL_8B = MemoryNeed(8_767_123_696, torch.bfloat16, WORKING_MEMORY_BASE + int(0.1 * 8_767_123_696 * 2))
+QWEN3_VL_30B = MemoryNeed(31_070_754_032, torch.bfloat16, WORKING_MEMORY_BASE + int(0.1 * 31_070_754_032 * 2))
+
+
+def test_a_model_that_fits_passes_and_one_that_cannot_names_what_would_fit():
+    check_fits(QWEN3_VL_8B, 24 * GIB, "cuda:0", "Qwen3-VL-8B-Instruct")  # 19 GiB on a 24 GiB card
+    with pytest.raises(InputError) as refused:
+        check_fits(QWEN3_VL_8B, 16 * GIB, "cuda:0", "Qwen3-VL-8B-Instruct")
+    message = str(refused.value)
+    assert "Qwen3-VL-8B-Instruct cannot fit on cuda:0" in message
+    assert "about 19.0 GiB in bfloat16: 8.77 B parameters x 2 bytes = 16.3 GiB of weights" in message
+    assert "cuda:0 has 16.0 GiB in all" in message
+    assert "Qwen2.5-VL-3B-Instruct" in message and "Qwen3-VL-4B-Instruct" in message
+    assert "device cpu" in message and "bfloat16, which halves" not in message  # already half precision
+
+    in_float32 = MemoryNeed(QWEN3_VL_30B.parameters, torch.float32, QWEN3_VL_30B.working)
+    with pytest.raises(InputError) as refused:
+        check_fits(in_float32, 24 * GIB, "cpu", "Qwen3-VL-30B-A3B-Instruct")
+    message = str(refused.value)
+    assert "dtype bfloat16, which halves the weights" in message and "device cpu" not in message  # it is on the cpu

@@ -3,8 +3,9 @@
 Stages (each asks, validates, and re-asks with the problem named, up to ``max_attempts``):
 ``describe_scene`` -> ``extract_graph`` -> ``propose_interventions`` or ``propagate_intervention``,
 and ``judge_counterfactual`` for evaluation. ``manual_intervention`` builds do(C_i = c') with no
-VLM at all. Backends: ``TransformersVLM`` (local Qwen-VL folder), ``OpenAICompatibleVLM`` (any
-``/chat/completions`` server); wrap either in ``CachedVLM`` to keep answers on disk.
+VLM at all. Backends: ``TransformersVLM`` (local Qwen-VL folder; ``memory_needed`` and ``check_fits``
+tell beforehand whether it fits on a device), ``OpenAICompatibleVLM`` (any ``/chat/completions``
+server); wrap either in ``CachedVLM`` to keep answers on disk.
 """
 
 from .asking import DEFAULT_ATTEMPTS, ask_until_valid
@@ -15,7 +16,7 @@ from .manipulator import manual_intervention, propagate_intervention, propose_in
 from .openai_backend import OpenAICompatibleVLM, chat_completions_url
 from .parsing import VLMOutputError, extract_json
 from .protocol import VLM, Turn, prepare_image
-from .transformers_backend import TransformersVLM, check_model_folder
+from .transformers_backend import MemoryNeed, TransformersVLM, check_fits, check_model_folder, memory_needed
 
 __all__ = [
     "DEFAULT_ATTEMPTS", "ask_until_valid",
@@ -26,5 +27,5 @@ __all__ = [
     "OpenAICompatibleVLM", "chat_completions_url",
     "VLMOutputError", "extract_json",
     "VLM", "Turn", "prepare_image",
-    "TransformersVLM", "check_model_folder",
+    "TransformersVLM", "check_model_folder", "MemoryNeed", "memory_needed", "check_fits",
 ]

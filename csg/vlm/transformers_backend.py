@@ -1,9 +1,12 @@
 """A local Qwen-VL model (Qwen3-VL, Qwen2.5-VL) run with transformers, from a folder on disk only.
 
 The model loads on first use and ``unload()`` gives its memory back, so SDXL can have the GPU
-after the VLM has spoken. ``on_token(done, budget)`` is called after every generated token; a host
-shows progress with it and cancels by raising from it (any exception stops generation and
-propagates unchanged).
+after the VLM has spoken. A ``Placement`` puts the loaded model on its device before each answer:
+by default it simply moves there, while a host with a memory manager (ComfyUI) passes one that asks
+the manager for room first. ``memory_needed`` tells from the checkpoint's headers, without loading
+it, how much memory the model will take, and ``check_fits`` refuses a device too small for it.
+``on_token(done, budget)`` is called after every generated token; a host shows progress with it and
+cancels by raising from it (any exception stops generation and propagates unchanged).
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import gc
 import inspect
 import json
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from PIL import Image
@@ -28,8 +33,20 @@ DOWNLOAD_HINT = "huggingface-cli download Qwen/Qwen3-VL-8B-Instruct --local-dir 
 
 TokenCallback = Callable[[int, int], None]
 
+GIB = 2**30
+# Memory to generate with, beyond the weights: the vision tower's activations for one image of at most
+# MAX_IMAGE_SIDE pixels a side and the KV cache of a few thousand tokens (about 1 GiB for Qwen3-VL-8B).
+WORKING_MEMORY_BASE = GIB
+WORKING_MEMORY_SHARE = 0.1  # of the weights: bigger models have wider activations and caches
+SMALLER_MODELS = "Qwen2.5-VL-3B-Instruct or Qwen3-VL-4B-Instruct (about 9 and 10 GiB in bfloat16)"
+
 
 # -- the folder ------------------------------------------------------------------------------------
+
+
+def _indexed_shards(index: Path) -> list[str]:
+    """The weight files a model.safetensors.index.json names."""
+    return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
 
 
 def missing_model_files(folder: Path) -> list[str]:
@@ -40,7 +57,7 @@ def missing_model_files(folder: Path) -> list[str]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            shards = _indexed_shards(index)
         except (ValueError, KeyError, TypeError, AttributeError):
             shards = []
             missing.append("a readable model.safetensors.index.json")
@@ -65,6 +82,72 @@ def check_model_folder(folder: str | Path) -> Path:
         raise WeightsMissingError(f"The VLM model folder {path} is incomplete: it lacks {', '.join(missing)}. It must "
                                   f"hold a whole Hugging Face snapshot of the model; download it again, e.g. with: {hint}")
     return path
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's files: the shards its index names, else every *.safetensors in the folder."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / shard for shard in _indexed_shards(index)]
+    return sorted(folder.glob("*.safetensors"))
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What a VLM takes on its device: its weights in the dtype it runs in, plus memory to generate with."""
+
+    parameters: int
+    dtype: torch.dtype
+    working: int  # bytes: WORKING_MEMORY_BASE + WORKING_MEMORY_SHARE of the weights
+
+    @property
+    def weights(self) -> int:
+        return self.parameters * self.dtype.itemsize
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.working
+
+    def __str__(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (f"about {self.total / GIB:.1f} GiB in {dtype}: {self.parameters / 1e9:.2f} B parameters x "
+                f"{self.dtype.itemsize} bytes = {self.weights / GIB:.1f} GiB of weights, plus "
+                f"{self.working / GIB:.1f} GiB to generate with")
+
+
+def memory_needed(folder: str | Path, dtype: torch.dtype) -> MemoryNeed | None:
+    """The memory the model in ``folder`` needs in ``dtype``, counted from its safetensors headers (no weight is read).
+
+    None for a checkpoint without safetensors files (pickled *.bin weights), whose shapes cannot be
+    read without loading them.
+    """
+    from safetensors import safe_open
+
+    files = _safetensors_files(check_model_folder(folder))
+    if not files:
+        return None
+    parameters = 0
+    for path in files:
+        with safe_open(path, framework="pt") as checkpoint:
+            parameters += sum(math.prod(checkpoint.get_slice(name).get_shape()) for name in checkpoint.keys())
+    weights = parameters * dtype.itemsize
+    return MemoryNeed(parameters, dtype, WORKING_MEMORY_BASE + int(WORKING_MEMORY_SHARE * weights))
+
+
+def check_fits(need: MemoryNeed, device_total: int, device: Any, model: str) -> None:
+    """Refuse a model that needs more than the device's whole memory, naming what would fit."""
+    if need.total <= device_total:
+        return
+    fixes = [f"a smaller model, e.g. {SMALLER_MODELS}"]
+    if need.dtype == torch.float32:
+        fixes.append("dtype bfloat16, which halves the weights")
+    if torch.device(device).type != "cpu":
+        fixes.append("device cpu (slower, in system memory)")
+    raise InputError(f"The VLM {model} cannot fit on {device}: it needs {need}, but {device} has "
+                     f"{device_total / GIB:.1f} GiB in all. Use {', or '.join(fixes)}.")
 
 
 def resolve_device_dtype(device: Any = "auto", dtype: Any = "auto") -> tuple[torch.device, torch.dtype]:
@@ -202,15 +285,42 @@ def qwen_messages(system: str, turns: Sequence[Turn], image_count: int) -> list[
     return messages
 
 
+class Placement(Protocol):
+    """Puts the loaded model on its device: ``place`` before every answer (a host's memory manager may have
+    moved it away since the last one), ``release`` when ``TransformersVLM.unload`` drops it."""
+
+    def place(self, model: torch.nn.Module) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class MoveToDevice:
+    """The placement without a memory manager: the model moves to the device and stays there until unloaded."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def place(self, model: torch.nn.Module) -> None:
+        model.to(self.device)
+
+    def release(self) -> None:
+        """Nothing to tell anyone: dropping the model frees it."""
+
+
 class TransformersVLM:
-    """A local Qwen-VL instruct model, loaded with ``AutoModelForImageTextToText`` from ``folder`` only."""
+    """A local Qwen-VL instruct model, loaded with ``AutoModelForImageTextToText`` from ``folder`` only.
+
+    ``placement`` puts it on ``device`` (default: ``MoveToDevice``); the processor's tensors go to ``device``.
+    """
 
     def __init__(self, folder: str | Path, *, device: Any = "auto", dtype: Any = "auto",
-                 on_token: TokenCallback | None = None, max_image_side: int | None = MAX_IMAGE_SIDE):
+                 on_token: TokenCallback | None = None, max_image_side: int | None = MAX_IMAGE_SIDE,
+                 placement: Placement | None = None):
         self.folder = Path(folder).expanduser()
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         self.on_token = on_token
         self.max_image_side = max_image_side
+        self.placement = placement or MoveToDevice(self.device)
         self._model: Any = None
         self._processor: Any = None
 
@@ -227,24 +337,31 @@ class TransformersVLM:
         return self._model is not None
 
     def load(self) -> None:
-        """Load the model and processor now (``generate`` does this on first use)."""
-        if self.loaded:
-            return
+        """Load the model and processor if they are not loaded, and place the model on its device.
+
+        ``generate`` does this before every answer.
+        """
+        if not self.loaded:
+            self._model, self._processor = self._read_folder()
+        self.placement.place(self._model)
+
+    def _read_folder(self) -> tuple[Any, Any]:
         from transformers import AutoModelForImageTextToText
 
         folder = check_model_folder(self.folder)
-        log.info("loading VLM from %s on %s (%s)", folder, self.device, self.dtype)
+        log.info("loading VLM from %s for %s (%s)", folder, self.device, self.dtype)
         try:
             model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
                                                                 dtype=self.dtype)
         except (OSError, ValueError, KeyError) as exc:
             raise VLMError(f"transformers could not load the VLM in {folder}: {exc}. It needs a Qwen3-VL or Qwen2.5-VL "
                            "instruct model and a transformers version that knows it (Qwen3-VL needs transformers >= 4.57).") from exc
-        self._model = model.to(self.device).eval()
-        self._processor = load_processor(folder, self._model)
+        model.eval()
+        return model, load_processor(folder, model)
 
     def unload(self) -> None:
         """Free the model's memory (and the CUDA cache) so other models can use it; reloads on next use."""
+        self.placement.release()
         self._model = None
         self._processor = None
         gc.collect()

@@ -109,6 +109,18 @@ class ComfyUI:
 
         return importlib.import_module(f"{pack_package_name()}.{name}")
 
+    def model_of(self, patcher: Any) -> Any:
+        """A ModelPatcher's model, or for the pack's own models (held for their patcher, see
+        nodes/model_memory.py) the module held."""
+        holder = self.pack_module("nodes.model_memory").HeldModule
+        return patcher.model.module if isinstance(patcher.model, holder) else patcher.model
+
+    def models_in_memory(self) -> list[Any]:
+        """What ComfyUI's memory manager counts as loaded now."""
+        import comfy.model_management
+
+        return [self.model_of(patcher) for patcher in comfy.model_management.loaded_models()]
+
     # -- running --------------------------------------------------------------------------------
 
     def to_prompt(self, workflow: Mapping[str, Any]) -> dict:

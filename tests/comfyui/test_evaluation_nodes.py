@@ -324,6 +324,16 @@ def test_the_model_is_loaded_once_and_weights_are_found_under_torch_home(comfyui
     assert loads == [(str(weight_files[0]), str(weight_files[1])), (None, None)]  # the second run reused the first
 
 
+def test_lpips_loads_through_comfyuis_memory_manager_with_room_for_the_images(comfyui, weight_files, pictures,
+                                                                             memory_requests):
+    comfyui.run(lpips_prompt(["a"], ["b", "c"], *weight_files), outputs=["lpips"], fresh=True)
+    [request] = memory_requests  # once for the batch
+    evaluation = comfyui.pack_module("nodes.evaluation_nodes")
+    assert request.kinds == ["LPIPS"] and request.memory_required == evaluation.LPIPS_BYTES_PER_PIXEL * SIDE * SIDE
+    lpips = request.models[0]()
+    assert any(m is lpips for m in comfyui.models_in_memory())  # kept for later runs; ComfyUI may offload it
+
+
 @pytest.mark.parametrize("factual, counterfactual, fragment", [
     (["a"], ["small"], r"factual image is 48x48 and the counterfactual 32x32"),
     (["a", "b"], ["a", "b", "c"], "factual holds 2 images and counterfactual 3"),

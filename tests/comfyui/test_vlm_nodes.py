@@ -7,11 +7,13 @@ prompt, the outputs, the UI, the messages to the frontend, or the answer cache.
 """
 
 import json
+import logging
 import secrets
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from tests.comfyui.harness import WorkflowFailed
@@ -269,8 +271,14 @@ def test_without_a_local_model_the_loader_says_where_to_put_one(comfyui, portrai
     assert failed.value.error["exception_type"].endswith("WeightsMissingError")
 
 
+def shared_model(comfyui, folder: Path):
+    shared = comfyui.pack_module("nodes.vlm_nodes")._LOCAL_MODELS
+    (model,) = [m for key, m in shared.items() if key[0] == str(folder.resolve())]
+    return model
+
+
 def test_a_local_model_from_models_llm_runs_with_token_progress_and_is_unloaded_after_use(comfyui, portrait,
-                                                                                       llm_folders):
+                                                                                       llm_folders, memory_requests):
     build_tiny_qwen25_vl(llm_folders / "tiny-qwen")
     assert comfyui.input_types("CSGLocalVLM")["required"]["model"][1]["options"] == ["tiny-qwen"]
     # random weights talk nonsense, so the stage ends in its typed error
@@ -278,7 +286,48 @@ def test_a_local_model_from_models_llm_runs_with_token_progress_and_is_unloaded_
         comfyui.run(local_prompt(portrait, "tiny-qwen", True), outputs=["2", "3"], fresh=True)
     assert failed.value.error["exception_type"].endswith("VLMOutputError")
     assert any(node == "3" and 0 < value < total for node, value, total in comfyui.progress)  # token by token
-    shared = comfyui.pack_module("nodes.vlm_nodes")._LOCAL_MODELS
-    (model,) = [m for key, m in shared.items() if key[0] == str((llm_folders / "tiny-qwen").resolve())]
+    model = shared_model(comfyui, llm_folders / "tiny-qwen")
     assert not model.loaded  # freed for SDXL although the stage failed
     assert model.on_token is None  # the node's progress callback does not outlive it
+    # it was loaded through ComfyUI's memory manager, with room to generate in; now it is gone from memory
+    need = comfyui.pack_module("csg.vlm").memory_needed(llm_folders / "tiny-qwen", torch.float32)
+    assert memory_requests and all(r.memory_required == need.working for r in memory_requests)
+    assert {kind for r in memory_requests for kind in r.kinds} == {"Qwen2_5_VLForConditionalGeneration"}
+    assert all(ref() is None for r in memory_requests for ref in r.models)
+    assert not any(type(m).__name__ == "Qwen2_5_VLForConditionalGeneration" for m in comfyui.models_in_memory())
+
+
+def test_a_local_model_kept_after_use_stays_among_comfyuis_loaded_models(comfyui, portrait, llm_folders,
+                                                                         memory_requests):
+    build_tiny_qwen25_vl(llm_folders / "tiny-qwen")
+    with pytest.raises(WorkflowFailed, match="no usable concept extraction answer"):
+        comfyui.run(local_prompt(portrait, "tiny-qwen", False), outputs=["3"], fresh=True)
+    model = shared_model(comfyui, llm_folders / "tiny-qwen")
+    try:
+        assert model.loaded
+        in_memory = [m for m in comfyui.models_in_memory() if m is model._model]
+        assert len(in_memory) == 1  # ComfyUI may evict it (to system memory) when SDXL needs the room
+        assert [ref() for ref in memory_requests[0].models] == in_memory  # asked for before the first answer
+    finally:
+        model.unload()
+    assert not any(m is model._model for m in comfyui.models_in_memory())
+
+
+def test_the_local_node_logs_the_memory_its_model_needs_and_refuses_a_device_too_small(comfyui, portrait,
+                                                                                      llm_folders, caplog,
+                                                                                      monkeypatch):
+    import comfy.model_management
+
+    folder = build_tiny_qwen25_vl(llm_folders / "tiny-qwen")
+    need = comfyui.pack_module("csg.vlm").memory_needed(folder, torch.float32)
+    caplog.set_level(logging.INFO, logger="csg.vlm")
+    comfyui.run({"2": local_prompt(portrait, "tiny-qwen", True)["2"]}, outputs=["2"], fresh=True)
+    total = comfy.model_management.get_total_memory(torch.device("cpu"))
+    assert f"VLM tiny-qwen needs {need}; cpu has {total / 2**30:.1f} GiB in all" in caplog.text
+    assert not shared_model(comfyui, folder).loaded  # the node itself loads nothing: the first question does
+
+    monkeypatch.setattr(comfy.model_management, "get_total_memory", lambda device=None, torch_total_too=False: 2**29)
+    with pytest.raises(WorkflowFailed, match="tiny-qwen cannot fit on cpu") as refused:
+        comfyui.run({"2": local_prompt(portrait, "tiny-qwen", True)["2"]}, outputs=["2"], fresh=True)
+    assert refused.value.error["node_id"] == "2"
+    assert "Qwen2.5-VL-3B-Instruct" in refused.value.error["exception_message"]
