@@ -210,7 +210,7 @@ def test_proposals_need_three_different_targets():
     with pytest.raises(VLMOutputError, match="Only 2 intervention"):
         parse_proposals(GRAPH, json.dumps({"interventions": [proposal("c1", "old"), proposal("c1", "young"),
                                                              proposal("c4", "male")]}))
-    with pytest.raises(VLMOutputError, match="changes nothing"):
+    with pytest.raises(GraphError, match="changes nothing"):
         parse_proposals(GRAPH, json.dumps({"interventions": [proposal("c1", "Middle-aged")]}))
     with pytest.raises(GraphError, match="not in the graph"):
         parse_proposals(GRAPH, json.dumps({"interventions": [proposal("c42", "x")]}))
