@@ -46,20 +46,26 @@ def _named(kind: str, data: Any, key: str) -> str:
     return f"a {kind}"
 
 
-def _loads(text: str, what: str) -> Any:
+def _loads(text: str | bytes, what: str) -> Any:
     """json.loads that fails with a GraphError, whatever is wrong with the text."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise GraphError(f"The {what} JSON is not UTF-8 text ({exc.reason} at byte {exc.start:,}). "
+                             "Save the file as UTF-8.") from None
     if not isinstance(text, str):
         raise GraphError(f"The {what} must be JSON text, got {type(text).__name__}.")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise GraphError(f"The {what} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}). "
+        raise GraphError(f"The {what} is not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno}). "
                          "Fix the JSON syntax.") from None
     except RecursionError:
         raise GraphError(f"The {what} JSON is nested too deeply to read (hundreds of levels; a valid one needs 4). "
                          "Fix the brackets.") from None
-    except ValueError as exc:  # e.g. an integer of more digits than Python converts
-        raise GraphError(f"The {what} JSON holds a value that cannot be read: {exc}.") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise GraphError(f"The {what} JSON cannot be read: {str(exc).split(';')[0]}. Shorten that value.") from None
 
 
 def _require_str(data: Mapping[str, Any], key: str, where: str, *, allow_empty: bool = False) -> str:
@@ -165,7 +171,7 @@ class CausalGraph:
         return cls(tuple(concepts), tuple(relationships), summary.strip())
 
     @classmethod
-    def from_json(cls, text: str) -> "CausalGraph":
+    def from_json(cls, text: str | bytes) -> "CausalGraph":
         return cls.from_dict(_loads(text, "graph"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -337,8 +343,9 @@ class CausalGraph:
 
 
 def _path(cycle: list[str]) -> str:
-    """A cycle for an error message; a long one shows its first few ids and how many it passes."""
-    if len(cycle) <= NAMED_IDS + 1:
+    """A cycle for an error message. Any of its edges may be the one to remove, so it is shown whole
+    up to twice NAMED_IDS concepts; a longer one shows its first few ids and how many it passes."""
+    if len(cycle) <= 2 * NAMED_IDS + 1:
         return " -> ".join(brief(cid) for cid in cycle)
     head = " -> ".join(brief(cid) for cid in cycle[:NAMED_IDS])
     return f"{head} -> ... -> {brief(cycle[-1])} ({len(cycle) - 1:,} concepts)"
@@ -438,7 +445,7 @@ class Intervention:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "Intervention":
+    def from_json(cls, text: str | bytes) -> "Intervention":
         return cls.from_dict(_loads(text, "intervention"))
 
     def to_dict(self) -> dict[str, Any]:
