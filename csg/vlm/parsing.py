@@ -186,9 +186,10 @@ class _Search:
         for span in sorted(set(spans), key=lambda s: (s.start, -s.end)):
             if span.start < self.broken_until or span.end <= self.answer_start:
                 continue  # inside broken JSON, or a draft inside the reasoning
-            if span.depth > MAX_JSON_DEPTH:  # not parsed; the answer may still lie inside
+            if span.depth > MAX_JSON_DEPTH:  # not parsed; when it never closes, the answer may lie inside
                 self._broken(span, f"The JSON is nested {span.depth:,} levels deep, more than the {MAX_JSON_DEPTH} "
-                                   "allowed. Write the requested object, which needs 5 levels at most.", block=False)
+                                   "allowed. Write the requested object, which needs 5 levels at most.",
+                             block=not span.cut_off)
                 continue
             if span.cut_off and span.end == len(self.text):
                 self._broken(span, f"The answer ends inside its JSON (the {self.text[span.start]!r} at character "
