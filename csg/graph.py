@@ -28,22 +28,21 @@ def _shown(text: str) -> str:
     return quote(text, NAME_LIMIT)
 
 
-def _kind(value: Any) -> str:
-    """What a wrong value is, for an error message: a text value shortened, anything else by its JSON type.
+def _quotable(value: Any) -> bool:
+    """A JSON string or number, which a message may quote. Never the repr of a container: input
+    nested hundreds deep would overflow the stack, and a large one would flood the message."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
-    Never the repr of a container: input nested hundreds deep would overflow the stack.
-    """
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return f"{type(value).__name__} {_shown(str(value))}"
-    return type(value).__name__
+
+def _kind(value: Any) -> str:
+    """What a wrong value is, for an error message: a string or number shortened, else its type."""
+    return f"{type(value).__name__} {_shown(str(value))}" if _quotable(value) else type(value).__name__
 
 
 def _named(kind: str, data: Any, key: str) -> str:
-    """How a message names a record: "concept 'c1'" when it has a usable id, else "a concept"."""
+    """How a message names a record: "concept 'c1'" when it has a quotable id, else "a concept"."""
     value = data.get(key) if isinstance(data, Mapping) else None
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return f"{kind} {_shown(str(value))}"
-    return f"a {kind}"
+    return f"{kind} {_shown(str(value))}" if _quotable(value) else f"a {kind}"
 
 
 def _loads(text: str | bytes, what: str) -> Any:
