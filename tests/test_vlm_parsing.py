@@ -194,6 +194,22 @@ def test_fuzz_embedded_objects_come_back_unchanged(obj, before, after, wrapping,
     assert extract_json(f"{before} {body} {after}") == obj
 
 
+@FUZZ
+@given(json_objects, st.data())
+def test_fuzz_a_cut_off_object_is_reported_as_cut_off_never_as_a_fragment(obj, data):
+    text = json.dumps(obj, indent=data.draw(st.sampled_from([None, 2])))
+    cut = data.draw(st.integers(2, len(text) - 1))
+    with pytest.raises(VLMOutputError, match="cut off, probably by the token limit"):
+        extract_json(text[:cut])
+
+
+@FUZZ
+@given(json_objects, st.sampled_from(["// a note\n", "/* a note */"]))
+def test_fuzz_a_comment_in_an_object_is_reported_as_a_comment(obj, comment):
+    with pytest.raises(VLMOutputError, match="JSON allows none"):
+        extract_json("{" + comment + json.dumps(obj)[1:])
+
+
 # The graph validator on arbitrary JSON-like data, and on data shaped almost like a graph.
 field_values = json_scalars | st.lists(json_scalars, max_size=2) | st.dictionaries(st.text(max_size=4), json_scalars, max_size=2)
 ids = st.sampled_from(["c1", "c2", "c3", "r1", "", " ", "C1", "c1 "]) | field_values

@@ -134,10 +134,11 @@ def _spans(text: str, start: int, stop: int) -> Iterator[_Span]:
 
 def _looks_like_json(text: str, span: _Span) -> bool:
     """Whether a bracket opens the kind of JSON we asked for (``{"``, ``[{``, ...), comments allowed,
-    rather than prose such as "{maybe}" or a footnote "[1]"."""
+    rather than prose such as "{maybe}" or a footnote "[1]". A bracket that the text ends right
+    after could open either, and is taken as JSON."""
     window = text[span.start + 1:span.start + 1 + _LOOKAHEAD]
     first = window[_SPACE_AND_COMMENTS.match(window).end():][:1]
-    return bool(first) and first in _FIRST_INSIDE[text[span.start]]
+    return not first or first in _FIRST_INSIDE[text[span.start]]
 
 
 def _drop_trailing_commas(candidate: str) -> str:
@@ -209,8 +210,9 @@ class _Search:
 
     def _broken(self, span: _Span, problem: str, *, block: bool = True) -> None:
         """Remember the first broken JSON of the kind we asked for, and (``block``) skip the fragments
-        inside it. Prose in brackets, and drafts that start inside the reasoning, are no answer to judge."""
-        if (block or not self.problem) and span.start >= self.answer_start and _looks_like_json(self.text, span):
+        inside it. Prose in brackets, and a draft the reasoning leaves unfinished, are no answer to judge."""
+        draft = span.cut_off and span.start < self.answer_start
+        if (block or not self.problem) and not draft and _looks_like_json(self.text, span):
             self.broken_until = span.end if block else self.broken_until
             self.problem = self.problem or problem
 
