@@ -211,10 +211,12 @@ class _Search:
     def _broken(self, span: _Span, problem: str, *, block: bool = True) -> None:
         """Remember the first broken JSON of the kind we asked for, and (``block``) skip the fragments
         inside it. Prose in brackets, and a draft the reasoning leaves unfinished, are no answer to judge."""
-        draft = span.cut_off and span.start < self.answer_start
-        if (block or not self.problem) and not draft and _looks_like_json(self.text, span):
-            self.broken_until = span.end if block else self.broken_until
+        if (self.problem and not block) or (span.cut_off and span.start < self.answer_start):
+            return
+        if _looks_like_json(self.text, span):
             self.problem = self.problem or problem
+            if block:
+                self.broken_until = span.end
 
     def give_up(self) -> Any:
         """The best non-structured value, else a VLMOutputError saying what is wrong."""
@@ -247,6 +249,8 @@ def extract_json(text: str) -> Any:
         found = search.first(_spans(text, fence.start(1), fence.end(1)))
         if found is not None:
             return found
+    if search.problem:  # the answer in a code fence is broken: say how, rather than take JSON from the prose
+        return search.give_up()
     # The reasoning may leave a quote open, so the answer after it is also read from a fresh start.
     whole = [*_spans(text, 0, len(text)), *(_spans(text, answer_start, len(text)) if answer_start else ())]
     found = search.first(whole)
