@@ -26,7 +26,6 @@ MAX_JSON_DEPTH = 32  # bracket levels; the stages' answers need 5
 
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)```", re.DOTALL)
 _LEADING_THINK = re.compile(r"\s*<think>", re.IGNORECASE)
-_THINK = re.compile(r"<think>", re.IGNORECASE)
 _END_THINK = re.compile(r"</think>", re.IGNORECASE)
 
 _STRING = r'"[^"\\]*(?:\\[\s\S][^"\\]*)*'  # a JSON string without its closing quote
@@ -57,20 +56,15 @@ class VLMOutputError(VLMError):
 def reasoning_end(text: str) -> int | None:
     """Where the reasoning a model writes before its answer ends (0 when there is none).
 
-    Reasoning is a leading ``<think>…</think>`` block (or several), or everything up to the first
-    ``</think>`` when the opening tag was part of the prompt. None means a leading ``<think>``
-    never closes: the answer was cut off inside its reasoning.
+    Reasoning ends at the last ``</think>``, whether or not its ``<think>`` is in the text (the
+    opening tag may have been part of the prompt) and whatever prose came before it. None means a
+    ``<think>`` block opens the text, or follows the last ``</think>``, and never closes: the answer
+    was cut off inside its reasoning.
     """
-    position = 0
-    while True:
-        opening = _LEADING_THINK.match(text, position)
-        closing = _END_THINK.search(text, opening.end() if opening else position)
-        if opening:
-            if closing is None:
-                return None
-        elif closing is None or _THINK.search(text, position, closing.start()):
-            return position
-        position = closing.end()
+    end = 0
+    for closing in _END_THINK.finditer(text):
+        end = closing.end()
+    return None if _LEADING_THINK.match(text, end) else end
 
 
 class _Span(NamedTuple):
