@@ -42,7 +42,9 @@ def _kind(value: Any) -> str:
 def _named(kind: str, data: Any, key: str) -> str:
     """How a message names a record: "concept 'c1'" when it has a quotable id, else "a concept"."""
     value = data.get(key) if isinstance(data, Mapping) else None
-    return f"{kind} {_shown(str(value))}" if _quotable(value) else f"a {kind}"
+    if _quotable(value):
+        return f"{kind} {_shown(str(value))}"
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def _loads(text: str | bytes, what: str) -> Any:
