@@ -1,4 +1,9 @@
-"""Typed errors. Every message names the problem and the fix, so a user can act on it."""
+"""Typed errors. Every message names the problem and the fix, so a user can act on it, and stays short:
+user text in a message is shortened with ``quote`` and lists of ids with ``some``."""
+
+QUOTE_LIMIT = 600  # characters of user or model text shown in an error message
+NAME_LIMIT = 60  # characters of one id or name shown in an error message
+NAMED_IDS = 8  # ids an error message names before it only counts the rest
 
 
 class CSGError(Exception):
@@ -19,3 +24,23 @@ class InputError(CSGError, ValueError):
 
 class WeightsMissingError(CSGError, FileNotFoundError):
     """Model weights are not where we looked for them."""
+
+
+def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """Text shortened for an error message: its head and tail around an ellipsis, each in quotes."""
+    text = text if isinstance(text, str) else repr(text)
+    if len(text) <= limit:
+        return repr(text)
+    half = limit // 2
+    return repr(text[:half]) + f" ... ({len(text) - 2 * half} characters left out) ... " + repr(text[-half:])
+
+
+def brief(name: str) -> str:
+    """One id or name for an error message: as it is when short, else quoted and shortened."""
+    return name if len(name) <= NAME_LIMIT else quote(name, NAME_LIMIT)
+
+
+def some(names: list[str]) -> str:
+    """The first few of ``names`` for an error message (each shortened), and how many there are in all."""
+    shown = ", ".join(brief(name) for name in names[:NAMED_IDS])
+    return shown if len(names) <= NAMED_IDS else f"{shown} and {len(names) - NAMED_IDS:,} more ({len(names):,} in all)"

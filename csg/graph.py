@@ -2,20 +2,76 @@
 
 Field names follow the JSON schemas of the paper's extractor and manipulator prompts, so a VLM
 answer round-trips through ``from_dict``/``to_dict`` unchanged.
+
+Size limits keep hostile or runaway input from stalling the pack or flooding a VLM prompt: a graph
+holds at most ``MAX_CONCEPTS`` concepts and ``MAX_RELATIONSHIPS`` relationships. The paper's graphs
+have about 20 concepts.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Iterable, Mapping
 
-from .errors import GraphError
+from .errors import NAME_LIMIT, NAMED_IDS, GraphError, brief, quote, some
+
+MAX_CONCEPTS = 100  # concepts in one graph; the paper's graphs have about 20
+MAX_RELATIONSHIPS = 500  # relationships (edges) in one graph: five per concept on average at the most
+FROM_FINAL_STATES = "given only in final_concept_states"  # reason of a change recovered from there
+
+
+def _shown(text: str) -> str:
+    """An id or value from the input, quoted and shortened for an error message."""
+    return quote(text, NAME_LIMIT)
+
+
+def _quotable(value: Any) -> bool:
+    """A JSON string or number, which a message may quote. Never the repr of a container: input
+    nested hundreds deep would overflow the stack, and a large one would flood the message."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def _kind(value: Any) -> str:
+    """What a wrong value is, for an error message: a string or number shortened, else its type."""
+    return f"{type(value).__name__} {_shown(str(value))}" if _quotable(value) else type(value).__name__
+
+
+def _named(kind: str, data: Any, key: str) -> str:
+    """How a message names a record: "concept 'c1'" when it has a quotable id, else "a concept"."""
+    value = data.get(key) if isinstance(data, Mapping) else None
+    if _quotable(value):
+        return f"{kind} {_shown(str(value))}"
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def _loads(text: str | bytes, what: str) -> Any:
+    """json.loads that fails with a GraphError, whatever is wrong with the text."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise GraphError(f"The {what} JSON is not UTF-8 text ({exc.reason} at byte {exc.start:,}). "
+                             "Save the file as UTF-8.") from None
+    if not isinstance(text, str):
+        raise GraphError(f"The {what} must be JSON text, got {type(text).__name__}.")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GraphError(f"The {what} is not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno}). "
+                         "Fix the JSON syntax.") from None
+    except RecursionError:
+        raise GraphError(f"The {what} JSON is nested too deeply to read (hundreds of levels; a valid one needs 4). "
+                         "Fix the brackets.") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise GraphError(f"The {what} JSON cannot be read: {str(exc).split(';')[0]}. Shorten that value.") from None
 
 
 def _require_str(data: Mapping[str, Any], key: str, where: str, *, allow_empty: bool = False) -> str:
     if not isinstance(data, Mapping):
-        raise GraphError(f"{where} must be a JSON object, got {type(data).__name__}: {data!r:.200}")
+        raise GraphError(f"{where} must be a JSON object, got {_kind(data)}.")
     if key not in data:
         raise GraphError(f"{where} is missing the field '{key}'. Add it as a string.")
     value = data[key]
@@ -58,7 +114,7 @@ class Concept:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Concept":
-        where = f"concept {data.get('id', '?')!r}" if isinstance(data, Mapping) else "a concept"
+        where = _named("concept", data, "id")
         return cls(
             id=_require_str(data, "id", where),
             name=_require_str(data, "name", where),
@@ -79,7 +135,7 @@ class Relationship:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Relationship":
-        where = f"relationship {data.get('id', '?')!r}" if isinstance(data, Mapping) else "a relationship"
+        where = _named("relationship", data, "id")
         return cls(
             id=_require_str(data, "id", where),
             cause_id=_require_str(data, "cause_id", where),
@@ -118,12 +174,8 @@ class CausalGraph:
         return cls(tuple(concepts), tuple(relationships), summary.strip())
 
     @classmethod
-    def from_json(cls, text: str) -> "CausalGraph":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise GraphError(f"The graph is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}). Fix the JSON syntax.") from None
-        return cls.from_dict(data)
+    def from_json(cls, text: str | bytes) -> "CausalGraph":
+        return cls.from_dict(_loads(text, "graph"))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -140,43 +192,51 @@ class CausalGraph:
     def _validate(self) -> None:
         if not self.concepts:
             raise GraphError("The graph has no concepts. Extract or write at least one concept.")
+        if len(self.concepts) > MAX_CONCEPTS:
+            raise GraphError(f"The graph has {len(self.concepts):,} concepts, more than the {MAX_CONCEPTS} allowed. "
+                             "Keep the concepts that matter to the edits (the paper uses about 20).")
+        if len(self.relationships) > MAX_RELATIONSHIPS:
+            raise GraphError(f"The graph has {len(self.relationships):,} relationships, more than the "
+                             f"{MAX_RELATIONSHIPS} allowed. Keep the direct causes only.")
         seen: set[str] = set()
         for c in self.concepts:
             if c.id in seen:
-                raise GraphError(f"Duplicate concept id '{c.id}'. Give every concept a unique id (c1, c2, ...).")
+                raise GraphError(f"Duplicate concept id {_shown(c.id)}. Give every concept a unique id (c1, c2, ...).")
             seen.add(c.id)
         names: dict[str, str] = {}
         for c in self.concepts:
             key = c.name.strip().lower()
             if key in names:
                 raise GraphError(
-                    f"Concepts '{names[key]}' and '{c.id}' share the name '{c.name}'. Give every concept a distinct name "
-                    "so it can be named in an intervention."
+                    f"Concepts {_shown(names[key])} and {_shown(c.id)} share the name {_shown(c.name)}. Give every "
+                    "concept a distinct name so it can be named in an intervention."
                 )
             names[key] = c.id
         seen_edges: set[str] = set()
         for r in self.relationships:
             if r.id in seen_edges:
-                raise GraphError(f"Duplicate relationship id '{r.id}'. Give every relationship a unique id (r1, r2, ...).")
+                raise GraphError(f"Duplicate relationship id {_shown(r.id)}. Give every relationship a unique id "
+                                 "(r1, r2, ...).")
             seen_edges.add(r.id)
             for end, cid in (("cause_id", r.cause_id), ("effect_id", r.effect_id)):
                 if cid not in seen:
                     raise GraphError(
-                        f"Relationship '{r.id}' has {end} '{cid}', which is not a concept id. "
-                        f"Known ids: {', '.join(sorted(seen))}. Fix the id or remove the relationship."
+                        f"Relationship {_shown(r.id)} has {end} {_shown(cid)}, which is not a concept id. "
+                        f"Known ids: {some(self.ids)}. Fix the id or remove the relationship."
                     )
             if r.cause_id == r.effect_id:
-                raise GraphError(f"Relationship '{r.id}' is a self-loop on '{r.cause_id}'. A concept cannot cause itself; remove it.")
+                raise GraphError(f"Relationship {_shown(r.id)} is a self-loop on {_shown(r.cause_id)}. A concept cannot "
+                                 "cause itself; remove it.")
         cycle = self.find_cycle()
         if cycle:
             raise GraphError(
-                f"The relationships contain a cycle: {' -> '.join(cycle)}. A causal graph must be acyclic; "
+                f"The relationships contain a cycle: {_path(cycle)}. A causal graph must be acyclic; "
                 "remove or reverse one of these edges."
             )
 
     def find_cycle(self) -> list[str]:
         """Ids along one directed cycle, first id repeated at the end; empty when acyclic."""
-        children = self._children_map()
+        children = self._children
         state: dict[str, int] = {}  # 1 = on the stack, 2 = finished
         for root in (c.id for c in self.concepts):
             if root in state:
@@ -200,16 +260,22 @@ class CausalGraph:
         return []
 
     # -- queries ------------------------------------------------------------------------------
+    # The graph is immutable, so its indexes are computed once. Every query is linear in the size
+    # of the graph (topological order: up to a log factor).
 
     @property
     def ids(self) -> list[str]:
         return [c.id for c in self.concepts]
 
+    @cached_property
+    def _by_id(self) -> dict[str, Concept]:
+        return {c.id: c for c in self.concepts}
+
     def concept(self, concept_id: str) -> Concept:
-        for c in self.concepts:
-            if c.id == concept_id:
-                return c
-        raise GraphError(f"Unknown concept id '{concept_id}'. Known ids: {', '.join(self.ids)}.")
+        found = self._by_id.get(concept_id)
+        if found is None:
+            raise GraphError(f"Unknown concept id {_shown(concept_id)}. Known ids: {some(self.ids)}.")
+        return found
 
     def find_concept(self, key: str) -> Concept:
         """A concept by id or by (case-insensitive) name, for user-typed interventions."""
@@ -217,48 +283,53 @@ class CausalGraph:
         for c in self.concepts:
             if c.id.lower() == key_norm or c.name.strip().lower() == key_norm:
                 return c
-        names = ", ".join(f"{c.id} ({c.name})" for c in self.concepts)
-        raise GraphError(f"No concept has the id or name '{key}'. Choose one of: {names}.")
+        names = some([f"{c.id} ({c.name})" for c in self.concepts])
+        raise GraphError(f"No concept has the id or name {_shown(key)}. Choose one of: {names}.")
 
-    def _children_map(self) -> dict[str, list[str]]:
-        children: dict[str, list[str]] = {c.id: [] for c in self.concepts}
+    @cached_property
+    def _children(self) -> dict[str, list[str]]:
+        """Each concept's distinct children, in declaration order of the edges."""
+        children: dict[str, dict[str, None]] = {c.id: {} for c in self.concepts}
         for r in self.relationships:
-            if r.cause_id in children and r.effect_id not in children[r.cause_id]:
-                children[r.cause_id].append(r.effect_id)
-        return children
+            if r.cause_id in children:
+                children[r.cause_id][r.effect_id] = None
+        return {cid: list(kids) for cid, kids in children.items()}
 
     def children(self, concept_id: str) -> list[str]:
         self.concept(concept_id)
-        return list(self._children_map()[concept_id])
+        return list(self._children[concept_id])
 
     def parents(self, concept_id: str) -> list[str]:
         self.concept(concept_id)
         return list(dict.fromkeys(r.cause_id for r in self.relationships if r.effect_id == concept_id))
 
-    def topological_order(self) -> list[str]:
-        """Kahn's algorithm, ties broken by declaration order so the result is deterministic."""
-        children = self._children_map()
+    @cached_property
+    def _topological_order(self) -> tuple[str, ...]:
+        """Kahn's algorithm, the ready concept declared first going next, so the result is deterministic."""
+        children = self._children
         indegree = {cid: 0 for cid in self.ids}
         for kids in children.values():
             for k in kids:
                 indegree[k] += 1
         position = {cid: i for i, cid in enumerate(self.ids)}
-        ready = [cid for cid in self.ids if indegree[cid] == 0]
+        ready = [position[cid] for cid in self.ids if indegree[cid] == 0]  # a heap of declaration positions
         order: list[str] = []
         while ready:
-            node = ready.pop(0)
+            node = self.concepts[heapq.heappop(ready)].id
             order.append(node)
             for k in children[node]:
                 indegree[k] -= 1
                 if indegree[k] == 0:
-                    ready.append(k)
-            ready.sort(key=position.__getitem__)
-        return order
+                    heapq.heappush(ready, position[k])
+        return tuple(order)
+
+    def topological_order(self) -> list[str]:
+        return list(self._topological_order)
 
     def descendants(self, concept_id: str) -> list[str]:
         """Strict descendants De(C_i), in topological order."""
         self.concept(concept_id)
-        children = self._children_map()
+        children = self._children
         found: set[str] = set()
         frontier = [concept_id]
         while frontier:
@@ -266,12 +337,21 @@ class CausalGraph:
                 if k not in found:
                     found.add(k)
                     frontier.append(k)
-        return [cid for cid in self.topological_order() if cid in found]
+        return [cid for cid in self._topological_order if cid in found]
 
     def non_descendants(self, concept_id: str) -> list[str]:
         """ND(C_i): every concept that is neither C_i nor one of its descendants."""
         excluded = set(self.descendants(concept_id)) | {concept_id}
         return [cid for cid in self.ids if cid not in excluded]
+
+
+def _path(cycle: list[str]) -> str:
+    """A cycle for an error message. Any of its edges may be the one to remove, so it is shown whole
+    up to twice NAMED_IDS concepts; a longer one shows its first few ids and how many it passes."""
+    if len(cycle) <= 2 * NAMED_IDS + 1:
+        return " -> ".join(brief(cid) for cid in cycle)
+    head = " -> ".join(brief(cid) for cid in cycle[:NAMED_IDS])
+    return f"{head} -> ... -> {brief(cycle[-1])} ({len(cycle) - 1:,} concepts)"
 
 
 @dataclass(frozen=True)
@@ -284,7 +364,7 @@ class PropagatedChange:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PropagatedChange":
-        where = f"propagated change {data.get('concept_id', '?')!r}" if isinstance(data, Mapping) else "a propagated change"
+        where = _named("propagated change", data, "concept_id")
         return cls(
             concept_id=_require_str(data, "concept_id", where),
             concept_name=_optional_str(data, "concept_name", where),
@@ -343,7 +423,7 @@ class Intervention:
     def from_dict(cls, data: Any) -> "Intervention":
         if not isinstance(data, Mapping):
             raise GraphError(f"An intervention must be a JSON object, got {type(data).__name__}.")
-        where = f"intervention {data.get('id', '?')!r}"
+        where = _named("intervention", data, "id")
         states = data.get("final_concept_states") or {}
         if not isinstance(states, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in states.items()):
             raise GraphError(f"{where}: 'final_concept_states' must map concept ids to value strings.")
@@ -368,12 +448,8 @@ class Intervention:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "Intervention":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise GraphError(f"The intervention is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}). Fix the JSON syntax.") from None
-        return cls.from_dict(data)
+    def from_json(cls, text: str | bytes) -> "Intervention":
+        return cls.from_dict(_loads(text, "intervention"))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -412,54 +488,84 @@ class Intervention:
         return terms
 
 
+def no_change(concept: Concept, new_value: str) -> str | None:
+    """Why do(C_i = new_value) changes nothing, or None when it changes C_i.
+
+    The one rule for every path to an intervention (VLM proposals and propagation, --do, hand-written
+    JSON): the new value must differ from the current one, ignoring case and surrounding spaces. An
+    intervention that changes nothing would edit with whatever value phrase is left over.
+    """
+    if new_value.strip().lower() != concept.current_value.strip().lower():
+        return None
+    return (f"{concept.id} ({brief(concept.name)}) already is {_shown(concept.current_value)}, so this changes "
+            "nothing. Choose a different value.")
+
+
+def _target(graph: CausalGraph, intervention: Intervention) -> Concept:
+    """The concept an intervention sets, by id or else by name; a GraphError when it is not in the graph."""
+    try:
+        return graph.concept(intervention.target_concept_id)
+    except GraphError:
+        try:
+            return graph.find_concept(intervention.target_concept_id)
+        except GraphError:
+            raise GraphError(
+                f"Intervention {_shown(intervention.id)} targets {_shown(intervention.target_concept_id)}, which is not "
+                f"in the graph. Choose one of: {some([f'{c.id} ({c.name})' for c in graph.concepts])}."
+            ) from None
+
+
 def check_intervention(graph: CausalGraph, intervention: Intervention) -> Intervention:
     """Enforce the causal semantics of do(C_i = c') on whatever the VLM proposed.
 
     A change to a non-descendant of the target, to the target itself, to an unknown concept, or a
-    duplicate change, is stripped and recorded in ``violations``. ``final_concept_states`` keeps
-    only the target and the surviving changes. Raises only when the target itself is unusable.
+    duplicate change, is stripped and recorded in ``violations``. A descendant whose new value is
+    given only in ``final_concept_states`` becomes a propagated change (reason ``FROM_FINAL_STATES``);
+    a final state of any other concept is stripped and recorded. ``final_concept_states`` keeps only
+    the target and the changes. Raises only when the target itself is unusable: not in the graph,
+    or set to the value it already has (``no_change``). Linear in the size of the intervention.
     """
-    try:
-        target = graph.concept(intervention.target_concept_id)
-    except GraphError:
-        try:
-            target = graph.find_concept(intervention.target_concept_id)
-        except GraphError:
-            raise GraphError(
-                f"Intervention '{intervention.id}' targets '{intervention.target_concept_id}', which is not in the graph. "
-                f"Choose one of: {', '.join(f'{c.id} ({c.name})' for c in graph.concepts)}."
-            ) from None
+    target = _target(graph, intervention)
+    unchanged = no_change(target, intervention.new_value)
+    if unchanged:
+        raise GraphError(f"Intervention {_shown(intervention.id)}: {unchanged}")
     descendants = set(graph.descendants(target.id))
-    kept: list[PropagatedChange] = []
+    kept: dict[str, PropagatedChange] = {}
     violations = list(intervention.violations)
     for change in intervention.propagated_changes:
         cid = change.concept_id
-        if cid not in graph.ids:
-            problem = f"'{cid}' is not a concept in the graph"
+        if cid not in graph._by_id:
+            problem = f"{_shown(cid)} is not a concept in the graph"
         elif cid == target.id:
             problem = "the target's own value is set by the intervention, not propagated"
         elif cid not in descendants:
-            problem = f"'{cid}' ({graph.concept(cid).name}) is not a descendant of the target '{target.id}', so it must keep its value"
-        elif any(k.concept_id == cid for k in kept):
-            problem = f"'{cid}' was changed twice; the first change is kept"
+            problem = (f"{_shown(cid)} ({brief(graph.concept(cid).name)}) is not a descendant of the target "
+                       f"{_shown(target.id)}, so it must keep its value")
+        elif cid in kept:
+            problem = f"{_shown(cid)} was changed twice; the first change is kept"
         else:
-            kept.append(replace(change, concept_name=change.concept_name or graph.concept(cid).name,
-                                original_value=change.original_value or graph.concept(cid).current_value))
+            concept = graph.concept(cid)
+            kept[cid] = replace(change, concept_name=change.concept_name or concept.name,
+                                original_value=change.original_value or concept.current_value)
             continue
         violations.append(CausalViolation(cid, change.new_value, problem))
-    allowed = {target.id} | {k.concept_id for k in kept}
+    flagged = {v.concept_id for v in violations}
     states = {}
     for cid, value in intervention.final_concept_states.items():
-        if cid in allowed:
+        if cid in descendants and cid not in kept and no_change(graph.concept(cid), value) is None:
+            concept = graph.concept(cid)  # a descendant's change the VLM wrote in one place only
+            kept[cid] = PropagatedChange(cid, concept.name, concept.current_value, value, FROM_FINAL_STATES)
+        if cid == target.id or cid in kept:
             states[cid] = value
-        elif not any(v.concept_id == cid for v in violations):
-            violations.append(CausalViolation(cid, value, f"final state for '{cid}', which the intervention does not change"))
+        elif cid not in flagged:
+            violations.append(CausalViolation(cid, value, f"final state for {_shown(cid)}, which the intervention does not change"))
+            flagged.add(cid)
     return replace(
         intervention,
         target_concept_id=target.id,
         target_concept_name=intervention.target_concept_name or target.name,
         original_value=intervention.original_value or target.current_value,
-        propagated_changes=tuple(kept),
+        propagated_changes=tuple(kept.values()),
         final_concept_states=states,
         violations=tuple(violations),
     )

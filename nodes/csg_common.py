@@ -72,9 +72,12 @@ def progress(total: int) -> Callable[[], None]:
 
 
 def implied_graph(intervention: Intervention) -> CausalGraph:
-    """Without a causal graph, the intervention's own claim: the target causes each change it lists."""
+    """Without a causal graph, the intervention's own claim: the target causes each change it lists.
+
+    A target without an original value gets an empty one, so the intervention still changes it.
+    """
     target = Concept(intervention.target_concept_id, intervention.target_concept_name or intervention.target_concept_id,
-                     intervention.original_value or intervention.new_value)
+                     intervention.original_value)
     changed = [Concept(c.concept_id, c.concept_name or c.concept_id, c.original_value or c.new_value)
                for c in intervention.propagated_changes if c.concept_id != target.id]
     edges = [Relationship(f"r{i}", target.id, c.id) for i, c in enumerate(changed, start=1)]

@@ -221,6 +221,17 @@ def test_unknown_concept_in_a_setting_exits_2(sdxl_folder, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_intervention_json_that_changes_nothing_exits_2(sdxl_folder, tmp_path, capsys):
+    """The new value equal to the current one used to edit with the leftover value phrase."""
+    intervention = json.loads(INTERVENTION.read_text())
+    current = next(c for c in json.loads(GRAPH.read_text())["concepts"] if c["id"] == intervention["target_concept_id"])
+    path = tmp_path / "unchanged.json"
+    path.write_text(json.dumps({**intervention, "new_value": current["current_value"].upper()}))
+    code = main([str(PORTRAIT), "--graph-json", str(GRAPH), "--intervention-json", str(path), "--sdxl", str(sdxl_folder),
+                 "--out", str(tmp_path / "out"), *FAST])
+    assert code == 2 and "so this changes nothing" in capsys.readouterr().err
+
+
 def test_unreadable_image_exits_2(tmp_path, capsys):
     assert main([str(tmp_path / "nope.png"), "--graph-json", str(GRAPH), "--intervention-json", str(INTERVENTION)]) == 2
     assert "does not exist" in capsys.readouterr().err

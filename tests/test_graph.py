@@ -2,13 +2,18 @@
 
 import json
 import random
+import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csg.errors import CSGError, GraphError
+import csg.graph
+from csg.errors import NAMED_IDS, CSGError, GraphError
 from csg.graph import (
+    FROM_FINAL_STATES,
+    MAX_CONCEPTS,
+    MAX_RELATIONSHIPS,
     CausalGraph,
     CausalViolation,
     Concept,
@@ -133,12 +138,33 @@ def test_intervention_is_hashable_like_the_other_frozen_records():
     assert hash(iv) == hash(Intervention.from_json(iv.to_json()))
 
 
-@pytest.mark.parametrize("text", ["{", "[1, 2", "not json"])
+@pytest.mark.parametrize("text", ["{", "[1, 2", "not json", b"\xff{", "1" * 5000])
 def test_invalid_json_is_a_graph_error(text):
-    with pytest.raises(GraphError, match="not valid JSON"):
+    with pytest.raises(GraphError, match="not valid JSON|not UTF-8|cannot be read"):
         CausalGraph.from_json(text)
-    with pytest.raises(GraphError, match="not valid JSON"):
+    with pytest.raises(GraphError, match="not valid JSON|not UTF-8|cannot be read"):
         Intervention.from_json(text)
+
+
+def test_json_arrives_as_text_or_utf8_bytes():
+    graph = portrait()
+    assert CausalGraph.from_json(graph.to_json().encode()) == graph
+    assert Intervention.from_json(age_intervention().to_json().encode("utf-8-sig")) == age_intervention()
+
+
+@pytest.mark.parametrize("text", [
+    "[" * 100_000 + "]" * 100_000,  # far past the JSON reader's recursion limit
+    '{"concepts": ' + "[" * 100_000,
+    '{"concepts": [' + "[" * 900 + "]" * 900 + "]}",  # readable, and deep enough to overflow a repr
+    '{"id": ' + "[" * 900 + "]" * 900 + ', "target_concept_id": "c1", "new_value": "old"}',
+])
+def test_deeply_nested_json_is_a_graph_error(text):
+    for read in (CausalGraph.from_json, Intervention.from_json):
+        with pytest.raises(GraphError) as caught:
+            read(text)
+        assert len(str(caught.value)) < 300
+    with pytest.raises(GraphError, match="nested too deeply"):
+        CausalGraph.from_json("[" * 100_000 + "]" * 100_000)
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -372,6 +398,37 @@ def test_target_given_by_name_is_resolved():
     assert checked.violations == ()
 
 
+def test_an_intervention_that_changes_nothing_is_rejected_on_every_path():
+    """Hand-written JSON (--intervention-json) meets the rule that VLM proposals and --do meet."""
+    from csg.vlm.manipulator import manual_intervention
+
+    leftover = age_intervention(new_value=" YOUNG ", final_concept_states={"c1": "old man"})
+    with pytest.raises(GraphError, match="c1 \\(Age\\) already is 'young', so this changes nothing"):
+        check_intervention(portrait(), Intervention.from_json(leftover.to_json()))
+    with pytest.raises(CSGError, match="c1 \\(Age\\) already is 'young', so this changes nothing"):
+        manual_intervention(portrait(), "age", "young")
+
+
+def test_a_descendant_changed_only_in_final_concept_states_is_kept_as_a_propagated_change():
+    iv = age_intervention(propagated_changes=[{"concept_id": "c2", "new_value": "grey"}],
+                          final_concept_states={"c1": "old man", "c2": "grey hair", "c3": "deep wrinkles",
+                                                "c5": "grey beard"})
+    checked = check_intervention(portrait(), iv)
+    assert [p.concept_id for p in checked.propagated_changes] == ["c2", "c3"]
+    assert checked.propagated_changes[1] == PropagatedChange("c3", "Wrinkles", "none", "deep wrinkles", FROM_FINAL_STATES)
+    assert checked.final_concept_states == {"c1": "old man", "c2": "grey hair", "c3": "deep wrinkles"}
+    assert [(v.concept_id, v.new_value) for v in checked.violations] == [("c5", "grey beard")]  # not a descendant
+    assert [t.prompt for t in checked.edit_concepts(portrait())] == ["old man", "grey hair", "deep wrinkles"]
+    assert check_intervention(portrait(), checked) == checked
+
+
+def test_a_descendant_final_state_that_keeps_its_value_is_no_change():
+    checked = check_intervention(portrait(), age_intervention(propagated_changes=[],
+                                                              final_concept_states={"c1": "old man", "c3": "None"}))
+    assert checked.propagated_changes == ()
+    assert [v.concept_id for v in checked.violations] == ["c3"]
+
+
 def test_unknown_target_raises_with_the_known_ids():
     with pytest.raises(GraphError, match="targets 'c77'.*c1 \\(Age\\).*c6 \\(Background\\)"):
         check_intervention(portrait(), age_intervention(target_concept_id="c77"))
@@ -402,6 +459,75 @@ def test_edit_concepts_falls_back_to_the_target_alone():
     assert len(terms) == 1
     assert terms[0].concept_id == "c1" and terms[0].is_target and terms[0].prompt == "old"
     assert terms[0].original_prompt == "young"
+
+
+# -- size limits and short messages --------------------------------------------------------------
+
+def test_too_many_concepts_or_relationships_are_refused_with_the_limit():
+    ids = [f"c{i}" for i in range(MAX_CONCEPTS + 1)]
+    with pytest.raises(GraphError, match=f"{MAX_CONCEPTS + 1} concepts, more than the {MAX_CONCEPTS} allowed"):
+        make_graph(ids, [])
+    make_graph(ids[:MAX_CONCEPTS], [])
+    edges = [("c0", "c1")] * (MAX_RELATIONSHIPS + 1)
+    with pytest.raises(GraphError, match=f"{MAX_RELATIONSHIPS + 1} relationships, more than the {MAX_RELATIONSHIPS} allowed"):
+        make_graph(["c0", "c1"], edges)
+    make_graph(["c0", "c1"], edges[:MAX_RELATIONSHIPS])
+
+
+def test_a_huge_graph_with_an_unknown_id_gets_a_short_error():
+    data = graph_dict([f"concept_{i:06d}" for i in range(60_000)], [("concept_000000", "unknown")])
+    text = json.dumps(data)
+    assert len(text) > 5_000_000
+    with pytest.raises(GraphError, match="60,000 concepts") as caught:
+        CausalGraph.from_json(text)
+    assert len(str(caught.value)) < 200
+
+
+def test_messages_that_list_ids_name_a_few_and_count_them():
+    ids = [f"c{i}" for i in range(MAX_CONCEPTS)]
+    graph = make_graph(ids, [])
+    failures = [
+        lambda: make_graph(ids, [("c1", "unknown")]),
+        lambda: graph.concept("unknown"),
+        lambda: graph.find_concept("unknown"),
+        lambda: check_intervention(graph, Intervention("i1", "unknown", "", "", "", "x")),
+    ]
+    for fail in failures:
+        with pytest.raises(GraphError) as caught:
+            fail()
+        message = str(caught.value)
+        assert f"({MAX_CONCEPTS} in all)" in message and "unknown" in message
+        assert f"c{NAMED_IDS - 1}" in message and f"c{NAMED_IDS + 1}," not in message
+        assert len(message) < 400
+
+
+def test_long_ids_and_cycles_are_shortened_in_messages():
+    long_id = "x" * 100_000
+    with pytest.raises(GraphError) as caught:
+        CausalGraph.from_dict({"concepts": [concept(long_id), concept(long_id)]})
+    assert "characters left out" in str(caught.value) and len(str(caught.value)) < 400
+    ids = [f"c{i}" for i in range(MAX_CONCEPTS)]
+    ring = [(a, b) for a, b in zip(ids, ids[1:] + ids[:1])]
+    with pytest.raises(GraphError, match="cycle: c0 -> c1 -> .* -> \\.\\.\\. -> c0 \\(100 concepts\\)") as caught:
+        make_graph(ids, ring)
+    assert len(str(caught.value)) < 300
+
+
+def test_descendants_of_a_large_graph_take_linear_time(monkeypatch):
+    """20,000 concepts took 6 s (a quadratic topological order); the limit is lifted here to time the query."""
+    monkeypatch.setattr(csg.graph, "MAX_CONCEPTS", 10**6)
+    monkeypatch.setattr(csg.graph, "MAX_RELATIONSHIPS", 10**6)
+
+    def seconds(n):
+        concepts = [Concept(f"c{i}", f"name {i}", "v") for i in range(n)]
+        chain = [Relationship(f"r{i}", f"c{i}", f"c{i + 1}") for i in range(0, n - 1, 2)]  # pairs, many roots
+        graph = CausalGraph(concepts, chain)
+        start = time.perf_counter()
+        assert graph.descendants("c0") == ["c1"] and len(graph.non_descendants("c0")) == n - 2
+        return time.perf_counter() - start
+
+    small, large = min(seconds(2_000) for _ in range(3)), seconds(20_000)
+    assert large < 15 * small + 0.5, (small, large)
 
 
 # -- properties ----------------------------------------------------------------------------------

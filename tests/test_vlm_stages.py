@@ -176,6 +176,33 @@ def test_a_bad_answer_is_fed_back_and_the_retry_used(tmp_path):
 
 
 
+@pytest.mark.parametrize("spoil, told", [
+    (lambda text: text[:len(text) // 2], "cut off, probably by the token limit. Raise max_tokens"),
+    (lambda text: text.replace('"concepts": [', '"concepts": [ // the people first\n', 1), "JSON allows none"),
+], ids=["cut off", "comment"])
+def test_the_correction_names_what_is_really_wrong(spoil, told):
+    """A cut-off answer used to come back as "The graph has no concepts", a commented one as "got a JSON list"."""
+    scene = load_scene("portrait")
+    good = json.dumps(scene["extraction"], indent=2)
+    answers = iter([spoil(good), good])
+    with VLMServer(lambda request: completion(next(answers))) as server:
+        extraction = extract_graph(backend(server), scene_image(scene), caption="a portrait")
+    assert extraction.graph == CausalGraph.from_dict(scene["extraction"])
+    assert told in server.requests[1].messages[-1]["content"]
+
+
+def test_a_graph_too_large_for_a_prompt_is_refused_before_asking():
+    from csg.vlm.prompts import MAX_PROMPT_CHARS
+
+    wordy = CausalGraph.from_dict({**GRAPH.to_dict(), "scene_summary": "a portrait " * (MAX_PROMPT_CHARS // 10)})
+    with VLMServer(lambda request: completion("{}")) as server:
+        with pytest.raises(InputError, match=f"more than the {MAX_PROMPT_CHARS:,} a VLM prompt may have"):
+            propose_interventions(backend(server), scene_image(load_scene("portrait")), wordy)
+        with pytest.raises(InputError, match="prompt would have"):
+            propagate_intervention(backend(server), scene_image(load_scene("portrait")), wordy, "c1", "old")
+    assert server.requests == []
+
+
 def test_unusable_answers_end_in_an_error_naming_the_stage_and_quoting_the_answer():
     with VLMServer(lambda request: completion("I cannot help with causal graphs today.")) as server:
         with pytest.raises(VLMOutputError) as caught:
@@ -221,7 +248,7 @@ def test_proposals_need_three_different_targets():
     with pytest.raises(VLMOutputError, match="Only 2 intervention"):
         parse_proposals(GRAPH, json.dumps({"interventions": [proposal("c1", "old"), proposal("c1", "young"),
                                                              proposal("c4", "male")]}))
-    with pytest.raises(VLMOutputError, match="changes nothing"):
+    with pytest.raises(GraphError, match="changes nothing"):
         parse_proposals(GRAPH, json.dumps({"interventions": [proposal("c1", "Middle-aged")]}))
     with pytest.raises(GraphError, match="not in the graph"):
         parse_proposals(GRAPH, json.dumps({"interventions": [proposal("c42", "x")]}))

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
+from ..errors import some
 from ..graph import CausalGraph
 from . import prompts
 from .asking import DEFAULT_ATTEMPTS, ask_until_valid
@@ -50,7 +51,7 @@ def parse_graph(answer: str) -> CausalGraph:
     banned = [c for c in graph.concepts
               if any(re.search(rf"\b{word}\b", c.name, re.IGNORECASE) for word in FORBIDDEN_CONCEPT_WORDS)]
     if banned:
-        names = ", ".join(f"{c.id} ({c.name})" for c in banned)
+        names = some([f"{c.id} ({c.name})" for c in banned])
         raise VLMOutputError(f"Concepts about lighting or posture are not allowed: {names}. Remove them and their "
                              "relationships.")
     return graph

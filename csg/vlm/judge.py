@@ -61,7 +61,7 @@ def _yes(value: Any, name: str) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in ("yes", "no"):
         return value.strip().lower() == "yes"
-    raise VLMOutputError(f'The check for "{name}" has present={value!r}; answer "yes" or "no".')
+    raise VLMOutputError(f'The check for "{name}" has present={value!r:.60}; answer "yes" or "no".')
 
 
 def parse_judgement(intervention_id: str, items: list[tuple[str, str]], answer: str) -> Judgement:
@@ -69,7 +69,7 @@ def parse_judgement(intervention_id: str, items: list[tuple[str, str]], answer: 
     data = extract_json_object(answer)
     verdict = data.get("verdict")
     if not isinstance(verdict, str) or verdict.strip().lower() not in VERDICTS:
-        raise VLMOutputError(f'"verdict" must be one of {", ".join(VERDICTS)}, got {verdict!r}.')
+        raise VLMOutputError(f'"verdict" must be one of {", ".join(VERDICTS)}, got {verdict!r:.60}.')
     checks = data.get("concept_checks")
     if not isinstance(checks, list) or not all(isinstance(c, Mapping) for c in checks):
         raise VLMOutputError('"concept_checks" must be a list of {"concept_name", "expected_value", "present"} objects.')

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from PIL import Image
 
 from ..errors import InputError
-from ..graph import CausalGraph, Concept, Intervention, check_intervention
+from ..graph import CausalGraph, Concept, Intervention, check_intervention, no_change
 from . import prompts
 from .asking import DEFAULT_ATTEMPTS, ask_until_valid
 from .parsing import VLMOutputError, extract_json
@@ -47,12 +47,8 @@ def parse_proposals(graph: CausalGraph, answer: str) -> list[Intervention]:
     wanted = min(PROPOSALS, len(graph.concepts))
     chosen: list[Intervention] = []
     for k, item in enumerate(_intervention_items(answer), start=1):
-        intervention = _read_intervention(graph, item, f"intervention_{k}")
-        target = graph.concept(intervention.target_concept_id)
-        if intervention.new_value.strip().lower() == target.current_value.strip().lower():
-            raise VLMOutputError(f"Intervention '{intervention.id}' sets {target.id} ({target.name}) to its current "
-                                 f"value '{target.current_value}', which changes nothing. Choose a different value.")
-        if all(c.target_concept_id != target.id for c in chosen):
+        intervention = _read_intervention(graph, item, f"intervention_{k}")  # one that changes nothing fails here
+        if all(c.target_concept_id != intervention.target_concept_id for c in chosen):
             chosen.append(intervention)
     if len(chosen) < wanted:
         targets = ", ".join(c.target_concept_id for c in chosen) or "none"
@@ -98,8 +94,9 @@ def _user_target(graph: CausalGraph, target: str, new_value: str) -> tuple[Conce
     if not isinstance(new_value, str) or not new_value.strip():
         raise InputError("The intervention's new value is empty. Type the value the concept should take, e.g. 'black'.")
     concept = graph.find_concept(target)
-    if new_value.strip().lower() == concept.current_value.strip().lower():
-        raise InputError(f"{concept.id} ({concept.name}) already is '{concept.current_value}'; choose a different value.")
+    unchanged = no_change(concept, new_value)
+    if unchanged:  # found before the VLM is asked
+        raise InputError(unchanged)
     return concept, new_value.strip()
 
 

@@ -3,6 +3,9 @@
 The stages and the JSON shapes follow the paper (Figures 2, 3 and 6; field names as in
 ``csg.graph``); the wording is ours. Every stage asks for one JSON object and nothing else, and
 each keeps its sampling parameters next to its prompt so a reader sees both at once.
+
+A user prompt longer than ``MAX_PROMPT_CHARS`` is refused before the VLM is asked: it would not fit
+a typical VLM context next to the image and the answer.
 """
 
 from __future__ import annotations
@@ -11,7 +14,21 @@ import json
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..errors import InputError
 from ..graph import CausalGraph, Concept
+
+MAX_PROMPT_CHARS = 60_000  # about 15,000 tokens; a graph of 20 concepts and 30 relationships needs 9,000
+
+
+def _fits(prompt: str, stage: str, fix: str) -> str:
+    """``prompt`` when it is within MAX_PROMPT_CHARS, else an InputError saying what to shorten."""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError(f"The {stage} prompt would have {len(prompt):,} characters, more than the "
+                         f"{MAX_PROMPT_CHARS:,} a VLM prompt may have. {fix}")
+    return prompt
+
+
+_SHORTER_GRAPH = "Use fewer concepts and relationships, or shorter descriptions, scene summary and caption."
 
 
 @dataclass(frozen=True)
@@ -68,7 +85,7 @@ GRAPH_SCHEMA = """{
 
 
 def extract_user(context: str) -> str:
-    return f"""Look closely at the image. This text describes it:
+    return _fits(f"""Look closely at the image. This text describes it:
 <context>
 {context}
 </context>
@@ -91,7 +108,7 @@ directed acyclic graph (no cycles, no self-loops). For every edge give:
 
 Also write scene_summary: one sentence about the whole scene. Be brief and do not explain your answer.
 Return exactly this JSON object:
-{GRAPH_SCHEMA}"""
+{GRAPH_SCHEMA}""", "concept extraction", "Give a shorter caption.")
 
 
 # -- 3. three diverse interventions (paper Fig. 3; temperature 0.2, 3,072 tokens) --------------------
@@ -139,7 +156,7 @@ VALUE_PHRASE_RULE = (
 
 
 def propose_user(graph: CausalGraph, base_prompt: str) -> str:
-    return f"""The image comes with its scene summary, its concepts, and the causal relationships between them
+    return _fits(f"""The image comes with its scene summary, its concepts, and the causal relationships between them
 (cause_id -> effect_id):
 {_graph_block(graph)}
 
@@ -157,7 +174,7 @@ def propose_user(graph: CausalGraph, base_prompt: str) -> str:
 </reference_prompt>
 
 Return exactly this JSON object with three interventions:
-{INTERVENTION_SCHEMA}"""
+{INTERVENTION_SCHEMA}""", "intervention proposal", _SHORTER_GRAPH)
 
 
 # -- 4. a user-named intervention: the VLM only propagates it ----------------------------------------
@@ -172,7 +189,7 @@ def _concept_lines(concepts: Sequence[Concept]) -> str:
 def propagate_user(graph: CausalGraph, base_prompt: str, target: Concept, new_value: str) -> str:
     descendants = [graph.concept(cid) for cid in graph.descendants(target.id)]
     fixed = [graph.concept(cid) for cid in graph.non_descendants(target.id)]
-    return f"""The image comes with its scene summary, its concepts, and the causal relationships between them
+    return _fits(f"""The image comes with its scene summary, its concepts, and the causal relationships between them
 (cause_id -> effect_id):
 {_graph_block(graph)}
 
@@ -195,7 +212,7 @@ These concepts are not downstream and MUST keep their current values (never list
 
 Return exactly this JSON object with ONE intervention whose target_concept_id is "{target.id}" and whose
 new_value is "{new_value}":
-{INTERVENTION_SCHEMA}"""
+{INTERVENTION_SCHEMA}""", "intervention propagation", _SHORTER_GRAPH + " Give a shorter new value.")
 
 
 # -- 5. effectiveness judge (paper Fig. 6) -------------------------------------------------------
@@ -218,7 +235,7 @@ JUDGE_SCHEMA = """{
 def judge_user(intervention_id: str, generation_prompt: str, target_name: str, original_value: str,
                new_value: str, checklist: Sequence[tuple[str, str]]) -> str:
     items = "\n".join(f"- {name}: {value}" for name, value in checklist)
-    return f"""This image was generated from the prompt:
+    return _fits(f"""This image was generated from the prompt:
 <prompt>
 {generation_prompt}
 </prompt>
@@ -236,7 +253,7 @@ Each checklist line names a concept and the value it should now show:
 3. reasoning: one or two sentences that justify the verdict.
 
 Return exactly this JSON object, with intervention_id "{intervention_id}":
-{JUDGE_SCHEMA}"""
+{JUDGE_SCHEMA}""", "effectiveness judge", "Shorten the generation prompt and the value phrases.")
 
 
 # -- retries ----------------------------------------------------------------------------------------
