@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import CSGError, GraphError, InputError, WeightsMissingError
+from .graph import parse_json
 
 SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 VLM_REPOS = ("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-30B-A3B-Instruct",
@@ -345,12 +346,9 @@ def load_json_file(path: str, what: str) -> Any:
         raise InputError(too_big)
     text = utf8_text(raw, file, what)
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"The {what} file {file} is not valid JSON ({exc.msg} at line {exc.lineno}, column "
-                         f"{exc.colno}). Fix the JSON syntax.") from None
-    except RecursionError:
-        raise InputError(f"The {what} file {file} nests lists or objects too deeply to be a {what}.") from None
+        return parse_json(text, what)
+    except GraphError as exc:
+        raise InputError(f"The {what} file {file}: {exc}") from None
 
 
 def utf8_text(raw: bytes, file: Path, what: str) -> str:

@@ -47,8 +47,8 @@ def _named(kind: str, data: Any, key: str) -> str:
     return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
-def _loads(text: str | bytes, what: str) -> Any:
-    """json.loads that fails with a GraphError, whatever is wrong with the text."""
+def parse_json(text: str | bytes, what: str) -> Any:
+    """json.loads that fails with a GraphError, whatever is wrong with the text (``what`` names it)."""
     if isinstance(text, (bytes, bytearray)):
         try:
             text = bytes(text).decode("utf-8-sig")
@@ -175,7 +175,7 @@ class CausalGraph:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "CausalGraph":
-        return cls.from_dict(_loads(text, "graph"))
+        return cls.from_dict(parse_json(text, "graph"))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -449,7 +449,7 @@ class Intervention:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Intervention":
-        return cls.from_dict(_loads(text, "intervention"))
+        return cls.from_dict(parse_json(text, "intervention"))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -401,9 +401,10 @@ GOOD_GRAPH_TEXT = GRAPH.read_text(encoding="utf-8").replace("light brown", "châ
     (GOOD_GRAPH_TEXT.encode("utf-16"), "UTF-16 byte-order mark"),  # Notepad, PowerShell's Out-File
     (GOOD_GRAPH_TEXT.encode("utf-16-le"), "it holds NUL bytes"),  # no byte-order mark
     (bytes(range(256)) * 4, "is not UTF-8 text"),
-    (b"[" * 100_000 + b"]" * 100_000, "nests lists or objects too deeply"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     (b'{"concepts": [', "Fix the JSON syntax"),
-], ids=["latin-1", "utf-16", "utf-16-le", "binary", "deep", "syntax"])
+    (b'{"concepts": ' + b"9" * 5_000 + b"}", "Shorten that value"),  # more digits than Python converts
+], ids=["latin-1", "utf-16", "utf-16-le", "binary", "deep", "syntax", "huge-number"])
 def test_graph_files_that_are_not_utf8_json_exit_2_naming_the_file(content, message, tmp_path, capsys):
     path = tmp_path / "graph.json"
     path.write_bytes(content)
