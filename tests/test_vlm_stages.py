@@ -191,6 +191,21 @@ def test_the_correction_names_what_is_really_wrong(spoil, told):
     assert told in server.requests[1].messages[-1]["content"]
 
 
+def test_a_long_rejected_answer_goes_back_to_the_model_cut_short():
+    """A rejected answer is replayed so the model can correct it; a huge one is cut, not sent back whole."""
+    from csg.vlm.asking import REPLAYED_ANSWER_CHARS
+
+    scene = load_scene("portrait")
+    rambling = "Let me think about this scene. " * 6_000  # ~180,000 characters, no JSON
+    answers = iter([rambling, json.dumps(scene["extraction"])])
+    with VLMServer(lambda request: completion(next(answers))) as server:
+        extract_graph(backend(server), scene_image(scene), caption="a portrait")
+    replayed = server.requests[1].messages[-2]
+    assert replayed["role"] == "assistant"
+    assert replayed["content"].startswith(rambling[:REPLAYED_ANSWER_CHARS])
+    assert len(replayed["content"]) < REPLAYED_ANSWER_CHARS + 100 and "more characters left out" in replayed["content"]
+
+
 def test_a_graph_too_large_for_a_prompt_is_refused_before_asking():
     from csg.vlm.prompts import MAX_PROMPT_CHARS
 

@@ -16,6 +16,14 @@ log = logging.getLogger("csg.vlm")
 
 T = TypeVar("T")
 DEFAULT_ATTEMPTS = 3
+REPLAYED_ANSWER_CHARS = 8_000  # of a rejected answer sent back; a 200,000-character one would fill the context
+
+
+def replayed_answer(answer: str) -> str:
+    """A rejected answer as the model sees it again: whole when short, else its head and a note of the cut."""
+    if len(answer) <= REPLAYED_ANSWER_CHARS:
+        return answer
+    return f"{answer[:REPLAYED_ANSWER_CHARS]}\n[... {len(answer) - REPLAYED_ANSWER_CHARS:,} more characters left out]"
 
 
 def ask_until_valid(vlm: VLM, stage: Stage, user: str, images: Sequence[Image.Image],
@@ -47,7 +55,7 @@ def ask_until_valid(vlm: VLM, stage: Stage, user: str, images: Sequence[Image.Im
             forget = getattr(vlm, "forget", None)
             if forget is not None:  # a cache must not replay an answer we rejected
                 forget(stage.system, turns, pictures, temperature=stage.temperature, max_tokens=stage.max_tokens)
-            turns = [*turns, Turn("assistant", answer), Turn("user", correction_user(problem))]
+            turns = [*turns, Turn("assistant", replayed_answer(answer)), Turn("user", correction_user(problem))]
             continue
         remember = getattr(vlm, "remember", None)
         if attempt > 1 and remember is not None:  # a rerun of the question gets the accepted answer at once
