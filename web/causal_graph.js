@@ -152,6 +152,7 @@ class GraphNodeController {
 
   // Draw what the node stands for now.
   async refresh() {
+    this.view.element.dataset.nodeId = String(this.node.id); // known once the node is in a graph
     const number = ++this.requestNumber;
     const found = await this.currentView();
     if (number !== this.requestNumber) return;
