@@ -277,6 +277,7 @@ class GraphNodeController {
   }
 
   addConcept() {
+    if (!this.shownView) return; // the placeholder says why the JSON is no graph yet
     const { graph, id } = addConcept(this.shownView.graph);
     this.commit(graph, { selectConcept: id });
   }

@@ -151,6 +151,7 @@ export class GraphView {
     this.placeholder.textContent = text;
     this.placeholder.style.display = "";
     this.header.textContent = "";
+    this.panel.replaceChildren();
     this.legend.replaceChildren();
   }
 
