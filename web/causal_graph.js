@@ -60,14 +60,15 @@ function recordChange() {
 
 function upstreamNode(node, inputName) {
   const input = node.inputs?.find((slot) => slot.name === inputName);
-  const link = input?.link != null ? node.graph?.links?.get?.(input.link) ?? node.graph?.links?.[input.link] : null;
+  const link = node.graph?.getLink(input?.link);
   return link ? node.graph.getNodeById(link.origin_id) : null;
 }
 
 function downstreamNodes(node) {
-  const ids = (node.outputs ?? []).flatMap((output) => output.links ?? []);
-  return ids
-    .map((id) => node.graph?.links?.get?.(id) ?? node.graph?.links?.[id])
+  if (!node.graph) return [];
+  return (node.outputs ?? [])
+    .flatMap((output) => output.links ?? [])
+    .map((id) => node.graph.getLink(id))
     .filter(Boolean)
     .map((link) => node.graph.getNodeById(link.target_id))
     .filter(Boolean);
@@ -87,7 +88,7 @@ class GraphNodeController {
     this.selectedConceptId = null;
     this.selectedEdgeId = null;
     this.pickingEffectFor = null; // the cause, while "add an edge" waits for its effect
-    this.requestNumber = 0; // answers to older requests are dropped
+    this.requestNumber = 0; // a refresh whose number is no longer this one is out of date: its answer is dropped
     this.writing = false; // while we write a widget, its callback is ours, not the user typing
     this.view = new GraphView({
       onConceptClick: (id) => this.conceptClicked(id),
@@ -146,7 +147,7 @@ class GraphNodeController {
     const view = output?.[GRAPH_VIEW_KEY]?.[0];
     if (!view) return;
     this.executedView = view;
-    this.refresh();
+    if (this.type !== GRAPH_EDITOR) this.refresh(); // the editor draws its widget, which is what ran
     this.refreshDownstream(); // a Manual Intervention behind a Concept Extractor draws what it extracted
   }
 
@@ -257,13 +258,12 @@ class GraphNodeController {
   // Check an edited graph with the server; write it to graph_json only if it is a valid graph.
   async commit(graph, { selectConcept = null, selectEdge = null, refusal = "" } = {}) {
     const graphJson = JSON.stringify(graph, null, 2);
-    const number = ++this.requestNumber;
     const answer = await requestView(graphJson);
-    if (number !== this.requestNumber) return false;
+    this.requestNumber += 1; // a refresh that started meanwhile read the graph before this edit: drop its answer
     if (answer.error) {
       this.view.showMessage(`${refusal}${answer.error}`, "error");
       this.draw(); // undo what the inputs show; the graph is as it was
-      return false;
+      return;
     }
     this.writeWidget("graph_json", graphJson);
     this.shownView = answer.view;
@@ -273,7 +273,6 @@ class GraphNodeController {
     this.view.showMessage("");
     this.draw();
     this.refreshDownstream();
-    return true;
   }
 
   addConcept() {

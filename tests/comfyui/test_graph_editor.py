@@ -7,6 +7,7 @@ undo and redo work; the pack adds no error to the page; every node has a help pa
 The server and browser fixtures are in browser.py (Playwright and a Chromium; skipped without them).
 """
 
+import copy
 import json
 import re
 import time
@@ -25,8 +26,9 @@ PORTRAIT = json.loads(next(n for n in HAND_WRITTEN["nodes"] if n["id"] == EDITOR
 
 
 def graph_part(workflow):
-    """The workflow's graph nodes alone (graph, intervention, report), with the links between them."""
+    """A copy of the workflow's graph nodes alone (graph, intervention, report), with the links between them."""
     keep = {EDITOR, INTERVENTION, REPORT}
+    workflow = copy.deepcopy(workflow)  # the tests edit their copy
     return {**workflow, "nodes": [n for n in workflow["nodes"] if n["id"] in keep],
             "links": [link for link in workflow["links"] if link[1] in keep and link[3] in keep], "groups": []}
 
@@ -161,6 +163,18 @@ def test_the_nodes_draw_the_graph_and_the_intervention_after_a_run(server, page)
     graph.get_by_role("button", name="Fit").click()
     expect(svg).to_have_attribute("viewBox", fitted)
 
+    # A change to a non-descendant is stripped by the check, and drawn as such.
+    rogue = json.loads(widget(page, INTERVENTION, "intervention_json"))
+    rogue["propagated_changes"].append({"concept_id": "c4", "new_value": "frowning", "reason": "old people frown"})
+    page.evaluate("([id, text]) => { app.graph.getNodeById(id).widgets[0].value = text; }",
+                  [INTERVENTION, json.dumps(rogue)])
+    queue_outputs(page, server, [REPORT])
+    stripped = graph.locator('[data-concept-id="c4"].csg-has-stripped')
+    stripped.wait_for()
+    assert stripped.get_attribute("data-role") == "unchanged"
+    assert stripped.locator(".csg-note").text_content() == "stripped → frowning"
+    assert "not a descendant of the target" in stripped.locator("title").text_content()
+
     # The styles come from the theme: the text colour follows the colour palette.
     dark = graph.locator(".csg-name").first.evaluate("e => getComputedStyle(e).fill")
     page.evaluate("async () => { await app.extensionManager.setting.set('Comfy.ColorPalette', 'light'); }")
@@ -199,7 +213,7 @@ def test_the_graph_is_edited_in_the_node_and_an_edge_that_closes_a_cycle_is_refu
     graph.get_by_role("button", name="+ Effect…").click()
     click_concept(graph, "c1")
     message = graph.locator(".csg-message")
-    assert re.search(r"hair color → age refused: .*cycle: c1 -> c2 -> c1", message.text_content())
+    expect(message).to_have_text(re.compile(r"hair color → age refused: .*cycle: c1 -> c2 -> c1"))  # the server's answer
     assert message.get_attribute("data-kind") == "error"
     assert widget(page, EDITOR, "graph_json") == before
     assert graph.locator(".csg-edge").count() == 2
@@ -219,8 +233,8 @@ def test_the_graph_is_edited_in_the_node_and_an_edge_that_closes_a_cycle_is_refu
     # Undo and redo are ComfyUI's own: each edit is one step.
     page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.Undo'); }")
     graph = graph_in(page, EDITOR)
-    graph.locator('[data-concept-id="c7"]').wait_for()
-    assert graph.locator(".csg-edge").count() == 2 and "r3" not in widget(page, EDITOR, "graph_json")
+    expect(graph.locator(".csg-edge")).to_have_count(2)
+    assert "glasses" in widget(page, EDITOR, "graph_json") and "r3" not in widget(page, EDITOR, "graph_json")
     page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.Redo'); }")
     graph = graph_in(page, EDITOR)
     graph.locator('[data-edge-id="r3"]').wait_for()
@@ -234,6 +248,23 @@ def test_the_graph_is_edited_in_the_node_and_an_edge_that_closes_a_cycle_is_refu
     edited = json.loads(widget(page, EDITOR, "graph_json"))
     assert [r["id"] for r in edited["relationships"]] == ["r1", "r3"]
     assert "c6" not in {c["id"] for c in edited["concepts"]}
+
+
+def test_a_graph_of_thirty_concepts_fits_in_the_node(page):
+    concepts = [{"id": f"c{k}", "name": f"concept {k}", "current_value": f"value {k}"} for k in range(1, 31)]
+    edges = [(k, k + 1) for k in range(1, 30, 3)] + [(k, k + 5) for k in range(1, 25, 4)] + [(1, 30)]
+    relationships = [{"id": f"r{n}", "cause_id": f"c{a}", "effect_id": f"c{b}"} for n, (a, b) in enumerate(edges, 1)]
+    workflow = graph_part(HAND_WRITTEN)
+    editor = next(n for n in workflow["nodes"] if n["id"] == EDITOR)
+    editor["widgets_values"][0] = json.dumps({"concepts": concepts, "relationships": relationships})
+    load(page, workflow)
+    graph = graph_in(page, EDITOR)
+    assert len(roles(graph)) == 30 and graph.locator(".csg-edge").count() == len(edges)
+    x, y, width, height = (float(v) for v in graph.locator("svg").get_attribute("viewBox").split())
+    for box in graph.locator(".csg-box").all():
+        left, top = float(box.get_attribute("x")), float(box.get_attribute("y"))
+        right, bottom = left + float(box.get_attribute("width")), top + float(box.get_attribute("height"))
+        assert x <= left and right <= x + width and y <= top and bottom <= y + height
 
 
 def test_saved_edits_come_back_after_a_reload(server, page):
