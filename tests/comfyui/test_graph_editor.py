@@ -11,6 +11,7 @@ import copy
 import json
 import re
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
