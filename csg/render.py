@@ -198,8 +198,21 @@ def layout_graph(graph: CausalGraph) -> dict[str, tuple[float, float]]:
 
     Row 0 is the top; every cause sits on a smaller row than each of its effects.
     """
+    return layout_with_routes(graph)[0]
+
+
+def layout_with_routes(graph: CausalGraph) -> tuple[dict[str, tuple[float, float]], list[dict[str, object]]]:
+    """``layout_graph``'s positions, and each distinct cause → effect edge with the waypoints it bends through.
+
+    A waypoint is (x, row) in the same units; an edge between adjacent rows has none. The
+    frontend draws from these, so the node and the PNG preview share one layout.
+    """
     layout = _layout(graph)
-    return {node: (layout.x[node], float(r)) for r, row in enumerate(layout.rows) for node in row if isinstance(node, str)}
+    row_of = {node: float(r) for r, row in enumerate(layout.rows) for node in row}
+    positions = {node: (layout.x[node], row_of[node]) for row in layout.rows for node in row if isinstance(node, str)}
+    routes = [{"cause_id": route[0], "effect_id": route[-1],
+               "waypoints": [(layout.x[w], row_of[w]) for w in route[1:-1]]} for route in layout.routes]
+    return positions, routes
 
 
 # -- text -----------------------------------------------------------------------------------------

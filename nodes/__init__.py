@@ -19,6 +19,7 @@ from .evaluation_nodes import EVALUATION_NODES
 from .graph_nodes import GRAPH_NODES
 from .sampling_nodes import CSGGuiderNode, EditFriendlySampler, InversionSigmasAndNoise
 from .vlm_nodes import VLM_NODES, register_llm_folder
+from .web_routes import register_routes
 
 
 NODES: list[type[io.ComfyNode]] = [
@@ -42,4 +43,5 @@ class CausalCounterfactualsExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> CausalCounterfactualsExtension:
     register_llm_folder()
+    register_routes()
     return CausalCounterfactualsExtension()

@@ -8,6 +8,10 @@
 Every intervention that leaves a node here has passed ``csg.graph.check_intervention``: a change
 to a concept that is not a descendant of the target is stripped, and the node says so in its
 report, in its UI text and in red in the preview.
+
+In the frontend these nodes (and the Concept Extractor and Manual Intervention) draw the graph in
+their own body: their UI output carries ``graph_view_ui`` (``csg.view``'s JSON) instead of the
+preview picture, which stays available on the ``preview`` socket. web/causal_graph.js draws it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ..csg.counterfactual import to_pil
 from ..csg.errors import InputError
 from ..csg.graph import CausalGraph, Intervention, check_intervention
 from ..csg.render import MIN_WIDTH, render_graph
+from ..csg.view import graph_view
 from .csg_common import CATEGORY, CausalGraphType, InterventionType, Interventions, to_comfy_images
 
 GRAPH_CATEGORY = f"{CATEGORY}/graph"
@@ -48,6 +53,14 @@ def image_to_pil(image: torch.Tensor, what: str) -> Image.Image:
 
 def graph_preview(graph: CausalGraph, intervention: Intervention | None = None, width: int = 0) -> torch.Tensor:
     return pil_to_image(render_graph(graph, intervention, width=width or None))
+
+
+GRAPH_VIEW_KEY = "causal_graph"  # the UI output key web/causal_graph.js reads
+
+
+def graph_view_ui(graph: CausalGraph, intervention: Intervention | None = None) -> dict[str, list]:
+    """A node's UI output that makes the frontend draw ``graph`` (with ``intervention``) in the node."""
+    return {GRAPH_VIEW_KEY: [graph_view(graph, intervention)]}
 
 
 # -- text a user reads --------------------------------------------------------------------------------
@@ -118,7 +131,7 @@ class CausalGraphFromJSON(io.ComfyNode):
     def execute(cls, graph_json: str, preview_width: int) -> io.NodeOutput:
         graph = CausalGraph.from_json(graph_json)
         preview = graph_preview(graph, width=preview_width)
-        return io.NodeOutput(graph, graph.to_json(), preview, ui=ui.PreviewImage(preview, cls=cls))
+        return io.NodeOutput(graph, graph.to_json(), preview, ui=graph_view_ui(graph))
 
 
 class InterventionFromJSON(io.ComfyNode):
@@ -152,7 +165,7 @@ class InterventionFromJSON(io.ComfyNode):
         checked = check_intervention(causal_graph, Intervention.from_json(intervention_json))
         report = intervention_report(checked)
         preview = graph_preview(causal_graph, checked, preview_width)
-        shown = ui.PreviewImage(preview, cls=cls).as_dict() | ui.PreviewText(report).as_dict()
+        shown = graph_view_ui(causal_graph, checked) | ui.PreviewText(report).as_dict()
         return io.NodeOutput(checked, report, preview, ui=shown)
 
 
@@ -179,7 +192,7 @@ class CausalGraphPreview(io.ComfyNode):
     def execute(cls, causal_graph: CausalGraph, preview_width: int, intervention: Intervention | None = None
                 ) -> io.NodeOutput:
         preview = graph_preview(causal_graph, intervention, preview_width)
-        return io.NodeOutput(preview, ui=ui.PreviewImage(preview, cls=cls))
+        return io.NodeOutput(preview, ui=graph_view_ui(causal_graph, intervention))
 
 
 class SelectIntervention(io.ComfyNode):

@@ -37,7 +37,8 @@ from ..csg.vlm import (DEFAULT_ATTEMPTS, VLM, CachedVLM, OpenAICompatibleVLM, Tr
 from ..csg.vlm.openai_backend import MAX_RETRY_AFTER
 from ..csg.vlm.transformers_backend import GIB, WORKING_MEMORY_BASE, check_fits, memory_needed, resolve_device_dtype
 from .csg_common import CATEGORY, CausalGraphType, InterventionType, Interventions
-from .graph_nodes import graph_preview, image_to_pil, intervention_report, interventions_json, preview_width_input
+from .graph_nodes import (graph_preview, graph_view_ui, image_to_pil, intervention_report, interventions_json,
+                          preview_width_input)
 from .model_memory import ManagedPlacement, node_device
 
 UNDERSTANDING_CATEGORY = f"{CATEGORY}/understanding"
@@ -337,8 +338,7 @@ class ConceptExtractor(io.ComfyNode):
             extraction = extract_graph(backend, picture, caption or None, max_attempts=max_attempts)
         graph = extraction.graph
         preview = graph_preview(graph, width=preview_width)
-        return io.NodeOutput(graph, preview, graph.to_json(), extraction.base_prompt,
-                             ui=ui.PreviewImage(preview, cls=cls))
+        return io.NodeOutput(graph, preview, graph.to_json(), extraction.base_prompt, ui=graph_view_ui(graph))
 
 
 class InterventionProposer(io.ComfyNode):
@@ -428,7 +428,7 @@ class ManualIntervention(io.ComfyNode):
                                                       base_prompt=base_prompt, max_attempts=max_attempts)
         report = intervention_report(intervention)
         preview = graph_preview(causal_graph, intervention, preview_width)
-        shown = ui.PreviewImage(preview, cls=cls).as_dict() | ui.PreviewText(report).as_dict()
+        shown = graph_view_ui(causal_graph, intervention) | ui.PreviewText(report).as_dict()
         return io.NodeOutput(intervention, intervention.to_json(), report, preview, ui=shown)
 
 

@@ -17,7 +17,7 @@ INTERVENTION = json.loads((EXAMPLES / "portrait_intervention.json").read_text())
 @pytest.fixture(scope="module")
 def core(comfyui):
     """The pack's own csg modules, as ComfyUI loaded them (so isinstance checks hold)."""
-    return {name: comfyui.pack_module(f"csg.{name}") for name in ("graph", "render")}
+    return {name: comfyui.pack_module(f"csg.{name}") for name in ("graph", "render", "view")}
 
 
 def graph_node(width=0):
@@ -45,7 +45,7 @@ def test_graph_from_json_gives_the_graph_its_json_and_its_drawing(comfyui, core)
     assert core["graph"].CausalGraph.from_json(graph_json) == expected
     drawing = as_image(core["render"].render_graph(expected))
     assert preview.shape == drawing.shape and torch.allclose(preview.cpu(), drawing, atol=1 / 255)
-    assert run.ui["1"]["images"], "the node shows its drawing"
+    assert list(run.ui["1"]["causal_graph"]) == [core["view"].graph_view(expected)], "the node draws its graph"
 
 
 def test_preview_width_scales_the_drawing(comfyui):
@@ -80,7 +80,8 @@ def test_intervention_from_json_is_checked_and_its_violation_shown(comfyui, core
     assert [(v.concept_id, v.new_value) for v in intervention.violations] == [("c4", "frowning")]
     assert "CAUSAL VIOLATIONS" in report and "c4" in report and "frowning" in report
     assert list(run.ui["2"]["text"]) == [report]  # the node shows its report
-    assert run.ui["2"]["images"]
+    shown = run.ui["2"]["causal_graph"][0]["intervention"]  # and draws the checked intervention, violation included
+    assert shown == intervention.to_dict() and shown["violations"][0]["concept_id"] == "c4"
     clean = comfyui.run(intervention_prompt(INTERVENTION), outputs=["2"]).outputs["2"]
     assert not clean[0].violations and "VIOLATION" not in clean[1]
     assert clean[2].shape != preview.shape or not torch.equal(clean[2], preview)  # the violation is drawn
@@ -99,7 +100,8 @@ def test_graph_preview_is_an_output_node_that_highlights_the_intervention(comfyu
         "4": {"class_type": "CSGCausalGraphPreview", "inputs": {"causal_graph": ["1", 0], "preview_width": 0}},
     }
     run = comfyui.run(prompt)  # no outputs requested: the preview nodes run because they are output nodes
-    assert run.ui["3"]["images"] and run.ui["4"]["images"]
+    assert run.ui["3"]["causal_graph"][0]["intervention"]["target_concept_id"] == "c1"
+    assert run.ui["4"]["causal_graph"][0]["intervention"] is None
     graph = core["graph"].CausalGraph.from_json(GRAPH_JSON)
     intervention = core["graph"].Intervention.from_dict(INTERVENTION)
     run = comfyui.run(prompt, outputs=["3", "4"])
