@@ -41,6 +41,13 @@ def to_comfy_images(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.movedim(1, -1).float().clamp(0.0, 1.0).to(comfy.model_management.intermediate_device())
 
 
+def decode_images(vae, samples: torch.Tensor) -> torch.Tensor:
+    """A ComfyUI LATENT's samples to an IMAGE (B, H, W, 3), as VAE Decode does."""
+    if vae is None:
+        raise InputError("The VAE input is missing; connect the VAE output of the SDXL checkpoint loader.")
+    return vae.decode(samples)[..., :3].float().clamp(0.0, 1.0).to(comfy.model_management.intermediate_device())
+
+
 def masks_at(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(T, h, w) latent masks in [0, 1] to a ComfyUI MASK (T, H, W), nearest upsampling."""
     upsampled = F.interpolate(masks.float()[:, None], size=size, mode="nearest")[:, 0]
