@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2, help="CSG warm-up steps (unguided)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the median is reported")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared CPU, more threads than free cores thrash)")
     parser.add_argument("--profile", action="store_true", help="also profile one run of each")
     return parser.parse_args(argv)
 

@@ -4,6 +4,7 @@ Entry points::
 
     edit(host, inversion, specs: list[EditSpec], params=GuidanceParams()) -> EditResult
     reconstruct(host, inversion) -> Tensor (1, C, h, w)        # the same chain with no edit
+    predict_step(host, plan, conditioning, x, timestep, step)  # one step's eps_hat; ComfyUI's CSG guider calls it too
 
 The sampler is SDE-DPM-Solver++(2M) whose noise at step i is the stored map z_i of the inversion
 (``sde_dpmpp_2m_step``). K interventions share one ``Inversion`` and run in ONE loop: each has its

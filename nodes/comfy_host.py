@@ -241,6 +241,7 @@ class ComfySDXLHost:
         self.latent_multiple = unet_downsampling(diffusion_model)
         self.vae_scale_factor = self._vae_scale_factor(vae)
         self._session: _Session | None = None
+        self._encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt -> (cond, pooled)
 
     @staticmethod
     def _vae_scale_factor(vae) -> int:
@@ -281,14 +282,18 @@ class ComfySDXLHost:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> ComfyConditioning:
-        """ComfyUI's SDXL text encoding per row; "" is the all-zero unconditional row (as SDXL/diffusers)."""
-        cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        """ComfyUI's SDXL text encoding per row; "" is the all-zero unconditional row (as SDXL/diffusers).
+
+        Each prompt is encoded once per host: a plan's guided and base rows share the uncond (and the
+        source prompt), and on a CPU one SDXL text encoding costs as much as several UNet rows.
+        """
         for prompt in dict.fromkeys(prompts):
-            cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True)
-            if prompt == "":
-                cond, pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
-            cache[prompt] = (cond, pooled)
-        return ComfyConditioning(tuple(cache[p] for p in prompts))
+            if prompt not in self._encoded:
+                cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True)
+                if prompt == "":
+                    cond, pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
+                self._encoded[prompt] = (cond, pooled)
+        return ComfyConditioning(tuple(self._encoded[p] for p in prompts))
 
     def token_indices(self, prompt: str) -> list[int]:
         return real_token_positions(self.clip, prompt)
