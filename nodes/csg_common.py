@@ -11,6 +11,7 @@ from comfy_api.latest import io
 
 import comfy.model_management
 import comfy.utils
+import latent_preview
 
 from ..csg.counterfactual import CSGParams, edit_spec
 from ..csg.errors import InputError
@@ -71,6 +72,19 @@ def progress(total: int) -> Callable[[], None]:
     def step() -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
         bar.update(1)
+
+    return step
+
+
+def previewing_progress(model, total: int) -> Callable[[int, torch.Tensor], None]:
+    """Called after each of ``total`` steps with its x0_hat (the model's latent space): honour Cancel and
+    advance the progress bar with ComfyUI's latent preview (the user's preview method), as a sampler's
+    callback does."""
+    callback = latent_preview.prepare_callback(model, total)
+
+    def step(i: int, x0: torch.Tensor) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        callback(i, x0, None, total)
 
     return step
 

@@ -5,7 +5,8 @@
     Causal Counterfactuals  MODEL, CLIP, VAE, INVERSION, INTERVENTIONS  -> the same, one batch row each
 
 The inversion is its own node so ComfyUI's cache keeps it: changing an edit setting re-runs only
-the prediction. The inversion runs the core's ``csg.abduction.invert_latents`` on ``ComfySDXLHost``.
+the prediction. The inversion runs the core's ``csg.abduction.invert_latents`` on ``ComfySDXLHost``,
+previewing each step's x0_hat through ComfyUI's latent preview.
 A prediction builds the CSG GUIDER, the edit-friendly SAMPLER and the inversion's NOISE and samples
 them through ComfyUI's ``guider.sample`` with the latent preview (``comfy_sampling.sample_counterfactual``),
 exactly as SamplerCustomAdvanced does with the sampling nodes; the guider steps with the core's
@@ -22,7 +23,8 @@ from ..csg.errors import InputError
 from .comfy_host import ComfySDXLHost
 from .comfy_sampling import CSGGuider, sample_counterfactual
 from .csg_common import (CATEGORY, CausalGraphType, InterventionType, Interventions, Inversion, decode_images,
-                         edit_inputs, edit_settings, mask_preview, masks_at, progress, single_image, spec_for)
+                         edit_inputs, edit_settings, mask_preview, masks_at, previewing_progress, single_image,
+                         spec_for)
 
 
 def model_inputs() -> list:
@@ -72,7 +74,7 @@ class CausalInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, source_prompt, steps, skip, source_guidance, exact_reconstruction,
                 num_zero_noise_steps, seed) -> io.NodeOutput:
-        host = ComfySDXLHost(model, clip, vae, on_prediction=progress(steps))
+        host = ComfySDXLHost(model, clip, vae)
         pixels = image_to_tensor(single_image(image))
         check_image_size(host, *pixels.shape[-2:])
         x0 = host.encode_image(pixels)
@@ -80,7 +82,7 @@ class CausalInversion(io.ComfyNode):
             inversion = invert_latents(host, x0, source_prompt.strip(), num_steps=steps, skip=skip,
                                        source_guidance=source_guidance, exact=exact_reconstruction,
                                        num_zero_noise_steps=0 if exact_reconstruction else num_zero_noise_steps,
-                                       generator=seed)
+                                       generator=seed, on_step=previewing_progress(model, steps))
         return io.NodeOutput(inversion)
 
 

@@ -164,11 +164,10 @@ def test_guider_and_sampler_in_sampler_custom_advanced_match_the_all_in_one_node
     assert torch.equal(output, expected)  # one sampling path, not two that agree
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["one intervention", "two interventions"])
-def test_the_latent_preview_shows_every_step_of_the_all_in_one_node(small, modules, inversion, story, monkeypatch,
-                                                                     batched):
-    """ComfyUI's own preview path: prepare_callback's previewer (latent2rgb here) decodes the step's x0 and
-    the progress hook, which the server forwards to the browser, receives the picture at every step."""
+@pytest.fixture
+def latent2rgb_previews(monkeypatch):
+    """ComfyUI's own preview path observed: latent2rgb chosen as a user would (--preview-method latent2rgb),
+    the shapes its previewer decodes, and what reaches the progress hook the server forwards to the browser."""
     import comfy.cli_args
     import comfy.utils
     import latent_preview
@@ -180,15 +179,35 @@ def test_the_latent_preview_shows_every_step_of_the_all_in_one_node(small, modul
                         lambda self, x0: decoded.append(tuple(x0.shape)) or real_decode(self, x0))
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
                         lambda value, total, preview, node_id=None: hooked.append((value, total, preview)))
+    return decoded, hooked
+
+
+def assert_a_preview_per_step(hooked: list, steps: int) -> None:
+    previews = [(value, total, preview) for value, total, preview in hooked if preview is not None]
+    assert [(value, total) for value, total, _ in previews] == [(i + 1, steps) for i in range(steps)]
+    assert all(preview[0] == "JPEG" and preview[1].size == (SIZE // 8, SIZE // 8) for _, _, preview in previews)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one intervention", "two interventions"])
+def test_the_latent_preview_shows_every_step_of_the_all_in_one_node(small, modules, inversion, story,
+                                                                     latent2rgb_previews, batched):
+    decoded, hooked = latent2rgb_previews
     graph, intervention = story
     interventions = [intervention, intervention] if batched else [intervention]
     node = modules["nodes.csg_nodes"].CausalCounterfactuals
     node_output(node.execute(small.model, small.clip, small.vae, inversion, interventions, 8.0, 0.7, WARMUP,
                              "intersect", False, False, causal_graph=graph))
     assert decoded == [(len(interventions), 4, SIZE // 8, SIZE // 8)] * STEPS
-    previews = [(value, total, preview) for value, total, preview in hooked if preview is not None]
-    assert [(value, total) for value, total, _ in previews] == [(i + 1, STEPS) for i in range(STEPS)]
-    assert all(preview[0] == "JPEG" and preview[1].size == (SIZE // 8, SIZE // 8) for _, _, preview in previews)
+    assert_a_preview_per_step(hooked, STEPS)
+
+
+def test_the_inversion_previews_every_step(small, modules, image, latent2rgb_previews):
+    decoded, hooked = latent2rgb_previews
+    node = modules["nodes.csg_nodes"].CausalInversion
+    node_output(node.execute(small.model, small.clip, small.vae, image, "a photo of a man", STEPS, 0.15, 3.5, False,
+                             3, 0))
+    assert decoded == [(1, 4, SIZE // 8, SIZE // 8)] * STEPS
+    assert_a_preview_per_step(hooked, STEPS)
 
 
 def test_other_nodes_sampling_wrappers_run_for_the_counterfactual(small, modules, inversion, story):
