@@ -160,7 +160,7 @@ class CSGGuider(comfy.samplers.CFGGuider):
         for function in functions:
             denoised = function(PostCFGArgs(
                 denoised=denoised, cond_denoised=denoised, uncond_denoised=uncond_denoised, cond_scale=1.0,
-                input=x, sigma=timestep, timestep=timestep, model=self.inner_model, model_options=model_options))
+                input=x, sigma=timestep, model=self.inner_model, model_options=model_options))
         return denoised
 
 

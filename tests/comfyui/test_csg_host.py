@@ -213,8 +213,9 @@ def test_the_inversion_previews_every_step(small, modules, image, latent2rgb_pre
 def test_other_nodes_sampling_wrappers_run_for_the_counterfactual(small, modules, inversion, story):
     import comfy.patcher_extension
 
-    kinds = (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE,
-             comfy.patcher_extension.WrappersMP.PREDICT_NOISE)
+    mp = comfy.patcher_extension.WrappersMP
+    kinds = (mp.OUTER_SAMPLE, mp.PREPARE_SAMPLING, mp.SAMPLER_SAMPLE, mp.PREDICT_NOISE, mp.CALC_COND_BATCH,
+             mp.APPLY_MODEL, mp.DIFFUSION_MODEL)
     calls = collections.Counter()
 
     def counting(kind):
@@ -228,7 +229,10 @@ def test_other_nodes_sampling_wrappers_run_for_the_counterfactual(small, modules
         wrapped.add_wrapper_with_key(kind, "counting-test", counting(kind))
     plain = counterfactual(modules, small, small.model, inversion, story)[1]["samples"]
     output = counterfactual(modules, small, wrapped, inversion, story)[1]["samples"]
-    assert calls == {kinds[0]: 1, kinds[1]: 1, kinds[2]: STEPS}  # once per sampling, once per step
+    per_sampling = {mp.OUTER_SAMPLE: 1, mp.PREPARE_SAMPLING: 1, mp.SAMPLER_SAMPLE: 1}
+    per_step = {mp.PREDICT_NOISE: STEPS, mp.CALC_COND_BATCH: STEPS}
+    assert {kind: calls[kind] for kind in (*per_sampling, *per_step)} == per_sampling | per_step
+    assert calls[mp.APPLY_MODEL] == calls[mp.DIFFUSION_MODEL] >= STEPS  # one per UNet call, ComfyUI may split rows
     assert torch.equal(output, plain)  # pass-through wrappers change nothing
 
 
