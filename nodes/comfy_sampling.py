@@ -37,6 +37,11 @@ from ..csg.prediction import MaskTally, PlanConditioning, predict_step, sde_dpmp
 from .comfy_host import ComfySDXLHost
 
 SIGMAS_HINT = "Connect the SIGMAS output of 'Inversion Sigmas & Noise' for this inversion."
+# The edit-friendly sampler and the CSG guider swap VP values through the sampler's transformer_options:
+# x_k = x_vp sqrt(1 + sigma^2) and eps = (x_k - x0_hat) / sigma each round the last bit, and exact mode's
+# source guidance amplifies that to ~10% of the latent over 6 steps. Identity checks on the tensors
+# make sure no wrapper's change to the input or the output is bypassed.
+VP_EXCHANGE = "csg_vp_exchange"
 
 
 def inversion_sigmas(inversion: Inversion) -> torch.Tensor:
@@ -138,11 +143,16 @@ class CSGGuider(comfy.samplers.CFGGuider):
         step = step_index(sample_sigmas, timestep)
         sigma = timestep.reshape(-1)[:1].float()
         t = self.inner_model.model_sampling.timestep(sigma)[0]
-        x_vp = x.float() / (1.0 + sigma**2).sqrt()
+        exchange = model_options.get("transformer_options", {})
+        offer = exchange.pop(VP_EXCHANGE, None)
+        exact = offer is not None and offer["x"] is x  # the edit-friendly sampler's own latent, unchanged
+        x_vp = offer["x_vp"] if exact else x.float() / (1.0 + sigma**2).sqrt()
         with self.host.bound(self.inner_model, model_options):
             prediction = predict_step(self.host, self.plan, self.conditioning, x_vp, t, step)
         self.masks.add(step, prediction.masks)
         denoised = (x.float() - sigma * prediction.eps).to(x.dtype)
+        if exact:
+            exchange[VP_EXCHANGE] = {"denoised": denoised, "eps": prediction.eps}
         return self.post_cfg(denoised, x, timestep, prediction.uncond, model_options)
 
     def post_cfg(self, denoised, x, timestep, eps_uncond, model_options: dict):
@@ -166,22 +176,36 @@ class CSGGuider(comfy.samplers.CFGGuider):
 
 @torch.no_grad()
 def sample_edit_friendly_dpmpp(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None):
-    """ComfyUI sampler function: the core's SDE-DPM-Solver++(2M) step with the inversion's noise maps."""
+    """ComfyUI sampler function: the core's SDE-DPM-Solver++(2M) step with the inversion's noise maps.
+
+    Its state is the VP latent, which starts at the inversion's x_T when the NOISE and LATENT are the
+    inversion's, and it swaps VP values with the CSG guider (``VP_EXCHANGE``), so the chain is the
+    inversion's arithmetic to the last bit, as exact reconstruction needs; with any other guider, or a
+    wrapper that changes the model's input or output, it converts through sigma space.
+    """
     check_sigmas(sigmas, inversion)
     extra_args = {} if extra_args is None else extra_args
+    exchange = extra_args.get("model_options", {}).get("transformer_options", {})
     s_in = x.new_ones([x.shape[0]])
     noise_maps = inversion.noise_maps.to(x.device)
+    x_vp = x / (1.0 + sigmas[0] ** 2).sqrt()
+    x_T = inversion.x_T.to(x).expand_as(x)
+    if torch.allclose(x_vp, x_T, rtol=1e-4, atol=1e-5):  # the inversion's start, up to sigma-space rounding
+        x_vp = x_T.clone()
     prev_x0_pred = None
     for i, step in enumerate(inversion.schedule.steps):
         comfy.model_management.throw_exception_if_processing_interrupted()
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x = x_vp * (1.0 + sigma**2).sqrt()
+        exchange[VP_EXCHANGE] = {"x": x, "x_vp": x_vp}
         denoised = model(x, sigma * s_in, **extra_args)
-        eps = (x - denoised) / sigma
-        x_vp, prev_x0_pred = sde_dpmpp_2m_step(step, x / (1.0 + sigma**2).sqrt(), eps, prev_x0_pred, noise_maps[i])
-        x = x_vp * (1.0 + sigma_next**2).sqrt()
+        answer = exchange.pop(VP_EXCHANGE, {})
+        eps = answer["eps"] if answer.get("denoised") is denoised else (x - denoised) / sigma
+        x_vp, prev_x0_pred = sde_dpmpp_2m_step(step, x_vp, eps, prev_x0_pred, noise_maps[i])
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-    return x
+            callback({"x": x_vp * (1.0 + sigma_next**2).sqrt(), "i": i, "sigma": sigma, "sigma_hat": sigma,
+                      "denoised": denoised})
+    return x_vp  # at sigma = 0, x_k = x_vp
 
 
 def edit_friendly_sampler(inversion: Inversion) -> comfy.samplers.KSAMPLER:

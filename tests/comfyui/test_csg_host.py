@@ -30,7 +30,8 @@ def small():
 @pytest.fixture(scope="module")
 def modules():
     return {name: pack_module(name) for name in ("nodes.comfy_host", "nodes.csg_nodes", "nodes.sampling_nodes",
-                                                  "nodes.baseline_nodes", "csg.graph", "csg.errors", "csg.host")}
+                                                  "nodes.baseline_nodes", "nodes.csg_common", "csg.graph", "csg.errors",
+                                                  "csg.host", "csg.prediction")}
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +163,23 @@ def test_guider_and_sampler_in_sampler_custom_advanced_match_the_all_in_one_node
     output = SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, latent)[0]["samples"]
     expected = counterfactual(modules, small, small.model, inversion, story)[1]["samples"]
     assert torch.equal(output, expected)  # one sampling path, not two that agree
+
+
+def test_comfyuis_sampler_retraces_the_cores_chain_bit_for_bit_in_exact_mode(small, modules, image, story):
+    """Exact mode needs the sampler to redo the inversion's arithmetic to the last bit (its source guidance
+    amplifies any rounding to percent of the latent within a few steps): the node, sampling through
+    guider.sample, gives the very latent of the core's own loop (csg.prediction.edit) on the same host."""
+    common, prediction = modules["nodes.csg_common"], modules["csg.prediction"]
+    node = modules["nodes.csg_nodes"].CausalInversion
+    exact = node_output(node.execute(small.model, small.clip, small.vae, image, "a photo of a man", STEPS, 0.15, 3.5,
+                                     True, 0, 0))[0]
+    settings = common.edit_settings(8.0, 0.7, WARMUP, "intersect", False)
+    spec = common.spec_for(story[1], story[0], settings, False)
+    host = modules["nodes.comfy_host"].ComfySDXLHost(small.model, small.clip, small.vae)
+    with host.loaded((4, 4, SIZE // 8, SIZE // 8)):
+        core = prediction.edit(host, exact, [spec], settings.guidance_params()).latents
+    output = counterfactual(modules, small, small.model, exact, story)[1]["samples"]
+    assert torch.equal(output, small.model.model.latent_format.process_out(core.cpu()))
 
 
 @pytest.fixture
