@@ -32,6 +32,7 @@ whose alpha is fully opaque loses its alpha channel; a transparent one raises ``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -130,8 +131,12 @@ def draw_noise(generator: torch.Generator, shape: tuple[int, ...], count: int, d
 @torch.no_grad()
 def invert_latents(host: DiffusionHost, x0: torch.Tensor, source_prompt: str = "", *, num_steps: int = 100,
                    skip: float = 0.15, source_guidance: float = 3.5, exact: bool = False,
-                   num_zero_noise_steps: int | None = None, generator: torch.Generator | int = 0) -> Inversion:
-    """Invert a scaled image latent ``x0`` of shape (1, C, h, w). See the module docstring."""
+                   num_zero_noise_steps: int | None = None, generator: torch.Generator | int = 0,
+                   on_step: Callable[[int, torch.Tensor], None] | None = None) -> Inversion:
+    """Invert a scaled image latent ``x0`` of shape (1, C, h, w). See the module docstring.
+
+    ``on_step(i, x0_hat)`` is called after each step with the step's prediction of the clean latent
+    (progress and previews)."""
     if x0.dim() != 4 or x0.shape[0] != 1:
         raise InputError(f"Expected one latent shaped (1, C, h, w), got {tuple(x0.shape)}.")
     height, width = x0.shape[-2:]
@@ -166,6 +171,8 @@ def invert_latents(host: DiffusionHost, x0: torch.Tensor, source_prompt: str = "
             maps[i] = (chain[i + 1] - mean) / step.noise_std
             chain[i + 1] = mean + step.noise_std * maps[i]  # what the sampler will compute, to the last bit
         prev_x0_pred = x0_pred
+        if on_step is not None:
+            on_step(i, x0_pred)
     if num_zero_noise_steps:
         maps[num_steps - num_zero_noise_steps:] = 0.0
     return Inversion(x0=x0, x_T=chain[0], noise_maps=maps, schedule=schedule, source_prompt=source_prompt,

@@ -47,6 +47,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .attention import ATTENTION_LEVEL, attention_map_size, selected_attention, token_selector
 from .errors import CSGError, InputError, WeightsMissingError
 from .host import AttentionRequest
 
@@ -55,7 +56,6 @@ SDXL_DOWNLOAD_HINT = (
     "`huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0 --local-dir {folder}`"
 )
 SDXL_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-ATTENTION_LEVEL = 4  # CSG's cross-attention maps come from the layers at latent/4 resolution
 
 
 def scaled_linear_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -129,25 +129,22 @@ class SDXLConditioning:
 
 def request_tensors(request: AttentionRequest, key_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices (R,) and a 0/1 column selector (R, key_length) for one request."""
-    selector = torch.zeros(len(request.rows), key_length)
-    for i, columns in enumerate(request.token_columns):
-        selector[i, list(columns)] = 1.0
-    return torch.tensor(request.rows, dtype=torch.long).to(device), selector.to(device)
+    rows = torch.tensor(request.rows, dtype=torch.long).to(device)
+    return rows, token_selector(request.token_columns, key_length, device)
 
 
 class _AttentionCapture:
-    """Sums, over the layers it is installed on, the head-averaged probability of the selected columns."""
+    """Sums ``csg.attention.selected_attention`` of the requested rows over the layers it is installed on."""
 
     def __init__(self, rows: torch.Tensor, selector: torch.Tensor) -> None:
         self.rows, self.selector = rows, selector
         self.total: torch.Tensor | None = None
         self.layers = 0
 
-    def add(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
-        q = query.index_select(0, self.rows).float()  # (R, heads, Q, d)
-        k = key.index_select(0, self.rows).float()  # (R, heads, L, d)
-        probs = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # all columns normalise
-        selected = torch.einsum("rhql,rl->rq", probs, self.selector) / probs.shape[1]
+    def add(self, query: torch.Tensor, key: torch.Tensor, heads: int, scale: float) -> None:
+        """``query`` (B, Q, heads * d) and ``key`` (B, L, heads * d) of every row; only ``rows`` are captured."""
+        selected = selected_attention(query.index_select(0, self.rows), key.index_select(0, self.rows), heads,
+                                      self.selector, scale)
         self.total = selected if self.total is None else self.total + selected
         self.layers += 1
 
@@ -177,11 +174,11 @@ class _CapturingCrossAttention:
             context = attn.norm_encoder_hidden_states(context)
         query = attn.to_q(hidden_states)
         key, value = attn.to_k(context), attn.to_v(context)
+        if self.slot.capture is not None:
+            self.slot.capture.add(query, key, attn.heads, attn.scale)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        if self.slot.capture is not None:
-            self.slot.capture.add(query, key, attn.scale)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor
@@ -487,7 +484,7 @@ class DiffusersSDXLHost:
             # CUDA-graph outputs live in memory the next replay overwrites; the caller may keep them.
             eps, maps = eps.clone(), None if maps is None else maps.clone()
         if maps is not None:
-            maps = maps.view(len(attention.rows), height // ATTENTION_LEVEL, width // ATTENTION_LEVEL)
+            maps = maps.view(len(attention.rows), *attention_map_size(height, width))
         return eps, maps
 
     # -- pixels --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Entry points::
 
     edit(host, inversion, specs: list[EditSpec], params=GuidanceParams()) -> EditResult
     reconstruct(host, inversion) -> Tensor (1, C, h, w)        # the same chain with no edit
+    predict_step(host, plan, conditioning, x, timestep, step)  # one step's eps_hat; ComfyUI's CSG guider calls it too
 
 The sampler is SDE-DPM-Solver++(2M) whose noise at step i is the stored map z_i of the inversion
 (``sde_dpmpp_2m_step``). K interventions share one ``Inversion`` and run in ONE loop: each has its
@@ -16,7 +17,7 @@ term guides (warm-up, cool-down) evaluate only the base rows (uncond, [source]).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -43,34 +44,80 @@ def sde_dpmpp_2m_step(step: SolverStep, x: torch.Tensor, eps: torch.Tensor, prev
     return x_next, x0_pred
 
 
+@dataclass(frozen=True)
+class PlanConditioning:
+    """A plan's encoded prompts: every row (guided steps) and the base rows (unguided steps); None where
+    no step needs them."""
+
+    rows: object | None
+    base_rows: object | None
+
+    @classmethod
+    def encode(cls, host: DiffusionHost, plan: GuidancePlan) -> "PlanConditioning":
+        return cls(host.encode_prompts(plan.prompts) if any(plan.active_steps) else None,
+                   None if all(plan.active_steps) else host.encode_prompts(plan.base_prompts))
+
+
+class StepPrediction(NamedTuple):
+    eps: torch.Tensor  # (K, C, h, w) the guided eps_hat of each intervention
+    masks: torch.Tensor | None  # (T, h, w) the step's edit masks; None on a step where no term guides
+    uncond: torch.Tensor  # (K, C, h, w) each intervention's unconditional eps
+
+
+def predict_step(host: DiffusionHost, plan: GuidancePlan, conditioning: PlanConditioning, x: torch.Tensor,
+                 timestep: int | torch.Tensor, step: int) -> StepPrediction:
+    """CSG's eps_hat for the K latents ``x`` (VP, at training ``timestep``) at sampling step ``step``.
+
+    A step where a term guides evaluates every row of the plan (with attention capture); any other
+    step evaluates only the base rows, since only the base prediction is used there.
+    """
+    if plan.active_steps[step]:
+        eps, maps = host.predict_noise(x.index_select(0, plan.row_owner), timestep, conditioning.rows, plan.attention)
+        eps_hat, masks = guided_epsilon(plan, eps, maps, step)
+        return StepPrediction(eps_hat, masks, eps.index_select(0, plan.uncond_rows))
+    eps, _ = host.predict_noise(x.index_select(0, plan.base_row_owner), timestep, conditioning.base_rows)
+    return StepPrediction(unguided_epsilon(plan, eps), None, eps if plan.source_rows is None else eps[0::2])
+
+
+class MaskTally:
+    """Each term's mask averaged over its active steps, and its mask at its last active step.
+
+    A step counts once, even where a sampler evaluates the guider twice in it (second-order samplers).
+    """
+
+    def __init__(self, plan: GuidancePlan, latent_size: tuple[int, int], device: torch.device) -> None:
+        self.plan = plan
+        self.sum = torch.zeros((len(plan.term_rows), *latent_size), device=device)
+        self.last = torch.zeros_like(self.sum)
+        self.steps: set[int] = set()
+
+    def add(self, step: int, masks: torch.Tensor | None) -> None:
+        if masks is not None and step not in self.steps:
+            self.steps.add(step)
+            self.sum += masks
+            self.last = torch.where(self.plan.active[step][:, None, None], masks, self.last)
+
+    def per_intervention(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """(mean masks, last masks), each one (terms, h, w) tensor per intervention."""
+        mean = self.sum / self.plan.active.sum(dim=0).clamp(min=1)[:, None, None]
+        split = list(self.plan.terms_per_intervention)
+        return tuple(mean.split(split)), tuple(self.last.split(split))
+
+
 @torch.no_grad()
 def run_chain(host: DiffusionHost, inversion: Inversion, plan: GuidancePlan) -> EditResult:
     """The denoising loop from x_T with the inversion's noise maps and ``plan``'s guidance."""
-    steps = inversion.schedule.steps
     x = inversion.x_T.expand(plan.num_interventions, -1, -1, -1).clone()
-    conditioning = host.encode_prompts(plan.prompts) if any(plan.active_steps) else None
-    base_conditioning = None if all(plan.active_steps) else host.encode_prompts(plan.base_prompts)
-    timesteps = torch.tensor([s.t for s in steps]).to(host.device)
-    num_terms = len(plan.term_rows)
-    mask_sum = torch.zeros((num_terms, *x.shape[-2:]), device=x.device)
-    last_masks = torch.zeros_like(mask_sum)
+    conditioning = PlanConditioning.encode(host, plan)
+    timesteps = torch.tensor(inversion.schedule.timesteps).to(host.device)
+    tally = MaskTally(plan, tuple(x.shape[-2:]), x.device)
     prev_x0_pred = None
-    for i, step in enumerate(steps):
-        if plan.active_steps[i]:
-            rows = x.index_select(0, plan.row_owner)
-            eps, attention_maps = host.predict_noise(rows, timesteps[i], conditioning, plan.attention)
-            eps_hat, masks = guided_epsilon(plan, eps, attention_maps, i)
-        else:  # only the base prediction is used, so only its rows are evaluated
-            eps, _ = host.predict_noise(x.index_select(0, plan.base_row_owner), timesteps[i], base_conditioning)
-            eps_hat, masks = unguided_epsilon(plan, eps), None
-        x, prev_x0_pred = sde_dpmpp_2m_step(step, x, eps_hat, prev_x0_pred, inversion.noise_maps[i])
-        if masks is not None:
-            mask_sum += masks
-            last_masks = torch.where(plan.active[i][:, None, None], masks, last_masks)
-    active_counts = plan.active.sum(dim=0).clamp(min=1)
-    mean_masks = mask_sum / active_counts[:, None, None]
-    split = list(plan.terms_per_intervention)
-    return EditResult(latents=x, masks=tuple(mean_masks.split(split)), last_masks=tuple(last_masks.split(split)))
+    for i, step in enumerate(inversion.schedule.steps):
+        prediction = predict_step(host, plan, conditioning, x, timesteps[i], i)
+        x, prev_x0_pred = sde_dpmpp_2m_step(step, x, prediction.eps, prev_x0_pred, inversion.noise_maps[i])
+        tally.add(i, prediction.masks)
+    masks, last_masks = tally.per_intervention()
+    return EditResult(latents=x, masks=masks, last_masks=last_masks)
 
 
 def source_row_prompt(inversion: Inversion) -> str | None:

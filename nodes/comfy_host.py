@@ -40,10 +40,9 @@ import comfy.sampler_helpers
 import comfy.samplers
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
+from ..csg.attention import ATTENTION_LEVEL, attention_map_size, selected_attention, token_selector
 from ..csg.errors import CSGError, InputError
 from ..csg.host import AttentionRequest
-
-ATTENTION_LEVEL = 4  # CSG's cross-attention maps come from the layers at latent/4 resolution
 
 BlockKey = tuple[str, int, int]  # (block name, block number, transformer index), ComfyUI's patch key
 
@@ -98,7 +97,11 @@ def unet_downsampling(diffusion_model) -> int:
 
 
 class _Collector:
-    """Head-averaged probabilities of the requested columns, summed over the layers that saw each row."""
+    """``csg.attention.selected_attention`` of the requested rows, summed over the layers that saw each row.
+
+    ComfyUI may split the rows over several UNet calls, so each layer sees only some of them: the
+    rows present are found by cond uuid and each row counts its own layers.
+    """
 
     def __init__(self, request: AttentionRequest, position_of_uuid: dict, device: torch.device) -> None:
         self.request, self.position_of_uuid, self.device = request, position_of_uuid, device
@@ -114,29 +117,24 @@ class _Collector:
         picks = [(b, self.position_of_uuid[u]) for b, u in enumerate(uuids) if u in self.position_of_uuid]
         if not picks:
             return
-        heads = extra_options["n_heads"]
         if self.selector is None:
-            selector = torch.zeros(len(self.request.rows), k.shape[1])
-            for i, columns in enumerate(self.request.token_columns):
-                selector[i, list(columns)] = 1.0
-            self.selector = selector.to(self.device)
+            self.selector = token_selector(self.request.token_columns, k.shape[1], self.device)
             self.total = torch.zeros(len(self.request.rows), q.shape[1], device=self.device)
         batch = torch.tensor([b for b, _ in picks]).to(q.device)
         positions = torch.tensor([p for _, p in picks]).to(self.device)
-        split = lambda x: x.index_select(0, batch).float().unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
-        query, key = split(q), split(k)  # (R', heads, Q, d), (R', heads, L, d)
-        probs = torch.softmax(query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5, dim=-1)
-        selected = torch.einsum("rhql,rl->rq", probs, self.selector.index_select(0, positions)) / heads
+        selected = selected_attention(q.index_select(0, batch), k.index_select(0, batch), extra_options["n_heads"],
+                                      self.selector.index_select(0, positions))
         self.total.index_add_(0, positions, selected)
         for _, p in picks:
             self.layers[p] += 1
 
     def maps(self, height: int, width: int) -> torch.Tensor:
+        """(R, h/4, w/4) for a latent of (height, width)."""
         if self.total is None or min(self.layers) == 0:
             raise CSGError("No cross-attention at latent/4 resolution saw the requested rows; CSG's attention masks "
                            "cannot be computed for this model. Use an SDXL model or the 'noise' mask mode.")
         layers = torch.tensor(self.layers, dtype=torch.float32).to(self.device)
-        return (self.total / layers[:, None]).view(len(self.layers), height, width)
+        return (self.total / layers[:, None]).view(len(self.layers), *attention_map_size(height, width))
 
 
 class CrossAttentionCapture:
@@ -243,6 +241,7 @@ class ComfySDXLHost:
         self.latent_multiple = unet_downsampling(diffusion_model)
         self.vae_scale_factor = self._vae_scale_factor(vae)
         self._session: _Session | None = None
+        self._encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt -> (cond, pooled)
 
     @staticmethod
     def _vae_scale_factor(vae) -> int:
@@ -283,14 +282,18 @@ class ComfySDXLHost:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> ComfyConditioning:
-        """ComfyUI's SDXL text encoding per row; "" is the all-zero unconditional row (as SDXL/diffusers)."""
-        cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        """ComfyUI's SDXL text encoding per row; "" is the all-zero unconditional row (as SDXL/diffusers).
+
+        Each prompt is encoded once per host: a plan's guided and base rows share the uncond (and the
+        source prompt), and on a CPU one SDXL text encoding costs as much as several UNet rows.
+        """
         for prompt in dict.fromkeys(prompts):
-            cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True)
-            if prompt == "":
-                cond, pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
-            cache[prompt] = (cond, pooled)
-        return ComfyConditioning(tuple(cache[p] for p in prompts))
+            if prompt not in self._encoded:
+                cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True)
+                if prompt == "":
+                    cond, pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
+                self._encoded[prompt] = (cond, pooled)
+        return ComfyConditioning(tuple(self._encoded[p] for p in prompts))
 
     def token_indices(self, prompt: str) -> list[int]:
         return real_token_positions(self.clip, prompt)
@@ -347,7 +350,7 @@ class ComfySDXLHost:
         with self.capture.collecting(attention, position_of_uuid, self.device) as collector:
             denoised = comfy.samplers.calc_cond_batch(self._session.model, rows, x_k[:1], sigma, options)
         eps = (x_k - torch.cat(denoised).float()) / sigma
-        maps = None if collector is None else collector.maps(height // ATTENTION_LEVEL, width // ATTENTION_LEVEL)
+        maps = None if collector is None else collector.maps(height, width)
         if self.on_prediction is not None:
             self.on_prediction()
         return eps, maps

@@ -11,6 +11,7 @@ from comfy_api.latest import io
 
 import comfy.model_management
 import comfy.utils
+import latent_preview
 
 from ..csg.counterfactual import CSGParams, edit_spec
 from ..csg.errors import InputError
@@ -41,6 +42,13 @@ def to_comfy_images(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.movedim(1, -1).float().clamp(0.0, 1.0).to(comfy.model_management.intermediate_device())
 
 
+def decode_images(vae, samples: torch.Tensor) -> torch.Tensor:
+    """A ComfyUI LATENT's samples to an IMAGE (B, H, W, 3), as VAE Decode does."""
+    if vae is None:
+        raise InputError("The VAE input is missing; connect the VAE output of the SDXL checkpoint loader.")
+    return vae.decode(samples)[..., :3].float().clamp(0.0, 1.0).to(comfy.model_management.intermediate_device())
+
+
 def masks_at(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(T, h, w) latent masks in [0, 1] to a ComfyUI MASK (T, H, W), nearest upsampling."""
     upsampled = F.interpolate(masks.float()[:, None], size=size, mode="nearest")[:, 0]
@@ -64,6 +72,19 @@ def progress(total: int) -> Callable[[], None]:
     def step() -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
         bar.update(1)
+
+    return step
+
+
+def previewing_progress(model, total: int) -> Callable[[int, torch.Tensor], None]:
+    """Called after each of ``total`` steps with its x0_hat (the model's latent space): honour Cancel and
+    advance the progress bar with ComfyUI's latent preview (the user's preview method), as a sampler's
+    callback does."""
+    callback = latent_preview.prepare_callback(model, total)
+
+    def step(i: int, x0: torch.Tensor) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        callback(i, x0, None, total)
 
     return step
 

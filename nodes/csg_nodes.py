@@ -5,8 +5,12 @@
     Causal Counterfactuals  MODEL, CLIP, VAE, INVERSION, INTERVENTIONS  -> the same, one batch row each
 
 The inversion is its own node so ComfyUI's cache keeps it: changing an edit setting re-runs only
-the prediction. Every node runs the core (``csg.abduction.invert_latents``, ``csg.prediction.edit``)
-on ``ComfySDXLHost``, so the math is the one the diffusers host is tested against.
+the prediction. The inversion runs the core's ``csg.abduction.invert_latents`` on ``ComfySDXLHost``,
+previewing each step's x0_hat through ComfyUI's latent preview.
+A prediction builds the CSG GUIDER, the edit-friendly SAMPLER and the inversion's NOISE and samples
+them through ComfyUI's ``guider.sample`` with the latent preview (``comfy_sampling.sample_counterfactual``),
+exactly as SamplerCustomAdvanced does with the sampling nodes; the guider steps with the core's
+``csg.prediction.predict_step``, the math the diffusers host is tested against.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ from comfy_api.latest import io
 
 from ..csg.abduction import check_image_size, image_to_tensor, invert_latents
 from ..csg.errors import InputError
-from ..csg.prediction import edit
 from .comfy_host import ComfySDXLHost
-from .csg_common import (CATEGORY, CausalGraphType, InterventionType, Interventions, Inversion, edit_inputs,
-                         edit_settings, mask_preview, masks_at, progress, single_image, spec_for, to_comfy_images)
+from .comfy_sampling import CSGGuider, sample_counterfactual
+from .csg_common import (CATEGORY, CausalGraphType, InterventionType, Interventions, Inversion, decode_images,
+                         edit_inputs, edit_settings, mask_preview, masks_at, previewing_progress, single_image,
+                         spec_for)
 
 
 def model_inputs() -> list:
@@ -69,7 +74,7 @@ class CausalInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, source_prompt, steps, skip, source_guidance, exact_reconstruction,
                 num_zero_noise_steps, seed) -> io.NodeOutput:
-        host = ComfySDXLHost(model, clip, vae, on_prediction=progress(steps))
+        host = ComfySDXLHost(model, clip, vae)
         pixels = image_to_tensor(single_image(image))
         check_image_size(host, *pixels.shape[-2:])
         x0 = host.encode_image(pixels)
@@ -77,7 +82,7 @@ class CausalInversion(io.ComfyNode):
             inversion = invert_latents(host, x0, source_prompt.strip(), num_steps=steps, skip=skip,
                                        source_guidance=source_guidance, exact=exact_reconstruction,
                                        num_zero_noise_steps=0 if exact_reconstruction else num_zero_noise_steps,
-                                       generator=seed)
+                                       generator=seed, on_step=previewing_progress(model, steps))
         return io.NodeOutput(inversion)
 
 
@@ -88,17 +93,14 @@ def predict(model, clip, vae, inversion, interventions: list, graph, scale, thre
         raise InputError("No intervention given; connect an INTERVENTION (or a non-empty INTERVENTIONS list).")
     settings = edit_settings(scale, threshold, warmup, mask_mode, protect_non_descendants)
     specs = [spec_for(i, graph, settings, reverse) for i in interventions]
-    host = ComfySDXLHost(model, clip, vae, on_prediction=progress(inversion.num_steps))
-    rows = sum(1 + len(s.terms) + len(s.protect) for s in specs)
-    with host.loaded((rows, *inversion.x0.shape[1:])):
-        result = edit(host, inversion, specs, settings.guidance_params())
-    images = torch.cat([host.decode_latents(latent[None]) for latent in result.latents])
-    size = tuple(images.shape[-2:])
-    masks = masks_at(torch.cat(result.masks), size)
-    owner = [k for k, m in enumerate(result.masks) for _ in range(m.shape[0])]
-    comfy_images = to_comfy_images(images)
-    previews = torch.cat([mask_preview(comfy_images[k], masks[j:j + 1]) for j, k in enumerate(owner)])
-    return io.NodeOutput(comfy_images, host.comfy_latent(result.latents), masks, previews)
+    guider = CSGGuider.for_edits(ComfySDXLHost(model, clip, vae), inversion, specs, settings.guidance_params())
+    samples = sample_counterfactual(guider, inversion)
+    mean_masks, _ = guider.edit_masks()
+    images = decode_images(vae, samples)
+    masks = masks_at(torch.cat(mean_masks), tuple(images.shape[1:3]))
+    owner = [k for k, m in enumerate(mean_masks) for _ in range(m.shape[0])]
+    previews = torch.cat([mask_preview(images[k], masks[j:j + 1]) for j, k in enumerate(owner)])
+    return io.NodeOutput(images, {"samples": samples}, masks, previews)
 
 
 def prediction_outputs() -> list:

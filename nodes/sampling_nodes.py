@@ -4,17 +4,17 @@
     CSG Guider ─ GUIDER ─────────────────────────────┼─► SamplerCustomAdvanced ─► LATENT
     Edit-Friendly DPM++ Sampler ─ SAMPLER ───────────┘
 
-Any part can be swapped for another node (e.g. a different sampler with the CSG guider).
+Any part can be swapped for another node (e.g. a different sampler with the CSG guider). The
+all-in-one Causal Counterfactual node samples these very parts the same way, so with the same
+settings both give the same latent, bit for bit.
 """
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..csg.guidance import plan_guidance
-from ..csg.prediction import source_row_prompt  # exact mode adds the source row
 from .comfy_host import ComfySDXLHost, check_sdxl_epsilon
-from .comfy_sampling import CSGGuider, InversionNoise, edit_friendly_sampler, inversion_sigmas
+from .comfy_sampling import CSGGuider, InversionNoise, edit_friendly_sampler, inversion_latent, inversion_sigmas
 from .csg_common import CATEGORY, CausalGraphType, InterventionType, Inversion, edit_inputs, edit_settings, spec_for
 
 
@@ -42,8 +42,8 @@ class InversionSigmasAndNoise(io.ComfyNode):
     def execute(cls, model, inversion) -> io.NodeOutput:
         check_sdxl_epsilon(model)
         latent_format = model.model.latent_format
-        latent = {"samples": latent_format.process_out(inversion.x0.float().cpu())}
-        return io.NodeOutput(inversion_sigmas(inversion), InversionNoise(inversion, latent_format), latent)
+        return io.NodeOutput(inversion_sigmas(inversion), InversionNoise(inversion, latent_format),
+                             inversion_latent(inversion, latent_format))
 
 
 class CSGGuiderNode(io.ComfyNode):
@@ -72,10 +72,8 @@ class CSGGuiderNode(io.ComfyNode):
                 protect_non_descendants, causal_graph=None) -> io.NodeOutput:
         settings = edit_settings(scale, threshold, warmup, mask_mode, protect_non_descendants)
         spec = spec_for(intervention, causal_graph, settings, reverse)
-        host = ComfySDXLHost(model, clip)
-        plan = plan_guidance(host, [spec], inversion.num_steps, source_prompt=source_row_prompt(inversion),
-                             source_guidance=inversion.source_guidance, params=settings.guidance_params())
-        return io.NodeOutput(CSGGuider(host, plan, inversion))
+        return io.NodeOutput(CSGGuider.for_edits(ComfySDXLHost(model, clip), inversion, [spec],
+                                                 settings.guidance_params()))
 
 
 class EditFriendlySampler(io.ComfyNode):

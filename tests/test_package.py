@@ -127,7 +127,7 @@ def test_readme_documents_exactly_the_cli_options():
 
 def test_readme_benchmark_options_exist():
     options = set()
-    for script in ("benchmark.py", "memory_model.py"):
+    for script in ("benchmark.py", "memory_model.py", "comfy_benchmark.py"):
         tree = ast.parse((ROOT / "benchmarks" / script).read_text())
         found = {arg.value for node in ast.walk(tree)
                  if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"

@@ -2,10 +2,13 @@
 
 Covers: the host's predictions against the diffusers host on the same weights, nothing leaking
 into the user's MODEL, a LoRA applied before our nodes still acting, the composable
-guider/sampler path reproducing the all-in-one node, batched interventions equal to single ones,
-and the errors a user sees.
+guider/sampler path and the all-in-one node being one path (bit-identical latents, ComfyUI's
+latent preview at every step, other nodes' sampling wrappers and post-CFG functions run, CFG
+patches CSG cannot honour refused), batched interventions equal to single ones, and the errors a
+user sees.
 """
 
+import collections
 import copy
 
 import pytest
@@ -27,7 +30,8 @@ def small():
 @pytest.fixture(scope="module")
 def modules():
     return {name: pack_module(name) for name in ("nodes.comfy_host", "nodes.csg_nodes", "nodes.sampling_nodes",
-                                                  "nodes.baseline_nodes", "csg.graph", "csg.errors", "csg.host")}
+                                                  "nodes.baseline_nodes", "nodes.csg_common", "csg.graph", "csg.errors",
+                                                  "csg.host", "csg.prediction")}
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +162,135 @@ def test_guider_and_sampler_in_sampler_custom_advanced_match_the_all_in_one_node
     assert sigmas.shape == (STEPS + 1,) and sigmas[-1] == 0.0
     output = SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, latent)[0]["samples"]
     expected = counterfactual(modules, small, small.model, inversion, story)[1]["samples"]
-    # Two routes through sigma space (x_k <-> x_vp each step) and ComfyUI's latent scaling: rounding only.
-    assert (output - expected).abs().max() < 1e-4 * expected.abs().max()
+    assert torch.equal(output, expected)  # one sampling path, not two that agree
+
+
+def test_comfyuis_sampler_retraces_the_cores_chain_bit_for_bit_in_exact_mode(small, modules, image, story):
+    """Exact mode needs the sampler to redo the inversion's arithmetic to the last bit (its source guidance
+    amplifies any rounding to percent of the latent within a few steps): the node, sampling through
+    guider.sample, gives the very latent of the core's own loop (csg.prediction.edit) on the same host."""
+    common, prediction = modules["nodes.csg_common"], modules["csg.prediction"]
+    node = modules["nodes.csg_nodes"].CausalInversion
+    exact = node_output(node.execute(small.model, small.clip, small.vae, image, "a photo of a man", STEPS, 0.15, 3.5,
+                                     True, 0, 0))[0]
+    settings = common.edit_settings(8.0, 0.7, WARMUP, "intersect", False)
+    spec = common.spec_for(story[1], story[0], settings, False)
+    host = modules["nodes.comfy_host"].ComfySDXLHost(small.model, small.clip, small.vae)
+    with host.loaded((4, 4, SIZE // 8, SIZE // 8)):
+        core = prediction.edit(host, exact, [spec], settings.guidance_params()).latents
+    output = counterfactual(modules, small, small.model, exact, story)[1]["samples"]
+    assert torch.equal(output, small.model.model.latent_format.process_out(core.cpu()))
+
+
+@pytest.fixture
+def latent2rgb_previews(monkeypatch):
+    """ComfyUI's own preview path observed: latent2rgb chosen as a user would (--preview-method latent2rgb),
+    the shapes its previewer decodes, and what reaches the progress hook the server forwards to the browser."""
+    import comfy.cli_args
+    import comfy.utils
+    import latent_preview
+
+    monkeypatch.setattr(comfy.cli_args.args, "preview_method", comfy.cli_args.LatentPreviewMethod.Latent2RGB)
+    decoded, hooked = [], []
+    real_decode = latent_preview.Latent2RGBPreviewer.decode_latent_to_preview
+    monkeypatch.setattr(latent_preview.Latent2RGBPreviewer, "decode_latent_to_preview",
+                        lambda self, x0: decoded.append(tuple(x0.shape)) or real_decode(self, x0))
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda value, total, preview, node_id=None: hooked.append((value, total, preview)))
+    return decoded, hooked
+
+
+def assert_a_preview_per_step(hooked: list, steps: int) -> None:
+    previews = [(value, total, preview) for value, total, preview in hooked if preview is not None]
+    assert [(value, total) for value, total, _ in previews] == [(i + 1, steps) for i in range(steps)]
+    assert all(preview[0] == "JPEG" and preview[1].size == (SIZE // 8, SIZE // 8) for _, _, preview in previews)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one intervention", "two interventions"])
+def test_the_latent_preview_shows_every_step_of_the_all_in_one_node(small, modules, inversion, story,
+                                                                     latent2rgb_previews, batched):
+    decoded, hooked = latent2rgb_previews
+    graph, intervention = story
+    interventions = [intervention, intervention] if batched else [intervention]
+    node = modules["nodes.csg_nodes"].CausalCounterfactuals
+    node_output(node.execute(small.model, small.clip, small.vae, inversion, interventions, 8.0, 0.7, WARMUP,
+                             "intersect", False, False, causal_graph=graph))
+    assert decoded == [(len(interventions), 4, SIZE // 8, SIZE // 8)] * STEPS
+    assert_a_preview_per_step(hooked, STEPS)
+
+
+def test_the_inversion_previews_every_step(small, modules, image, latent2rgb_previews):
+    decoded, hooked = latent2rgb_previews
+    node = modules["nodes.csg_nodes"].CausalInversion
+    node_output(node.execute(small.model, small.clip, small.vae, image, "a photo of a man", STEPS, 0.15, 3.5, False,
+                             3, 0))
+    assert decoded == [(1, 4, SIZE // 8, SIZE // 8)] * STEPS
+    assert_a_preview_per_step(hooked, STEPS)
+
+
+def test_other_nodes_sampling_wrappers_run_for_the_counterfactual(small, modules, inversion, story):
+    import comfy.patcher_extension
+
+    mp = comfy.patcher_extension.WrappersMP
+    kinds = (mp.OUTER_SAMPLE, mp.PREPARE_SAMPLING, mp.SAMPLER_SAMPLE, mp.PREDICT_NOISE, mp.CALC_COND_BATCH,
+             mp.APPLY_MODEL, mp.DIFFUSION_MODEL)
+    calls = collections.Counter()
+
+    def counting(kind):
+        def wrapper(executor, *args, **kwargs):
+            calls[kind] += 1
+            return executor(*args, **kwargs)
+        return wrapper
+
+    wrapped = small.model.clone()
+    for kind in kinds:
+        wrapped.add_wrapper_with_key(kind, "counting-test", counting(kind))
+    plain = counterfactual(modules, small, small.model, inversion, story)[1]["samples"]
+    output = counterfactual(modules, small, wrapped, inversion, story)[1]["samples"]
+    per_sampling = {mp.OUTER_SAMPLE: 1, mp.PREPARE_SAMPLING: 1, mp.SAMPLER_SAMPLE: 1}
+    per_step = {mp.PREDICT_NOISE: STEPS, mp.CALC_COND_BATCH: STEPS}
+    assert {kind: calls[kind] for kind in (*per_sampling, *per_step)} == per_sampling | per_step
+    assert calls[mp.APPLY_MODEL] == calls[mp.DIFFUSION_MODEL] >= STEPS  # one per UNet call, ComfyUI may split rows
+    assert torch.equal(output, plain)  # pass-through wrappers change nothing
+
+
+def test_post_cfg_functions_are_replayed_after_csg(small, modules, inversion, story):
+    from comfy_extras.nodes_eps import EpsilonScaling
+
+    seen = []
+
+    def observe(args):
+        seen.append((args["cond_scale"], tuple(args["uncond_denoised"].shape), args["cond_denoised"] is args["denoised"]))
+        return args["denoised"]
+
+    observed = small.model.clone()
+    observed.set_model_sampler_post_cfg_function(observe)
+    plain = counterfactual(modules, small, small.model, inversion, story)[1]["samples"]
+    assert torch.equal(counterfactual(modules, small, observed, inversion, story)[1]["samples"], plain)
+    assert seen == [(1.0, (1, 4, SIZE // 8, SIZE // 8), True)] * STEPS
+    scaled = node_output(EpsilonScaling.execute(small.model, 1.2))[0]  # a core post-CFG node
+    output = counterfactual(modules, small, scaled, inversion, story)[1]["samples"]
+    assert torch.isfinite(output).all() and (output - plain).abs().max() > 1e-3
+
+
+def test_cfg_patches_csg_cannot_honour_are_refused_by_name(small, modules, inversion, story):
+    from comfy_extras.nodes_model_advanced import RescaleCFG
+
+    errors = modules["csg.errors"]
+    rescaled = RescaleCFG().patch(small.model, 0.7)[0]  # a sampler_cfg_function
+    with pytest.raises(errors.InputError, match="sampler_cfg_function .*rescale_cfg.*before the node"):
+        counterfactual(modules, small, rescaled, inversion, story)
+    with pytest.raises(errors.InputError, match="sampler_cfg_function .*rescale_cfg"):
+        modules["nodes.sampling_nodes"].CSGGuiderNode.execute(rescaled, small.clip, inversion, story[1], 8.0, 0.7,
+                                                              WARMUP, "intersect", False, False)
+    pre_cfg = small.model.clone()
+    pre_cfg.set_model_sampler_pre_cfg_function(lambda args: args["conds_out"])
+    with pytest.raises(errors.InputError, match="sampler_pre_cfg_function"):
+        counterfactual(modules, small, pre_cfg, inversion, story)
+    asks_for_cond = small.model.clone()
+    asks_for_cond.set_model_sampler_post_cfg_function(lambda args: args["denoised"] + 0 * args["cond"][0])
+    with pytest.raises(errors.InputError, match="asked for args\\['cond'\\]"):
+        counterfactual(modules, small, asks_for_cond, inversion, story)
 
 
 def test_batched_interventions_equal_separate_runs(small, modules, inversion, story):
