@@ -45,7 +45,8 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if "pytest" in line)
-    assert command.strip() in readme
+    top = readme.split("\n## ", 1)[0]  # the commands come first, before any section
+    assert command.strip() in top, "the README's top must give the test command .ci/run runs"
 
 
 # -- requirements.txt: what ComfyUI-Manager installs for a git-cloned pack ----------------------------
@@ -78,15 +79,17 @@ def test_requirements_txt_is_pyproject_dependencies_without_torch():
     assert normalise(listed) == normalise(d for d in declared if _requirement_name(d) != "torch")
 
 
-# -- README: the documentation names what exists ----------------------------------------------------------
+# -- Documentation: README.md (for node users), docs/*.md and CONTRIBUTING.md name what exists ----------
+
+README_MAX_BYTES = 15 * 1024
 
 
-def _readme_section(heading: str) -> str:
-    """README text from ``heading`` (a whole heading line) to the next heading of the same or higher
-    level; lines inside code fences (shell comments start with "#") are never headings."""
+def _section(path: Path, heading: str) -> str:
+    """Text of the Markdown file ``path`` from ``heading`` (a whole heading line) to the next heading of
+    the same or higher level; lines inside code fences (shell comments start with "#") are never headings."""
     level = len(heading.split(" ", 1)[0])
     lines, inside, fenced = [], False, False
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.startswith("```"):
             fenced = not fenced
         elif not fenced and re.match(r"#{1,%d} " % level, line):
@@ -95,7 +98,7 @@ def _readme_section(heading: str) -> str:
             inside = line == heading
         if inside:
             lines.append(line)
-    assert lines, f"README has no heading {heading!r}"
+    assert lines, f"{path.relative_to(ROOT)} has no heading {heading!r}"
     return "\n".join(lines)
 
 
@@ -103,29 +106,53 @@ def _flags(text: str) -> set[str]:
     return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
 
 
-def test_readme_documents_every_node_and_names_no_other():
+def _declared_nodes() -> set[str]:
     declared = set()
     for path in (ROOT / "nodes").glob("*.py"):
         declared |= set(re.findall(r"node_id=\"([A-Za-z0-9_]+)\"", path.read_text()))
     assert declared, "no node ids found in nodes/"
-    named = set(re.findall(r"^\| [^|]+ \| `(CSG[A-Za-z0-9_]+)` \|", _readme_section("## Node reference"), re.MULTILINE))
-    assert declared - named == set(), f"README does not document these nodes: {sorted(declared - named)}"
-    assert named - declared == set(), f"README names nodes that do not exist: {sorted(named - declared)}"
+    return declared
 
 
-def test_readme_documents_exactly_the_cli_options():
+def _table_node_ids(text: str) -> set[str]:
+    """Node ids in the second column of a Markdown table: | Display name | `CSG...` | ..."""
+    return set(re.findall(r"^\| [^|]+ \| `(CSG[A-Za-z0-9_]+)` \|", text, re.MULTILINE))
+
+
+def test_readme_and_node_reference_document_every_node_and_name_no_other():
+    declared = _declared_nodes()
+    for path, heading in ((ROOT / "README.md", "## Nodes"), (ROOT / "docs" / "nodes.md", "## The nodes")):
+        named = _table_node_ids(_section(path, heading))
+        where = f"{path.relative_to(ROOT)} ({heading})"
+        assert declared - named == set(), f"{where} does not document these nodes: {sorted(declared - named)}"
+        assert named - declared == set(), f"{where} names nodes that do not exist: {sorted(named - declared)}"
+
+
+def _cli_options() -> set[str]:
     from csg.cli import build_parser
 
-    options = {flag for action in build_parser()._actions for flag in action.option_strings}
-    other_tools = {"--include", "--local-dir"}  # huggingface-cli, quoted in the weights instructions
-    mentioned = _flags(_readme_section("## Command line: `csg-counterfactual`"))
-    assert mentioned, "the README's command-line section mentions no options"
-    assert mentioned - options - other_tools == set(), f"README mentions unknown CLI options: {sorted(mentioned - options)}"
+    return {flag for action in build_parser()._actions for flag in action.option_strings}
+
+
+OTHER_TOOLS_FLAGS = {"--include", "--local-dir"}  # huggingface-cli, quoted in the weights instructions
+
+
+def test_cli_doc_documents_exactly_the_cli_options():
+    options = _cli_options()
+    mentioned = _flags((ROOT / "docs" / "cli.md").read_text())
+    assert mentioned, "docs/cli.md mentions no options"
+    assert mentioned - options - OTHER_TOOLS_FLAGS == set(), f"docs/cli.md mentions unknown CLI options: {sorted(mentioned - options)}"
     undocumented = {o for o in options if o.startswith("--")} - mentioned
-    assert undocumented == set(), f"README's command-line section does not document: {sorted(undocumented)}"
+    assert undocumented == set(), f"docs/cli.md does not document: {sorted(undocumented)}"
 
 
-def test_readme_benchmark_options_exist():
+def test_readme_mentions_only_existing_cli_options():
+    mentioned = _flags((ROOT / "README.md").read_text())
+    unknown = mentioned - _cli_options() - OTHER_TOOLS_FLAGS
+    assert unknown == set(), f"README mentions unknown CLI options: {sorted(unknown)}"
+
+
+def test_benchmark_doc_options_exist():
     options = set()
     for script in ("benchmark.py", "memory_model.py", "comfy_benchmark.py"):
         tree = ast.parse((ROOT / "benchmarks" / script).read_text())
@@ -134,5 +161,66 @@ def test_readme_benchmark_options_exist():
                  for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value).startswith("--")}
         assert found, f"no add_argument options found in benchmarks/{script}"
         options |= found
-    mentioned = _flags(_readme_section("### Benchmark")) - {"--no-deps"}  # pip's, for carrying the wheel
-    assert mentioned - options == set(), f"README mentions unknown benchmark options: {sorted(mentioned - options)}"
+    mentioned = _flags((ROOT / "docs" / "benchmark.md").read_text()) - {"--no-deps"}  # pip's, for carrying the wheel
+    assert mentioned, "docs/benchmark.md mentions no options"
+    assert mentioned - options == set(), f"docs/benchmark.md mentions unknown benchmark options: {sorted(mentioned - options)}"
+
+
+def test_readme_is_at_most_15_kib():
+    size = len((ROOT / "README.md").read_bytes())
+    assert size <= README_MAX_BYTES, (
+        f"README.md is {size} bytes, over {README_MAX_BYTES}: it is for node users; move detail into docs/")
+
+
+def _documentation_files() -> list[Path]:
+    files = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(files) > 2, "no docs/*.md found"
+    return files
+
+
+def _outside_code(text: str) -> str:
+    """Markdown text without fenced code blocks and inline code spans."""
+    kept, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            kept.append(re.sub(r"`[^`]*`", "", line))
+    return "\n".join(kept)
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown file: lower case, punctuation other than "-" and
+    "_" dropped, spaces as "-", a repeated anchor numbered -1, -2, ..."""
+    anchors, fenced = set(), False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        heading = re.match(r"#{1,6} (.*)", line)
+        if fenced or not heading:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in anchors:
+            n += 1
+            anchor = f"{slug}-{n}"
+        anchors.add(anchor)
+    return anchors
+
+
+def test_documentation_links_point_to_existing_files_and_headings():
+    broken = []
+    for doc in _documentation_files():
+        text = _outside_code(doc.read_text())  # a link whose text is code keeps its target: [](target)
+        for target in re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:, ...: not checked here
+                continue
+            path_part, _, anchor = target.partition("#")
+            linked = (doc.parent / path_part).resolve() if path_part else doc
+            where = f"{doc.relative_to(ROOT)}: ({target})"
+            if not linked.exists():
+                broken.append(f"{where}: no such file")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+                broken.append(f"{where}: {linked.name} has no heading with anchor #{anchor}")
+    assert broken == [], "broken links:\n" + "\n".join(broken)
