@@ -220,8 +220,9 @@ def vlm_and_graph(canvas: Canvas, factual: Factual) -> Understanding:
     """Column 1: the VLM endpoint and the concept extractor with its graph preview."""
     vlm = canvas.add("CSGOpenAIVLM", (COLUMN, 0), title="VLM (OpenAI-compatible server)",
                      base_url="http://127.0.0.1:11434/v1", model="qwen2.5vl:7b")
-    extractor = canvas.add("CSGConceptExtractor", (COLUMN, 250), vlm=vlm.out("vlm"), image=factual.scaled.out("IMAGE"))
-    graph = canvas.add("PreviewImage", (COLUMN, 560), title="Causal graph", size=(320, 340),
+    extractor = canvas.add("CSGConceptExtractor", (COLUMN, 250), size=(320, 500), vlm=vlm.out("vlm"),
+                           image=factual.scaled.out("IMAGE"))  # tall enough for the graph drawn in it
+    graph = canvas.add("PreviewImage", (COLUMN, 788), title="Causal graph", size=(320, 340),
                        images=extractor.out("preview"))
     canvas.group("1. Extract (VLM)", [vlm, extractor, graph], GROUP_COLORS["understanding"])
     return Understanding(vlm, extractor)
@@ -323,13 +324,13 @@ def build_counterfactual(canvas: Canvas) -> None:
 def build_manual_intervention(canvas: Canvas) -> None:
     factual = factual_image_and_model(canvas)
     understanding = vlm_and_graph(canvas, factual)
-    manual = canvas.add("CSGManualIntervention", (2 * COLUMN, 0), title="do(target = new value)",
+    manual = canvas.add("CSGManualIntervention", (2 * COLUMN, 0), title="do(target = new value)", size=(320, 548),
                         causal_graph=understanding.extractor.out("causal_graph"), target="age", new_value="old",
                         vlm=understanding.vlm.out("vlm"), image=factual.scaled.out("IMAGE"),
                         base_prompt=understanding.extractor.out("base_prompt"))
-    report = canvas.add("PreviewAny", (2 * COLUMN, 420), title="What changes (and what was stripped)", size=(320, 260),
+    report = canvas.add("PreviewAny", (2 * COLUMN, 644), title="What changes (and what was stripped)", size=(320, 260),
                         source=manual.out("report"))
-    marked = canvas.add("PreviewImage", (2 * COLUMN, 720), title="Target and descendants", size=(320, 340),
+    marked = canvas.add("PreviewImage", (2 * COLUMN, 944), title="Target and descendants", size=(320, 340),
                         images=manual.out("preview"))
     canvas.group("2. Manipulate: do(X = x)", [manual, report, marked], GROUP_COLORS["understanding"])
     edited = invert_and_edit(canvas, factual, understanding.extractor.out("base_prompt"),
@@ -405,12 +406,12 @@ masks and no causal graph, so they tend to change non-descendants (background, i
 
 def build_hand_written_graph(canvas: Canvas) -> None:
     factual = factual_image_and_model(canvas)
-    graph = canvas.add("CSGCausalGraphFromJSON", (COLUMN, 0), title="Causal graph (JSON, edit freely)", size=(320, 420))
-    drawn = canvas.add("PreviewImage", (COLUMN, 460), title="Causal graph", size=(320, 340),
+    graph = canvas.add("CSGCausalGraphFromJSON", (COLUMN, 0), title="Causal graph (JSON, edit freely)", size=(320, 456))
+    drawn = canvas.add("PreviewImage", (COLUMN, 496), title="Causal graph", size=(320, 340),
                        images=graph.out("preview"))
     intervention = canvas.add("CSGInterventionFromJSON", (2 * COLUMN, 0), title="Intervention (JSON, edit freely)",
-                              size=(320, 420), causal_graph=graph.out("causal_graph"))
-    report = canvas.add("PreviewAny", (2 * COLUMN, 460), title="What changes (and what was stripped)", size=(320, 260),
+                              size=(320, 456), causal_graph=graph.out("causal_graph"))
+    report = canvas.add("PreviewAny", (2 * COLUMN, 496), title="What changes (and what was stripped)", size=(320, 260),
                         source=intervention.out("report"))
     canvas.group("1-2. Graph and do(X = x), by hand", [graph, drawn, intervention, report],
                  GROUP_COLORS["understanding"])
