@@ -1,0 +1,122 @@
+"""``csg-evaluate`` end to end on the CPU: three datasets in their real layouts, the tiny random
+SDXL, random-weight LPIPS files and a 127.0.0.1 OpenAI-compatible VLM as extractor, manipulator
+and judge; the results file, the table and the HTML report."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from csg.evaluate import main
+from csg.evaluation.datasets import DatasetSpec, load_items, sample_items
+from csg.evaluation.results import load_results
+from tests.evaluation_fixtures import (evaluation_server, write_celebahq_dataset, write_coco_dataset,
+                                       write_folder_dataset)
+from tests.test_cli import no_local_models, sdxl_folder  # noqa: F401 (fixtures)
+from tests.test_metrics import random_parts, weight_files  # noqa: F401 (fixtures)
+
+FAST = ["--steps", "4", "--warmup", "1", "--max-side", "64", "--device", "cpu", "--dtype", "float32",
+        "--vlm-concurrency", "3"]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return [f"faces=celebahq:{write_celebahq_dataset(root / 'celeba')}",
+            f"coco=coco:{write_coco_dataset(root / 'coco')}",
+            f"mine=folder:{write_folder_dataset(root / 'mine')}"]
+
+
+def command(datasets, out, server, sdxl, weights, *extra):
+    return [*(a for d in datasets for a in ("--dataset", d)), "--out", str(out), "--vlm-url", server.base_url,
+            "--vlm-name", "test-vlm", "--api-key-env", "EVAL_TEST_KEY", "--sdxl", str(sdxl),
+            "--lpips-vgg", str(weights[0]), "--lpips-heads", str(weights[1]), *FAST, *extra]
+
+
+def test_three_layouts_end_to_end(datasets, sdxl_folder, weight_files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EVAL_TEST_KEY", "sk-secret-never-written")
+    out = tmp_path / "eval"
+    with evaluation_server() as server:
+        code = main(command(datasets, out, server, sdxl_folder, weight_files))
+        requests = list(server.requests)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert all(r.headers.get("Authorization") == "Bearer sk-secret-never-written" for r in requests)
+    loaded = load_results(out)
+    assert loaded.torn == []
+    ids = sorted(r["item_id"] for r in loaded.records)
+    assert ids == ["coco/100", "coco/101", "coco/102", "faces/0", "faces/1", "faces/2",
+                   "mine/img0", "mine/img1", "mine/img2"]
+    by_id = {r["item_id"]: r for r in loaded.records}
+    assert by_id["coco/101"]["caption"] == "a photo of a scene 1"  # the lowest annotation id, stripped
+    assert by_id["faces/2"]["caption"] == "This woman has smile number 2."
+    hand = by_id["mine/img0"]  # hand-written graph and intervention: one intervention, no VLM plan
+    assert [i["id"] for i in hand["interventions"]] == ["i1"] and hand["graph"]["concepts"][0]["name"] == "age"
+    for record in loaded.records:
+        assert set(record["methods"]) == {"csg", "ddpm", "ddim"}
+        assert record["settings"]["versions"]["torch"] and record["settings"]["params"]["num_steps"] == 4
+        assert record["settings"]["models"]["vlm"] == "test-vlm"
+        for method, entries in record["methods"].items():
+            assert len(entries) == len(record["interventions"])
+            for entry in entries:
+                assert 0 <= entry["vlm_effectiveness"] <= 1 and entry["lpips"] > 0, entry
+                assert (out / entry["image"]).is_file()
+                assert entry["masked_lpips"] is not None and entry["masked_lpips"] >= 0
+                assert entry["judgement"]["concept_checks"]
+    # The judge says "no" to values with a "y", so for the hand-written item: old woman yes, gray hair no,
+    # wrinkled skin yes; and the three non-descendants (expression, outfit, background) kept their values.
+    csg_entry = hand["methods"]["csg"][0]
+    assert csg_entry["vlm_effectiveness"] == pytest.approx(2 / 3)
+    assert csg_entry["causal_consistency"] == 0.5
+    assert len(csg_entry["preservation_judgement"]["concept_checks"]) == 3 and csg_entry["preservation"] == 1.0
+    # Table 1: per dataset and average, per method, with CIs and n; the report embeds every image.
+    table = (out / "table.md").read_text()
+    for text in ("CSG (Ours)", "DDPM Inversion", "DDIM Inversion", "faces VLM-Eff.", "Average LPIPS", "(n=9)"):
+        assert text in table, text
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    average = {(r["method"], r["metric"]): r for r in rows if r["dataset"] == "Average"}
+    assert float(average[("CSG (Ours)", "lpips")]["ci_low"]) <= float(average[("CSG (Ours)", "lpips")]["mean"])
+    assert float(average[("CSG (Ours)", "lpips")]["mean"]) <= float(average[("CSG (Ours)", "lpips")]["ci_high"])
+    report = (out / "report.html").read_text()
+    # per intervention, side by side: original, three counterfactuals, the edited region, the graph
+    assert report.count("data:image/png;base64,") == sum(len(r["interventions"]) * 6 for r in loaded.records)
+    assert "http" not in report.replace("http-equiv", "")
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".jsonl", ".md", ".csv", ".html"):
+            assert "sk-secret" not in path.read_text()
+    assert "sk-secret" not in err
+    assert "ETA" in err, err
+    # A rerun with the same settings does nothing; one with other settings is refused, naming the change.
+    with evaluation_server() as server:
+        assert main(command(datasets, out, server, sdxl_folder, weight_files)) == 0
+        assert server.requests == []
+        assert main(command(datasets, out, server, sdxl_folder, weight_files, "--scale", "5")) == 2
+    err = capsys.readouterr().err
+    assert "params.scale (8.0 -> 5.0)" in err and "--allow-mixed-settings" in err
+
+
+def test_layouts_and_seeded_sampling(tmp_path):
+    csv_path = write_folder_dataset(tmp_path / "csv", n=5, fmt="csv")
+    items = load_items(DatasetSpec.parse(f"c=folder:{csv_path}"))
+    assert [i.id for i in items] == [f"c/img{k}" for k in range(5)]
+    assert items[0].graph == csv_path.parent / "graph.json" and items[1].graph is None
+    first = sample_items(items, 3, seed=7)
+    assert first == sample_items(list(reversed(items)), 3, seed=7)  # the same draw whatever the order read
+    assert len(set(first)) == 3 and sample_items(items, 3, seed=8) != first
+    assert sample_items(items, 10, seed=7) == items
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("nokind", "NAME=KIND:PATH"), ("x=imagenet:/a", "unknown kind"), ("a/b=coco:/a", "may not contain"),
+])
+def test_bad_dataset_options_say_how_to_write_them(text, fragment):
+    with pytest.raises(Exception, match=fragment):
+        DatasetSpec.parse(text)
+
+
+def test_missing_image_names_the_file_and_the_fix(tmp_path):
+    path = write_folder_dataset(tmp_path, n=2, hand_written=False)
+    (tmp_path / "img1.png").unlink()
+    with pytest.raises(Exception, match=r"img1.png does not exist.*@IMAGES"):
+        load_items(DatasetSpec.parse(f"d=folder:{path}"))
