@@ -121,7 +121,11 @@ def run(args: argparse.Namespace) -> int:
     if "csg" in methods:
         params.check_guidance(params.num_steps)
     items = select([DatasetSpec.parse(d) for d in args.dataset], args.per_dataset, args.seed)
-    state = PartialState()
+    import torch
+
+    # On a machine without CUDA, accelerate's launcher (torchrun underneath) starts the processes, and
+    # cpu=True makes them one gloo group; without it each would think it runs alone.
+    state = PartialState(cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()))
     rank, world = state.process_index, state.num_processes
     device, dtype = resolve_device(str(state.device) if args.device == "auto" else args.device, args.dtype)
     lpips = load_lpips_vgg(args.lpips_vgg, args.lpips_heads, device=device)

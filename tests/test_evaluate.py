@@ -3,7 +3,11 @@ SDXL, random-weight LPIPS files and a 127.0.0.1 OpenAI-compatible VLM as extract
 and judge; the results file, the table and the HTML report."""
 
 import csv
-import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,8 @@ from tests.evaluation_fixtures import (evaluation_server, write_celebahq_dataset
 from tests.test_cli import no_local_models, sdxl_folder  # noqa: F401 (fixtures)
 from tests.test_metrics import random_parts, weight_files  # noqa: F401 (fixtures)
 
+ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "4", "--warmup", "1", "--max-side", "64", "--device", "cpu", "--dtype", "float32",
         "--vlm-concurrency", "3"]
 
@@ -120,3 +126,70 @@ def test_missing_image_names_the_file_and_the_fix(tmp_path):
     (tmp_path / "img1.png").unlink()
     with pytest.raises(Exception, match=r"img1.png does not exist.*@IMAGES"):
         load_items(DatasetSpec.parse(f"d=folder:{path}"))
+
+
+# -- crashes and reruns ------------------------------------------------------------------------------
+
+def evaluate_process(args, env_key="sk-secret-never-written", launcher=()):
+    env = {**os.environ, "EVAL_TEST_KEY": env_key, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([*launcher, *(["-m", "csg.evaluate"] if launcher else [sys.executable, "-m", "csg.evaluate"]),
+                             *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished_ids(out):
+    return sorted(r["item_id"] for r in load_results(out).records if "error" not in r)
+
+
+def test_sigkill_after_the_first_item_loses_nothing_finished(datasets, sdxl_folder, weight_files, tmp_path):
+    out = tmp_path / "eval"
+    with evaluation_server() as server:
+        args = command(datasets[:2], out, server, sdxl_folder, weight_files, "--methods", "csg,ddpm")
+        process = evaluate_process(args)
+        results = out / "results.0.jsonl"
+        deadline = time.monotonic() + 240
+        while not (results.exists() and results.read_bytes().count(b"\n") >= 1):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no item finished in time"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        before = finished_ids(out)
+        assert 1 <= len(before) < 6
+        # A torn last line, as a kill in the middle of a write would leave one, is reported and redone.
+        with results.open("ab") as handle:
+            handle.write(b'{"item_id": "coco/999", "dataset": "co')
+        process = evaluate_process(args)
+        _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert "unreadable lines in the results" in err and "results.0.jsonl:" in err
+    assert f"{len(before)} already done" in err
+    ids = [r["item_id"] for r in load_results(out).records]
+    assert sorted(ids) == sorted(set(ids)) == ["coco/100", "coco/101", "coco/102", "faces/0", "faces/1", "faces/2"]
+    assert load_results(out).torn == ["results.0.jsonl:2"]  # the torn text stays on a line of its own
+
+
+def test_accelerate_shards_items_and_a_rerun_with_more_processes_does_nothing(datasets, sdxl_folder, weight_files,
+                                                                              tmp_path):
+    out = tmp_path / "eval"
+    # accelerate's --cpu flag starts ONE process (several need MPI); its torchrun launcher starts n, and
+    # csg.evaluate joins them into one gloo group when there is no CUDA.
+    launch = lambda n: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),  # noqa: E731
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    with evaluation_server() as server:
+        args = command(datasets, out, server, sdxl_folder, weight_files, "--methods", "csg", "--per-dataset", "2")
+        process = evaluate_process(args, launcher=launch(2))
+        _, err = process.communicate(timeout=400)
+        assert process.returncode == 0, err
+        records = load_results(out).records
+        assert {r["rank"] for r in records} == {0, 1}
+        assert sorted(p.name for p in out.glob("results.*.jsonl")) == ["results.0.jsonl", "results.1.jsonl"]
+        ids = [r["item_id"] for r in records]
+        assert len(ids) == len(set(ids)) == 6
+        assert (out / "report.html").is_file() and all(i in (out / "report.html").read_text() for i in ids)
+        planned = len(server.requests)
+        process = evaluate_process(args, launcher=launch(3))
+        _, err = process.communicate(timeout=400)
+        assert process.returncode == 0, err
+        assert len(server.requests) == planned  # no new work
+    assert err.count("6 already done, 0 for this process") == 3
+    assert [r["item_id"] for r in load_results(out).records] == ids
