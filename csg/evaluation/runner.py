@@ -78,10 +78,12 @@ class Progress:
     def __init__(self, total: int, rank: int):
         self.total, self.rank = total, rank
         self.done, self.started = 0, time.monotonic()
+        self.finish_times: list[float] = []  # time.monotonic() of each finished item
 
     def item(self, item_id: str, timings: dict[str, float], failed: str | None = None) -> None:
         self.done += 1
-        elapsed = time.monotonic() - self.started
+        self.finish_times.append(time.monotonic())
+        elapsed = self.finish_times[-1] - self.started
         per_item = elapsed / self.done
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
         bar = "#" * (20 * self.done // max(self.total, 1))
@@ -137,7 +139,7 @@ class Runner:
 
     def run(self, items: Sequence[Item]) -> int:
         """Evaluate ``items``; returns how many failed (their lines carry the error, and a rerun retries them)."""
-        progress = Progress(len(items), self.rank)
+        progress = self.progress = Progress(len(items), self.rank)
         failed = 0
         with ThreadPoolExecutor(max_workers=self.vlm_concurrency, thread_name_prefix="csg-vlm") as pool:
             plans: deque[tuple[Item, Future]] = deque()
