@@ -18,28 +18,30 @@ among those not yet finished in ANY results file, and appends to its own ``resul
 from __future__ import annotations
 
 import re
-import sys
-import time
 import hashlib
+import sys
+import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
 
 from ..counterfactual import CSGParams, baseline_counterfactuals, counterfactuals, load_image
 from ..graph import CausalGraph, Intervention, check_intervention
-from ..metrics import (LPIPS, causal_consistency_score, effectiveness_score, lpips_distance, masked_lpips_distance,
-                       preservation_score)
+from ..metrics import LPIPS
 from ..render import render_graph
 from .datasets import Item
 from .results import ResultsWriter
+from .scoring import edit_region, image_scores, judge_scores
 
 METHODS = ("csg", "ddpm", "ddim")
+MAX_ITEMS_JUDGED = 2  # edited items waiting for the judge; a crash loses at most these and the one being edited
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,10 @@ class Edited:
 
     item: Item
     record: dict
-    judgements: list[tuple[dict, Intervention, Future]]  # (its entry in the record, intervention, judge's answer)
+    judgements: list[tuple[dict, Future]]  # (its entry in the record, the judge's answer)
     started: float
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float]
+    remaining: int  # judge answers still to come
 
 
 def safe_name(text: str) -> str:
@@ -139,12 +142,14 @@ class Runner:
 
     def run(self, items: Sequence[Item]) -> int:
         """Evaluate ``items``; returns how many failed (their lines carry the error, and a rerun retries them)."""
-        progress = self.progress = Progress(len(items), self.rank)
+        self.progress = Progress(len(items), self.rank)
+        self._lock = threading.Lock()
+        self._judging = threading.Semaphore(MAX_ITEMS_JUDGED)
+        self._write_errors: list[BaseException] = []
         failed = 0
         with ThreadPoolExecutor(max_workers=self.vlm_concurrency, thread_name_prefix="csg-vlm") as pool:
             plans: deque[tuple[Item, Future]] = deque()
             queue = deque(items)
-            edited: deque[Edited] = deque()
 
             def refill() -> None:
                 while queue and len(plans) < self.vlm_concurrency:
@@ -153,24 +158,28 @@ class Runner:
 
             refill()
             while plans:
+                self._raise_write_error()
                 item, future = plans.popleft()
                 started = time.monotonic()
+                self._judging.acquire()  # released when the item's line is written
                 try:
                     plan = future.result()
                     waited = time.monotonic() - started
                     refill()
-                    edited.append(self.edit(pool, item, plan, waited))
+                    self.edit(pool, item, plan, waited)
                 except Exception as exc:  # one bad item must not end a run of hundreds: record it, go on
+                    self._judging.release()
                     refill()
                     failed += 1
-                    self.writer.append(self.base_record(item) | {"error": f"{type(exc).__name__}: {exc}"})
-                    progress.item(item.id, {}, failed=f"{type(exc).__name__}: {exc}")
-                # Finish what the judge has answered; keep at most two items waiting for it.
-                while edited and (len(edited) > 2 or all(f.done() for _, _, f in edited[0].judgements)):
-                    self.finish(edited.popleft(), progress)
-            while edited:
-                self.finish(edited.popleft(), progress)
+                    with self._lock:
+                        self.writer.append(self.base_record(item) | {"error": f"{type(exc).__name__}: {exc}"})
+                        self.progress.item(item.id, {}, failed=f"{type(exc).__name__}: {exc}")
+        self._raise_write_error()
         return failed
+
+    def _raise_write_error(self) -> None:
+        if self._write_errors:
+            raise self._write_errors[0]
 
     def base_record(self, item: Item) -> dict:
         return {"item_id": item.id, "dataset": item.dataset, "image": str(item.image), "caption": item.caption,
@@ -202,62 +211,54 @@ class Runner:
             "graph": plan.graph.to_dict(), "source_prompt": plan.source_prompt,
             "interventions": [i.to_dict() for i in plan.interventions],
             "files": {"original": rel(folder / "original.png"), "graphs": [], "masks": []}, "methods": {}}
-        unions = []
+        regions = []
         for k, intervention in enumerate(plan.interventions):
             graph_png = folder / f"graph_{k + 1}.png"
             render_graph(plan.graph, intervention).save(graph_png)
             record["files"]["graphs"].append(rel(graph_png))
-            union = None
-            if "csg" in outputs:
-                masks = list(outputs["csg"][k].masks.values())
-                union = torch.stack(masks).amax(dim=0) if masks else None
-                if union is not None:
-                    mask_png = folder / f"mask_{k + 1}.png"
-                    pixels = (union.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-                    Image.fromarray(pixels).resize(source.size, Image.Resampling.NEAREST).save(mask_png)
-                    record["files"]["masks"].append(rel(mask_png))
-            unions.append(union)
+            region = edit_region(outputs["csg"][k].masks, source.size) if "csg" in outputs else None
+            if region is not None:
+                mask_png = folder / f"mask_{k + 1}.png"
+                Image.fromarray((region * 255).round().to(torch.uint8).cpu().numpy()).save(mask_png)
+                record["files"]["masks"].append(rel(mask_png))
+            regions.append(region)
         judgements = []
         for method, results in outputs.items():
             entries = record["methods"][method] = []
             for k, (intervention, result) in enumerate(zip(plan.interventions, results)):
                 path = folder / f"{method}_{k + 1}.png"
                 result.image.save(path)
-                mask = None if unions[k] is None else torch.nn.functional.interpolate(
-                    unions[k][None, None].float(), size=source.size[::-1], mode="nearest")[0, 0]
                 entry = {"intervention_id": intervention.id, "image": rel(path),
-                         "lpips": float(lpips_distance(self.lpips, source, result.image)[0]),
-                         "masked_lpips": None if mask is None else masked_lpips_distance(self.lpips, source,
-                                                                                          result.image, mask)}
+                         **image_scores(self.lpips, source, result.image, regions[k])}
                 entries.append(entry)
-                judgements.append((entry, intervention, pool.submit(self.judge, result.image, intervention, plan.graph)))
+                judgements.append((entry, pool.submit(judge_scores, self.vlm, result.image, intervention, plan.graph)))
         timings["metrics"] = time.monotonic() - t0
-        return Edited(item, record, judgements, started, timings)
+        edited = Edited(item, record, judgements, started, timings, remaining=len(judgements))
+        for _, future in judgements:
+            future.add_done_callback(lambda _, edited=edited: self.judged(edited))
 
-    def judge(self, image: Image.Image, intervention: Intervention, graph: CausalGraph) -> dict:
-        """Both questions of the judge about one counterfactual, and the scores they give."""
-        from ..vlm import judge_counterfactual, judge_preservation
+    def judged(self, edited: Edited) -> None:
+        """A judge thread's answer arrived; the last one of an item writes the item's line."""
+        with self._lock:
+            edited.remaining -= 1
+            if edited.remaining:
+                return
+            try:
+                self.finish(edited)
+            except BaseException as exc:  # a callback's exception would vanish; the main thread raises it
+                self._write_errors.append(exc)
+            finally:
+                self._judging.release()
 
-        t0 = time.monotonic()
-        effect = judge_counterfactual(self.vlm, image, intervention, graph)
-        kept = judge_preservation(self.vlm, image, intervention, graph)
-        is_target = [c.is_target for c in intervention.edit_concepts(graph)]
-        return {"vlm_effectiveness": effectiveness_score(effect), "verdict": effect.verdict,
-                "causal_consistency": causal_consistency_score(effect, is_target),
-                "preservation": None if kept is None else preservation_score(kept),
-                "judgement": effect.to_dict(), "preservation_judgement": None if kept is None else kept.to_dict(),
-                "judge_seconds": time.monotonic() - t0}
-
-    def finish(self, edited: Edited, progress: Progress) -> None:
-        t0 = time.monotonic()
-        for entry, _, future in edited.judgements:
+    def finish(self, edited: Edited) -> None:
+        """Scores from the judge into the record, then the record's line (called under the lock)."""
+        for entry, future in edited.judgements:
             try:
                 entry.update(future.result())
             except Exception as exc:  # the judge gave up on this image: the scores stay empty, the reason is kept
                 entry.update({"vlm_effectiveness": None, "verdict": None, "causal_consistency": None,
                               "preservation": None, "judge_error": f"{type(exc).__name__}: {exc}"})
-        edited.timings["wait for judge"] = time.monotonic() - t0
-        edited.timings["total"] = time.monotonic() - edited.started
+        edited.timings["until written"] = time.monotonic() - edited.started
         edited.record["timings"] = edited.timings
         self.writer.append(edited.record)
-        progress.item(edited.item.id, edited.timings)
+        self.progress.item(edited.item.id, edited.timings)

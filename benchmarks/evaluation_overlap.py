@@ -1,0 +1,98 @@
+"""Does csg-evaluate overlap the VLM with SDXL? Tiny random SDXL on the CPU, a 127.0.0.1 VLM that
+answers every request after a fixed delay.
+
+    python benchmarks/evaluation_overlap.py [--items 8] [--concurrency 4] [--steps 8]
+
+1. SDXL time per item: the runner with a VLM that answers at once (its per-item edit and metric time).
+2. The VLM delay is then set so one item's VLM work (its plan, then its judgements, through a pool of
+   ``--concurrency`` threads) takes about as long as its SDXL work: the hardest case to overlap.
+   VLM time per item is measured alone: that same VLM work for one item, no SDXL.
+3. The pipelined run: steady-state wall time per item (between the first and the last finished item).
+   Target: at most 1.15 x max(VLM time, SDXL time); without the overlap it would be their sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from csg.counterfactual import CSGParams, load_image  # noqa: E402
+from csg.diffusers_host import DiffusersSDXLHost  # noqa: E402
+from csg.evaluation.datasets import DatasetSpec, select  # noqa: E402
+from csg.evaluation.results import ResultsWriter, results_path  # noqa: E402
+from csg.evaluation.runner import Runner, plan_item  # noqa: E402
+from csg.evaluation.scoring import judge_scores  # noqa: E402
+from csg.metrics import LPIPS, lpips_heads, vgg16_features  # noqa: E402
+from csg.random_sdxl import build_sdxl_components  # noqa: E402
+from csg.vlm import OpenAICompatibleVLM  # noqa: E402
+from tests.evaluation_fixtures import evaluation_server, write_folder_dataset  # noqa: E402
+
+METHODS = ("csg", "ddpm", "ddim")
+
+
+def run_items(host, lpips, params, items, server, out: Path, concurrency: int) -> Runner:
+    vlm = OpenAICompatibleVLM(server.base_url, "bench-vlm", backoff=0.01)
+    with ResultsWriter(results_path(out, 0)) as writer:
+        runner = Runner(host, vlm, lpips, params, METHODS, 7.5, out, writer, {}, "bench", 0, concurrency)
+        runner.run(items)
+    return runner
+
+
+def vlm_alone(item, server, concurrency: int, counterfactuals: int) -> float:
+    """One item's VLM work with no SDXL: its plan, then a judgement pair per counterfactual."""
+    vlm = OpenAICompatibleVLM(server.base_url, "bench-vlm", backoff=0.01)
+    image = load_image(item.image)
+    started = time.monotonic()
+    plan = plan_item(vlm, item)
+    with ThreadPoolExecutor(concurrency) as pool:
+        jobs = [pool.submit(judge_scores, vlm, image, plan.interventions[k % len(plan.interventions)], plan.graph)
+                for k in range(counterfactuals)]
+        [job.result() for job in jobs]
+    return time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="csg-overlap-"))
+    items = select([DatasetSpec.parse(f"bench=folder:{write_folder_dataset(root / 'data', args.items, hand_written=False)}")],
+                   None, 0)
+    host = DiffusersSDXLHost.from_components(build_sdxl_components("tiny", seed=0))
+    lpips = LPIPS(vgg16_features(), lpips_heads())
+    params = CSGParams(num_steps=args.steps, warmup=1, max_side=64)
+
+    with evaluation_server(delay=0.0) as server:
+        run_items(host, lpips, params, items, server, root / "fast", args.concurrency)
+    records = (root / "fast" / "results.0.jsonl").read_text().splitlines()
+    timings = [json.loads(r)["timings"] for r in records]
+    sdxl = sum(sum(t[m] for m in (*METHODS, "metrics")) for t in timings) / len(timings)
+    counterfactuals = len(json.loads(records[0])["interventions"]) * len(METHODS)
+    calls = 2 + -(-2 * counterfactuals // args.concurrency)  # plan (2 serial calls), then the judge rounds
+    delay = sdxl / calls
+    with evaluation_server(delay=delay) as server:
+        vlm = vlm_alone(items[0], server, args.concurrency, counterfactuals)
+        runner = run_items(host, lpips, params, items, server, root / "overlap", args.concurrency)
+    times = runner.progress.finish_times
+    per_item = (times[-1] - times[0]) / (len(times) - 1)
+    whole = (times[-1] - runner.progress.started) / len(times)
+    bound = max(vlm, sdxl)
+    print(f"items {len(items)}, VLM delay {delay * 1000:.0f} ms/request, concurrency {args.concurrency}")
+    print(f"SDXL time per item  {sdxl:.2f} s   (edits {', '.join(METHODS)} + metrics)")
+    print(f"VLM time per item   {vlm:.2f} s   (alone: plan + {2 * counterfactuals} judge calls)")
+    print(f"pipelined per item  {per_item:.2f} s steady state ({per_item / bound:.2f} x max), "
+          f"{whole:.2f} s with pipeline fill ({whole / bound:.2f} x max); the sum would be {sdxl + vlm:.2f} s")
+    print("PASS" if per_item <= 1.15 * bound else "FAIL", "(target: steady state <= 1.15 x max)")
+
+
+if __name__ == "__main__":
+    main()
