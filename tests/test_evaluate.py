@@ -3,6 +3,7 @@ SDXL, random-weight LPIPS files and a 127.0.0.1 OpenAI-compatible VLM as extract
 and judge; the results file, the table and the HTML report."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -193,3 +194,33 @@ def test_accelerate_shards_items_and_a_rerun_with_more_processes_does_nothing(da
         assert len(server.requests) == planned  # no new work
     assert err.count("6 already done, 0 for this process") == 3
     assert [r["item_id"] for r in load_results(out).records] == ids
+
+
+# -- the single-image CLI: --metrics and step progress -------------------------------------------------
+
+@pytest.mark.parametrize("method", ["csg", "ddpm"])
+def test_cli_metrics_and_step_progress(method, sdxl_folder, weight_files, tmp_path, capsys):
+    from csg.cli import main as cli_main
+    from tests.evaluation_fixtures import EXAMPLES
+
+    out = tmp_path / "out"
+    with evaluation_server() as server:
+        code = cli_main([str(EXAMPLES / "portrait.png"), "--graph-json", str(EXAMPLES / "portrait_graph.json"),
+                         "--intervention-json", str(EXAMPLES / "portrait_intervention.json"), "--sdxl", str(sdxl_folder),
+                         "--out", str(out), "--method", method, "--metrics", "--lpips-vgg", str(weight_files[0]),
+                         "--lpips-heads", str(weight_files[1]), "--vlm-url", server.base_url, "--vlm-name", "judge",
+                         "--steps", "6", "--warmup", "2", "--max-side", "64", "--device", "cpu", "--dtype", "float32"])
+        requests = list(server.requests)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert requests and all("<checklist>" in r.text() for r in requests)  # a hand-written plan: only the judge asks
+    edit = "edit" if method == "csg" else "sampling 1/1"
+    for phase in ("inversion", edit):
+        assert f"{phase}: step 6/6" in captured.err and f"{phase}: step 3/6" in captured.err
+    assert "ETA" in captured.err
+    [entry] = json.loads((out / "report.json").read_text())["interventions"]
+    scores = entry["metrics"]
+    assert scores["vlm_effectiveness"] == pytest.approx(2 / 3) and scores["causal_consistency"] == 0.5
+    assert scores["preservation"] == 1.0 and scores["lpips"] > 0
+    assert (scores["masked_lpips"] is not None) == (method == "csg")
+    assert "i1: vlm_effectiveness 0.667" in captured.out
