@@ -122,6 +122,15 @@ def test_bad_dataset_options_say_how_to_write_them(text, fragment):
         DatasetSpec.parse(text)
 
 
+def test_interventions_without_their_graph_are_refused_when_the_dataset_loads(tmp_path):
+    path = write_folder_dataset(tmp_path, n=2)
+    records = json.loads(path.read_text())
+    records[0]["graph"] = ""
+    path.write_text(json.dumps(records))
+    with pytest.raises(Exception, match="record 1: hand-written interventions need the graph"):
+        load_items(DatasetSpec.parse(f"d=folder:{path}"))
+
+
 def test_missing_image_names_the_file_and_the_fix(tmp_path):
     path = write_folder_dataset(tmp_path, n=2, hand_written=False)
     (tmp_path / "img1.png").unlink()

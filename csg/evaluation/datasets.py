@@ -117,6 +117,9 @@ def _folder_items(spec: DatasetSpec) -> list[Item]:
     for k, record in enumerate(_folder_records(spec.path)):
         where = f"{spec.path}, record {k + 1}"
         optional = {key: spec.path.parent / record[key] for key in ("graph", "interventions") if record.get(key)}
+        if "interventions" in optional and "graph" not in optional:
+            raise InputError(f"{where}: hand-written interventions need the graph whose concept ids they use; "
+                             "give its file in the graph column too.")
         image = _existing_image(images / str(record["image"]), where)
         items.append(Item(f"{spec.name}/{Path(str(record['image'])).stem}", spec.name, image, str(record["caption"]),
                           **optional))
