@@ -142,7 +142,7 @@ class Runner:
         self._lock = threading.Lock()
         self._judging = threading.Semaphore(MAX_ITEMS_JUDGED)
         self._write_errors: list[BaseException] = []
-        failed = 0
+        self._failed = 0
         with ThreadPoolExecutor(max_workers=self.vlm_concurrency, thread_name_prefix="csg-vlm") as pool:
             plans: deque[tuple[Item, Future]] = deque()
             queue = deque(items)
@@ -153,25 +153,33 @@ class Runner:
                     plans.append((item, pool.submit(plan_item, self.vlm, item)))
 
             refill()
-            while plans:
-                self._raise_write_error()
-                item, future = plans.popleft()
-                started = time.monotonic()
-                self._judging.acquire()  # released when the item's line is written
-                try:
-                    plan = future.result()
-                    waited = time.monotonic() - started
-                    refill()
-                    self.edit(pool, item, plan, waited)
-                except Exception as exc:  # one bad item must not end a run of hundreds: record it, go on
-                    self._judging.release()
-                    refill()
-                    failed += 1
-                    with self._lock:
-                        self.writer.append(self.base_record(item) | {"error": f"{type(exc).__name__}: {exc}"})
-                        self.progress.item(item.id, {}, failed=f"{type(exc).__name__}: {exc}")
+            try:
+                self._loop(pool, plans, refill)
+            except KeyboardInterrupt:  # drop the queued VLM work; the requests already sent end by themselves
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
         self._raise_write_error()
-        return failed
+        return self._failed
+
+    def _loop(self, pool: ThreadPoolExecutor, plans: deque, refill) -> None:
+        """Edit the items in order as their plans arrive; a failed item is recorded and the loop goes on."""
+        while plans:
+            self._raise_write_error()
+            item, future = plans.popleft()
+            started = time.monotonic()
+            self._judging.acquire()  # released when the item's line is written
+            try:
+                plan = future.result()
+                waited = time.monotonic() - started
+                refill()
+                self.edit(pool, item, plan, waited)
+            except Exception as exc:  # one bad item must not end a run of hundreds: record it, go on
+                self._judging.release()
+                refill()
+                self._failed += 1
+                with self._lock:
+                    self.writer.append(self.base_record(item) | {"error": f"{type(exc).__name__}: {exc}"})
+                    self.progress.item(item.id, {}, failed=f"{type(exc).__name__}: {exc}")
 
     def _raise_write_error(self) -> None:
         if self._write_errors:
@@ -182,7 +190,9 @@ class Runner:
                 "settings_id": self.settings_id, "settings": self.settings, "rank": self.rank,
                 "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-    def edit(self, pool: ThreadPoolExecutor, item: Item, plan: Plan, waited: float) -> Edited:
+    def edit(self, pool: ThreadPoolExecutor, item: Item, plan: Plan, waited: float) -> None:
+        """Every method's counterfactuals of one item, their images and image scores; the judge's questions go
+        to the pool, and the item's line is written when its last answer arrives (``judged``)."""
         started = time.monotonic()
         folder = self.out / "items" / safe_name(item.id)
         folder.mkdir(parents=True, exist_ok=True)
