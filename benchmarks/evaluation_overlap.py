@@ -7,11 +7,14 @@ answers every request after a fixed delay.
    every method and the metrics), and the VLM delay is set so that one item's VLM work (its plan,
    then its judgements, through a pool of ``--concurrency`` threads) takes about as long: the
    hardest case to overlap.
-2. VLM time per item, measured alone: that same VLM work for one item, no SDXL.
+2. VLM time per item, measured alone: that same VLM work for one item, no SDXL. Its plan's two calls
+   run one after the other, so alone it is slower than the pool's throughput allows; the stricter
+   bound is the pool's floor: all of an item's calls x delay / concurrency.
 3. The pipelined run. SDXL time per item is taken from this run's own stage timings (so a busy
    machine slows the bound and the run alike), and the wall time per item in steady state is the
    time between the first and the last finished item over the items in between.
-   Target: at most 1.15 x max(VLM time, SDXL time); without the overlap it would be their sum.
+   Target: at most 1.15 x max(VLM time, SDXL time), checked against the stricter VLM floor;
+   without the overlap it would be their sum.
 """
 
 from __future__ import annotations
@@ -93,14 +96,17 @@ def main() -> None:
     times = runner.progress.finish_times
     per_item = (times[-1] - times[0]) / (len(times) - 1)
     whole = (times[-1] - runner.progress.started) / len(times)
-    bound = max(vlm, sdxl)
+    floor = (2 + 2 * counterfactuals) * delay / args.concurrency  # the pool busy all the time
+    bound, strict = max(vlm, sdxl), max(floor, sdxl)
     print(f"items {len(items)}, VLM delay {delay * 1000:.0f} ms/request, concurrency {args.concurrency}")
     print(f"SDXL time per item  {sdxl:.2f} s   (edits {', '.join(METHODS)} + metrics, in the pipelined run; "
           f"{calibration:.2f} s in calibration)")
-    print(f"VLM time per item   {vlm:.2f} s   (alone: plan + {2 * counterfactuals} judge calls)")
+    print(f"VLM time per item   {vlm:.2f} s   (alone: plan + {2 * counterfactuals} judge calls); "
+          f"the pool's floor {floor:.2f} s")
     print(f"pipelined per item  {per_item:.2f} s steady state ({per_item / bound:.2f} x max), "
           f"{whole:.2f} s with pipeline fill ({whole / bound:.2f} x max); the sum would be {sdxl + vlm:.2f} s")
-    print("PASS" if per_item <= 1.15 * bound else "FAIL", "(target: steady state <= 1.15 x max)")
+    print(f"against max(VLM floor, SDXL) = {strict:.2f} s: {per_item / strict:.2f} x")
+    print("PASS" if per_item <= 1.15 * strict else "FAIL", "(target: steady state <= 1.15 x max(VLM floor, SDXL))")
 
 
 if __name__ == "__main__":
