@@ -65,8 +65,10 @@ class Inversion:
 
 
 def uses_source_guidance(source_prompt: str, source_guidance: float) -> bool:
-    """The empty prompt (or a zero scale) means plain unconditional prediction."""
-    return source_prompt != "" and source_guidance != 0.0
+    """Whether the inversion applies the source prompt's CFG. As in diffusers' LEDITS++ (``invert``:
+    ``do_classifier_free_guidance = source_guidance_scale > 1.0``), only a scale above 1 does; the
+    empty prompt or a scale at or below 1 means plain unconditional prediction."""
+    return source_prompt != "" and source_guidance > 1.0
 
 
 def image_to_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,11 @@ is what diffusers' DDIMScheduler does with SDXL's scheduler config, so it serves
   and each step's noise map is the residual z_t = (x_p - mean(x_t, eps_hat)) / sigma that makes
   the eta = 1 step land exactly on x_p. eps_hat is the source prompt's classifier-free guidance
   (scale 3.5, the paper's source scale). Sampling replays the maps with CFG on the target prompt.
+  Fair to CSG by construction: the draws n_t come from ``csg.abduction.draw_noise``, the very
+  sequence CSG's inversion uses (one (1, C, h, w) draw per kept step, lowest t first, as diffusers'
+  LEDITS++ draws them, then reversed into sampling order), so with one seed both methods noise
+  every timestep identically; and, as CSG's (``uses_source_guidance``) and diffusers', the source
+  CFG applies only above scale 1, a scale at or below 1 meaning the unconditional prediction.
 * DDIM inversion: run the eta = 0 update backwards from x0 up to the noisiest kept timestep, with
   the noise predicted at the destination timestep from the current latent (the usual
   approximation eps(x_t) ~ eps(x_p)). Inversion uses guidance 1, i.e. the source prompt's
@@ -48,7 +53,7 @@ from typing import Literal
 
 import torch
 
-from .abduction import cfg_epsilon
+from .abduction import cfg_epsilon, draw_noise, uses_source_guidance
 from .errors import InputError
 from .host import DiffusionHost
 
@@ -157,9 +162,12 @@ def invert_ddpm_edit_friendly(host: DiffusionHost, x0: torch.Tensor, source_prom
         generator = torch.Generator().manual_seed(generator)
     timesteps = ddim_timesteps(num_steps, skip)
     steps = ddim_schedule(host.alphas_cumprod, timesteps, eta=1.0)
-    draws = torch.randn((num_steps, *x0.shape), generator=generator, device=generator.device).to(host.device)
+    draws = draw_noise(generator, tuple(x0.shape), num_steps, host.device)
     chain = [math.sqrt(s.abar) * x0 + math.sqrt(1.0 - s.abar) * n for s, n in zip(steps, draws)] + [x0]
-    conditioning, guidance = prompt_conditioning(host, source_prompt, source_guidance)
+    if uses_source_guidance(source_prompt, source_guidance):
+        conditioning, guidance = prompt_conditioning(host, source_prompt, source_guidance)
+    else:
+        conditioning, guidance = host.encode_prompts([""]), None
     device_timesteps = torch.tensor(timesteps).to(host.device)
     maps = torch.zeros((num_steps, *x0.shape), device=host.device)
     for i, step in enumerate(steps):

@@ -276,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
     run.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
     run.add_argument("--seed", type=int, default=0)
+    scores = p.add_argument_group("metrics (--metrics)")
+    scores.add_argument("--metrics", action="store_true",
+                        help="score each counterfactual: LPIPS(VGG), masked LPIPS (csg), and with the VLM as judge "
+                             "VLM effectiveness, Preservation and Causal consistency (into report.json)")
+    scores.add_argument("--lpips-vgg", metavar="FILE", help="torchvision's vgg16-397923af.pth (default: under TORCH_HOME)")
+    scores.add_argument("--lpips-heads", metavar="FILE", help="the lpips package's weights/v0.1/vgg.pth")
     return p
 
 
@@ -699,13 +705,23 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(args.device, args.dtype)
     comfy = comfyui_root(args.comfyui_root)
     sdxl = find_sdxl(args.sdxl, args.sdxl_config, comfy)  # before any slow work: fail fast on missing weights
+    lpips = None
+    if args.metrics:  # the metrics' weights too: the judge's VLM and LPIPS
+        from .metrics import load_lpips_vgg
+
+        if not args.vlm_url:
+            find_vlm(args.vlm_model, comfy)
+        lpips = load_lpips_vgg(args.lpips_vgg, args.lpips_heads, device=device)
     plan = plan_interventions(args, request, image, comfy, device)
     check_settings(plan.graph, plan.interventions, params)
 
     layout = plan_layout(out, plan)
     save_plan(layout, plan)
     try:
-        return edit_and_write(args, plan, image, params, sdxl, device, dtype, layout)
+        report, results = edit_and_write(args, plan, image, params, sdxl, device, dtype, layout)
+        if lpips is not None:
+            score_and_report(args, plan, report, results, lpips, comfy, device)
+        return 0
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted. The graph and the intervention(s) are saved in {out}; rerun with "
                           f"--graph-json {layout.graph_json} --intervention-json {layout.items[0].intervention} "
@@ -713,21 +729,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def edit_and_write(args: argparse.Namespace, plan: Plan, image, params, sdxl: SDXLWeights, device, dtype,
-                   layout: OutputLayout) -> int:
-    from .counterfactual import baseline_counterfactual, counterfactuals
+                   layout: OutputLayout) -> tuple[Path, list]:
+    from .counterfactual import baseline_counterfactuals, counterfactuals
+    from .progress import StepProgress
 
     log(f"loading SDXL from {sdxl.path} on {device} ({str(dtype).removeprefix('torch.')})")
     host = load_host(sdxl, device, dtype)
     log(f"VAE in {str(host.vae.dtype).removeprefix('torch.')}"
         + ("; text encoders in CPU memory, lent to the GPU per encoding" if host.offload_text_encoders else ""))
     log(f"{args.method}: inverting and editing {len(plan.interventions)} intervention(s), {args.steps} steps")
+    # one inversion, then one batched CSG loop or one sampling loop per intervention for a baseline
+    edits = ([("edit", args.steps)] if args.method == "csg" else
+             [(f"sampling {k + 1}/{len(plan.interventions)}", args.steps) for k in range(len(plan.interventions))])
+    host = StepProgress(host, [("inversion", args.steps), *edits])
     if args.method == "csg":
         results = counterfactuals(host, image, plan.graph, plan.interventions, source_prompt=plan.source_prompt,
                                   params=params)
     else:
-        results = [baseline_counterfactual(host, image, i, method=args.method, source_prompt=plan.source_prompt,
-                                           params=params, guidance_scale=args.guidance_scale)
-                   for i in plan.interventions]
+        results = baseline_counterfactuals(host, image, plan.interventions, method=args.method,
+                                           source_prompt=plan.source_prompt, params=params,
+                                           guidance_scale=args.guidance_scale)
     report = write_outputs(layout, plan, results, {
         "image": str(Path(args.image)),
         "method": args.method,
@@ -737,7 +758,29 @@ def edit_and_write(args: argparse.Namespace, plan: Plan, image, params, sdxl: SD
         "dtype": str(dtype).removeprefix("torch."),
     })
     print(f"wrote {report}")
-    return 0
+    return report, results
+
+
+def score_and_report(args: argparse.Namespace, plan: Plan, report_path: Path, results: list, lpips,
+                     comfy: Path | None, device) -> None:
+    """--metrics: every score csg-evaluate gives, for each counterfactual, added to report.json."""
+    from .evaluation.scoring import edit_region, image_scores, judge_scores
+
+    free_accelerator_memory()  # SDXL is gone; a local VLM may need the memory
+    vlm, _ = make_vlm(args, comfy, device)
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    for entry, intervention, result in zip(report["interventions"], plan.interventions, results):
+        region = edit_region(getattr(result, "masks", {}), result.source_image.size)  # the baselines have no masks
+        log(f"judging {intervention.id!r}")
+        scores = image_scores(lpips, result.source_image, result.image, region)
+        scores |= judge_scores(vlm, result.image, intervention, plan.graph)
+        entry["metrics"] = scores
+        print(f"{intervention.id}: " + ", ".join(f"{key} {scores[key]:.3f}" for key in METRIC_KEYS
+                                                  if scores[key] is not None))
+    write_json(report_path, json.dumps(report, indent=2, ensure_ascii=False))
+
+
+METRIC_KEYS = ("vlm_effectiveness", "lpips", "masked_lpips", "preservation", "causal_consistency")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -242,23 +242,35 @@ def counterfactual(host: DiffusionHost, image: Image.Image | str | Path, graph: 
                            inversion=inversion)[0]
 
 
-def baseline_counterfactual(host: DiffusionHost, image: Image.Image | str | Path, intervention: Intervention, *,
-                            method: Method = "ddpm", source_prompt: str = "", params: CSGParams = CSGParams(),
-                            guidance_scale: float = DEFAULT_TARGET_GUIDANCE) -> BaselineResult:
-    """Table 1's baselines: invert with ``method`` and sample with CFG on the intervention's full
-    ``generation_prompt``. Uses ``params``' steps, skip, source guidance, seed and image fitting."""
-    target = intervention.generation_prompt.strip()
-    if not target:
-        raise InputError(f"Intervention '{intervention.id}' has no generation_prompt; the baselines guide with the "
-                         "full target prompt. Write one (the source caption with the changed values).")
+def baseline_counterfactuals(host: DiffusionHost, image: Image.Image | str | Path, interventions: Sequence[Intervention],
+                             *, method: Method = "ddpm", source_prompt: str = "", params: CSGParams = CSGParams(),
+                             guidance_scale: float = DEFAULT_TARGET_GUIDANCE) -> list[BaselineResult]:
+    """Table 1's baselines: invert once with ``method``, then sample each intervention with CFG on
+    its full ``generation_prompt``. Uses ``params``' steps, skip, source guidance, seed and image fitting."""
+    targets = [intervention.generation_prompt.strip() for intervention in interventions]
+    for intervention, target in zip(interventions, targets):
+        if not target:
+            raise InputError(f"Intervention '{intervention.id}' has no generation_prompt; the baselines guide with the "
+                             "full target prompt. Write one (the source caption with the changed values).")
     check_guidance_scale(guidance_scale)  # before the inversion, not after it
     picture = prepare_image(host, image, params)
     x0 = host.encode_image(image_to_tensor(picture).to(host.device))
     inversion = invert_baseline(host, method, x0, source_prompt, num_steps=params.num_steps, skip=params.skip,
                                 source_guidance=params.source_guidance, seed=params.seed)
-    latent = sample_with_guidance(host, inversion, target, guidance_scale)
-    return BaselineResult(to_pil(host.decode_latents(latent)[0]), latent, inversion, target, picture)
+    results = []
+    for target in targets:
+        latent = sample_with_guidance(host, inversion, target, guidance_scale)
+        results.append(BaselineResult(to_pil(host.decode_latents(latent)[0]), latent, inversion, target, picture))
+    return results
+
+
+def baseline_counterfactual(host: DiffusionHost, image: Image.Image | str | Path, intervention: Intervention, *,
+                            method: Method = "ddpm", source_prompt: str = "", params: CSGParams = CSGParams(),
+                            guidance_scale: float = DEFAULT_TARGET_GUIDANCE) -> BaselineResult:
+    """One baseline counterfactual (see ``baseline_counterfactuals``)."""
+    return baseline_counterfactuals(host, image, [intervention], method=method, source_prompt=source_prompt,
+                                    params=params, guidance_scale=guidance_scale)[0]
 
 
 __all__ = ["CSGParams", "CounterfactualResult", "BaselineResult", "counterfactual", "counterfactuals",
-           "baseline_counterfactual", "load_image", "fit_to_model", "prepare_image", "edit_spec"]
+           "baseline_counterfactual", "baseline_counterfactuals", "load_image", "fit_to_model", "prepare_image", "edit_spec"]

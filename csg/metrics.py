@@ -264,6 +264,8 @@ def _yes_no(value: Any, where: str) -> bool:
 
 
 def _read_judgement(item: Any, index: int) -> _Judgement:
+    if isinstance(item, _Judgement):
+        return item
     where = f"judgement {index}"
     verdict = _field(item, "verdict")
     verdict = verdict.value if hasattr(verdict, "value") else verdict  # an Enum member reads as its value
@@ -294,7 +296,7 @@ def vlm_effectiveness(judgements: Iterable[Any]) -> float:
     concept, so one image scores 1 only when all of them are visible. A judgement with an empty
     checklist falls back to its verdict: success 1, partial 0.5, failure 0.
     """
-    scores = [sum(j.present) / len(j.present) if j.present else VERDICT_SCORE[j.verdict] for j in _read_judgements(judgements)]
+    scores = [effectiveness_score(j) for j in _read_judgements(judgements)]
     return sum(scores) / len(scores)
 
 
@@ -302,3 +304,65 @@ def verdict_rates(judgements: Iterable[Any]) -> dict[str, float]:
     """The share of judgements with each verdict; ``rates["success"]`` is the success rate."""
     read = _read_judgements(judgements)
     return {v: sum(j.verdict == v for j in read) / len(read) for v in VERDICTS}
+
+
+# -- per-counterfactual scores of the evaluation runner (csg.evaluation) -------------------------------
+
+def effectiveness_score(judgement: Any) -> float:
+    """One counterfactual's VLM-Eff: the fraction of its checklist (the changed concepts' new
+    values) the judge saw; an empty checklist falls back to the verdict (see vlm_effectiveness)."""
+    read = _read_judgement(judgement, 0)
+    return sum(read.present) / len(read.present) if read.present else VERDICT_SCORE[read.verdict]
+
+
+def preservation_score(judgement: Any) -> float | None:
+    """Preservation: the share of the non-descendants of the target that kept their value.
+
+    ``judgement`` is the judge's answer to a checklist of every non-descendant with its *current*
+    value (``csg.vlm.judge_preservation``). None when the target has no non-descendants.
+    """
+    read = _read_judgement(judgement, 0)
+    return sum(read.present) / len(read.present) if read.present else None
+
+
+def causal_consistency_score(judgement: Any, is_target: Sequence[bool]) -> float | None:
+    """Causal consistency: the share of the changed descendants the counterfactual shows.
+
+    ``judgement`` is the VLM-Eff judgement, whose checklist follows ``Intervention.edit_concepts``;
+    ``is_target[k]`` says whether its k-th item is the intervened concept. None when the
+    intervention changes no descendant.
+    """
+    read = _read_judgement(judgement, 0)
+    if len(read.present) != len(is_target):
+        raise InputError(f"The judgement has {len(read.present)} checklist items but {len(is_target)} edit concepts "
+                         "were given; pass the intervention's edit_concepts in the judge's order.")
+    shown = [present for present, target in zip(read.present, is_target) if not target]
+    return sum(shown) / len(shown) if shown else None
+
+
+@torch.inference_mode()
+def masked_lpips_distance(model: LPIPS, image_a: Any, image_b: Any, mask: torch.Tensor) -> float | None:
+    """LPIPS(VGG) outside ``mask``: the edit's damage to what it was not meant to touch.
+
+    ``mask`` is (H, W) (or any size, resized by area) with 1 where an edit was meant to happen
+    (the union of the edited concepts' masks). Each LPIPS layer's per-pixel distance is averaged
+    with weight 1 − mask at that layer's resolution, and the five layers are summed, so with an
+    all-zero mask this equals ``lpips_distance``. None when the mask covers the whole image.
+    """
+    a, b = _as_batch(image_a, "image_a"), _as_batch(image_b, "image_b")
+    if a.shape != b.shape or a.shape[0] != 1:
+        raise InputError(f"masked LPIPS compares two single images of one size, got {tuple(a.shape)} and {tuple(b.shape)}.")
+    if min(a.shape[2:]) < MIN_SIDE:
+        raise InputError(f"LPIPS(VGG) needs images of at least {MIN_SIDE}x{MIN_SIDE} pixels, got {tuple(a.shape[2:])}.")
+    if mask.dim() != 2:
+        raise InputError(f"The mask must be (H, W), got {tuple(mask.shape)}.")
+    parameter = next(model.parameters())
+    to_model = dict(device=parameter.device, dtype=parameter.dtype)
+    keep = 1.0 - mask.detach().float().clamp(0, 1)[None, None].to(**to_model)
+    total = torch.zeros((), **to_model)
+    for head, fa, fb in zip(model.heads, model.taps(a.to(**to_model) * 2 - 1), model.taps(b.to(**to_model) * 2 - 1)):
+        weight = torch.nn.functional.interpolate(keep, size=fa.shape[2:], mode="area")
+        if weight.sum() <= 0:
+            return None
+        total = total + (head((fa - fb).pow(2)) * weight).sum() / weight.sum()
+    return float(total)

@@ -1,6 +1,8 @@
 """Table 1 baselines: DDIM step math against diffusers' DDIMScheduler, edit-friendly DDPM
 reconstruction, DDIM inversion round trip, and target-prompt guidance actually editing."""
 
+import math
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -110,3 +112,29 @@ def test_invert_baseline_by_name_and_bad_inputs(tiny_host):
         invert_ddim(tiny_host, torch.zeros(1, 4, 30, 32), num_steps=3)
     with pytest.raises(InputError, match="skip"):
         ddim_timesteps(10, 1.0)
+
+
+def test_ddpm_baseline_draws_the_same_noise_per_timestep_as_the_csg_inversion(tiny_host):
+    """One seed, two methods: every kept x_t is noised with the same draw (CSG's order, draw_noise)."""
+    from csg.abduction import invert_latents
+    from csg.baselines import invert_ddpm_edit_friendly
+
+    x0 = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(5))
+    csg = invert_latents(tiny_host, x0, "", num_steps=6, generator=3)
+    ddpm = invert_ddpm_edit_friendly(tiny_host, x0, "", num_steps=6, generator=3)
+    first_csg, first_ddpm = csg.schedule.steps[0], ddpm.steps[0]
+    noise_csg = (csg.x_T - first_csg.alpha * x0) / first_csg.sigma
+    noise_ddpm = (ddpm.x_T - math.sqrt(first_ddpm.abar) * x0) / math.sqrt(1 - first_ddpm.abar)
+    assert torch.allclose(noise_csg, noise_ddpm, atol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_source_guidance_at_or_below_one_is_unconditional_as_in_diffusers(tiny_host, scale):
+    from csg.abduction import invert_latents
+    from csg.baselines import invert_ddpm_edit_friendly
+
+    x0 = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(5))
+    for invert in (lambda p, g: invert_latents(tiny_host, x0, p, num_steps=4, source_guidance=g).noise_maps,
+                   lambda p, g: invert_ddpm_edit_friendly(tiny_host, x0, p, num_steps=4, source_guidance=g).noise_maps):
+        assert torch.equal(invert("a red car", scale), invert("", 3.5))
+        assert not torch.allclose(invert("a red car", 1.01), invert("", 3.5))

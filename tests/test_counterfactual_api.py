@@ -79,7 +79,7 @@ def test_batched_interventions_share_one_inversion_and_match_separate_runs(tiny_
     for result, intervention in zip(batched, [rainy(), red_shirt()]):
         alone = counterfactual(tiny_host, sample_image(), graph, intervention, params=params,
                                inversion=batched[0].inversion)
-        assert (alone.latent - result.latent).abs().max().item() <= 1e-4
+        assert (alone.latent - result.latent).abs().max() <= 1e-5 * alone.latent.abs().max()  # relative
     assert list(batched[1].masks) == ["c3"]  # nothing downstream: the target alone
 
 

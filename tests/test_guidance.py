@@ -117,7 +117,8 @@ def test_batched_interventions_equal_separate_runs(tiny_host, inversion):
     assert batched.latents.shape == (3, *LATENT)
     for k, spec in enumerate(specs):
         alone = edit(tiny_host, inversion, [spec])
-        assert (batched.latents[k] - alone.latents[0]).abs().max().item() <= 1e-4
+        # relative: batch-size-dependent kernels differ in the last bits of each value, whatever its size
+        assert (batched.latents[k] - alone.latents[0]).abs().max() <= 1e-5 * alone.latents[0].abs().max()
         assert torch.allclose(batched.masks[k], alone.masks[0], atol=1e-6)
         assert batched.masks[k].shape == (len(spec.terms), *LATENT[1:])
         assert 0 < batched.masks[k].mean() < 1 and batched.last_masks[k].max() == 1

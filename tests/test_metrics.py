@@ -15,9 +15,13 @@ from csg.metrics import (
     LPIPS_SCALE,
     LPIPS_SHIFT,
     VGG16_FILE,
+    causal_consistency_score,
+    effectiveness_score,
     load_lpips_vgg,
     lpips_distance,
     lpips_heads,
+    masked_lpips_distance,
+    preservation_score,
     verdict_rates,
     vgg16_features,
     vlm_effectiveness,
@@ -244,3 +248,34 @@ def test_verdict_rates():
 def test_malformed_judgements_are_named(answers, fragment):
     with pytest.raises(InputError, match=fragment):
         vlm_effectiveness(answers)
+
+
+# -- per-counterfactual scores of the evaluation ------------------------------------------------------
+
+def test_masked_lpips_with_an_empty_mask_is_lpips_and_ignores_the_masked_region(model):
+    a, b = images(2, seed=11, size=64)
+    mask = torch.zeros(64, 64)
+    assert masked_lpips_distance(model, a, b, mask) == pytest.approx(float(lpips_distance(model, a, b)[0]), rel=1e-5)
+    mask[:, :32] = 1  # edit allowed in the left half: differences there no longer count
+    changed_left = a.clone()
+    changed_left[:, :, :24] = b[:, :, :24]  # 8 pixels short of the mask's edge: VGG's receptive field is wide
+    inside = masked_lpips_distance(model, a, changed_left, mask)
+    changed_right = a.clone()
+    changed_right[:, :, 40:] = b[:, :, 40:]
+    outside = masked_lpips_distance(model, a, changed_right, mask)
+    assert inside < 0.5 * outside
+    assert masked_lpips_distance(model, a, b, torch.ones(64, 64)) is None
+
+
+def test_preservation_and_causal_consistency_count_the_right_checks():
+    def judgement(*present):
+        return {"verdict": "partial", "concept_checks": [{"present": "yes" if p else "no"} for p in present]}
+
+    effect = judgement(True, False, True, True)  # target shown; descendants: no, yes, yes
+    assert effectiveness_score(effect) == 0.75
+    assert causal_consistency_score(effect, [True, False, False, False]) == pytest.approx(2 / 3)
+    assert causal_consistency_score(judgement(True), [True]) is None  # no descendant changes
+    assert preservation_score(judgement(True, True, False)) == pytest.approx(2 / 3)
+    assert preservation_score({"verdict": "success", "concept_checks": []}) is None
+    with pytest.raises(InputError, match="edit concepts"):
+        causal_consistency_score(effect, [True])

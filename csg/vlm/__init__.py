@@ -11,7 +11,7 @@ server); wrap either in ``CachedVLM`` to keep answers on disk.
 from .asking import DEFAULT_ATTEMPTS, ask_until_valid
 from .cache import CachedVLM
 from .extractor import Extraction, describe_scene, extract_graph
-from .judge import ConceptCheck, Judgement, checklist, judge_counterfactual
+from .judge import ConceptCheck, Judgement, checklist, judge_counterfactual, judge_preservation, preservation_checklist
 from .manipulator import manual_intervention, propagate_intervention, propose_interventions
 from .openai_backend import OpenAICompatibleVLM, chat_completions_url
 from .parsing import VLMOutputError, extract_json
@@ -22,7 +22,7 @@ __all__ = [
     "DEFAULT_ATTEMPTS", "ask_until_valid",
     "CachedVLM",
     "Extraction", "describe_scene", "extract_graph",
-    "ConceptCheck", "Judgement", "checklist", "judge_counterfactual",
+    "ConceptCheck", "Judgement", "checklist", "judge_counterfactual", "judge_preservation", "preservation_checklist",
     "manual_intervention", "propagate_intervention", "propose_interventions",
     "OpenAICompatibleVLM", "chat_completions_url",
     "VLMOutputError", "extract_json",

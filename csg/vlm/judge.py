@@ -87,11 +87,30 @@ def parse_judgement(intervention_id: str, items: list[tuple[str, str]], answer: 
                      reasoning.strip() if isinstance(reasoning, str) else "")
 
 
+def preservation_checklist(intervention: Intervention, graph: CausalGraph) -> list[tuple[str, str]]:
+    """(concept name, current value) for every non-descendant of the target: what must not change."""
+    return [(graph.concept(c).name, graph.concept(c).current_value)
+            for c in graph.non_descendants(intervention.target_concept_id)]
+
+
 def judge_counterfactual(vlm: VLM, image: Image.Image, intervention: Intervention, graph: CausalGraph, *,
                          max_attempts: int = DEFAULT_ATTEMPTS) -> Judgement:
     """Ask the VLM whether ``image`` (the counterfactual) shows each value the intervention set."""
     intervention = check_intervention(graph, intervention)
-    items = checklist(intervention, graph)
+    return _judge(vlm, image, intervention, graph, checklist(intervention, graph), max_attempts)
+
+
+def judge_preservation(vlm: VLM, image: Image.Image, intervention: Intervention, graph: CausalGraph, *,
+                       max_attempts: int = DEFAULT_ATTEMPTS) -> Judgement | None:
+    """The same judge, asked whether every non-descendant of the target kept its current value
+    (``csg.metrics.preservation_score``). None when the target has no non-descendants."""
+    intervention = check_intervention(graph, intervention)
+    items = preservation_checklist(intervention, graph)
+    return _judge(vlm, image, intervention, graph, items, max_attempts) if items else None
+
+
+def _judge(vlm: VLM, image: Image.Image, intervention: Intervention, graph: CausalGraph, items: list[tuple[str, str]],
+           max_attempts: int) -> Judgement:
     target = graph.concept(intervention.target_concept_id)
     user = prompts.judge_user(intervention.id, intervention.generation_prompt or graph.scene_summary,
                               intervention.target_concept_name or target.name,

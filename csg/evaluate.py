@@ -1,0 +1,185 @@
+"""``csg-evaluate``: Table 1 on whole datasets, resumable, one process or many.
+
+    csg-evaluate --dataset celeba=celebahq:CelebAMask-HQ/celeba-caption --dataset coco=coco:annotations/captions_val2017.json
+                 --per-dataset 75 --seed 0 --vlm-url http://127.0.0.1:8000/v1 --vlm-name Qwen/Qwen3-VL-30B-A3B-Instruct
+                 --sdxl PATH --lpips-vgg vgg16-397923af.pth --lpips-heads vgg.pth --out eval/
+    accelerate launch --num_processes 8 -m csg.evaluate ...      # the same, sharded over 8 processes
+
+Per item: the VLM extracts the graph and proposes interventions (or the dataset gives them), each
+method of ``--methods`` inverts once and edits every intervention, and every counterfactual gets
+LPIPS, masked LPIPS, VLM effectiveness, Preservation and Causal consistency (``csg.metrics``).
+Results go to ``OUT/results.<rank>.jsonl``, one fsync'ed line per item; a rerun skips the items
+finished in any results file, so an interrupted run continues where it stopped, with any number
+of processes. At the end, process 0 writes ``table.md``, ``table.csv`` and ``report.html``
+(``csg.report``). See docs/evaluation.md.
+
+Exit codes: 0 all items done, 1 some items failed (a rerun retries them), 2 bad input or missing
+weights, 130 interrupted (finished items are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, comfyui_root, find_sdxl, load_host, make_vlm, resolve_device
+from .errors import CSGError, GraphError, InputError, WeightsMissingError
+from .evaluation.datasets import DatasetSpec, select
+from .evaluation.results import ResultsWriter, check_settings, load_results, results_path, settings_id
+from .evaluation.runner import METHODS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="csg-evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", action="append", required=True, metavar="NAME=KIND:PATH[@IMAGES]",
+                      help="KIND: folder (a captions .json/.csv), coco (captions_*.json), celebahq (a folder of "
+                           "caption .txt files); IMAGES: the image folder when it is not the default")
+    data.add_argument("--per-dataset", type=int, metavar="N", help="items sampled per dataset (default: all)")
+    data.add_argument("--seed", type=int, default=0, help="sampling seed, and the inversions' noise seed")
+    vlm = p.add_argument_group("vision-language model (extractor, manipulator and judge)")
+    vlm.add_argument("--vlm-url", metavar="URL", help="OpenAI-compatible endpoint shared by every process")
+    vlm.add_argument("--vlm-name", metavar="NAME", help="the model name the server serves")
+    vlm.add_argument("--vlm-model", metavar="PATH", help="local transformers model folder instead of a server")
+    vlm.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the server's API key")
+    vlm.add_argument("--vlm-cache", metavar="DIR", help="keep the VLM's answers here and reuse them on reruns")
+    vlm.add_argument("--vlm-timeout", type=float, metavar="SECONDS")
+    vlm.add_argument("--vlm-retries", type=int, metavar="N")
+    vlm.add_argument("--vlm-concurrency", type=int, default=4, metavar="N",
+                     help="VLM requests in flight per process; also how many items are planned ahead (default 4)")
+    models = p.add_argument_group("models")
+    models.add_argument("--sdxl", metavar="PATH")
+    models.add_argument("--sdxl-config", metavar="DIR")
+    models.add_argument("--comfyui-root", metavar="DIR")
+    models.add_argument("--lpips-vgg", metavar="FILE", help="torchvision's vgg16-397923af.pth (default: under TORCH_HOME)")
+    models.add_argument("--lpips-heads", metavar="FILE", help="the lpips package's weights/v0.1/vgg.pth")
+    edit = p.add_argument_group("editing (defaults: the paper's)")
+    edit.add_argument("--methods", default="csg,ddpm,ddim", help="comma-separated subset of csg,ddpm,ddim")
+    edit.add_argument("--steps", type=int, default=100)
+    edit.add_argument("--skip", type=float, default=0.15)
+    edit.add_argument("--source-guidance", type=float, default=3.5)
+    edit.add_argument("--scale", type=float, default=8.0)
+    edit.add_argument("--threshold", type=float, default=0.7)
+    edit.add_argument("--warmup", type=int, default=10)
+    edit.add_argument("--mask-mode", choices=("intersect", "cross_attention", "noise"), default="intersect")
+    edit.add_argument("--exact", action="store_true")
+    edit.add_argument("--guidance-scale", type=float, default=7.5, help="target CFG of the ddpm/ddim baselines")
+    edit.add_argument("--max-side", type=int, default=1024)
+    run = p.add_argument_group("run")
+    run.add_argument("--out", required=True, metavar="DIR")
+    run.add_argument("--allow-mixed-settings", action="store_true",
+                     help="add results made with other settings to a folder that already has some")
+    run.add_argument("--no-report", action="store_true", help="skip table.md/table.csv/report.html at the end")
+    run.add_argument("--device", default="auto", help="auto (the process's accelerator under accelerate), cpu, cuda:N")
+    run.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
+    return p
+
+
+def versions() -> dict[str, str]:
+    out = {"csg": __version__}
+    for package in ("torch", "diffusers", "transformers", "accelerate"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def file_id(path: str | None) -> str | None:
+    """A weight file as the settings record it: its name and size (paths differ between machines)."""
+    return None if path is None else f"{Path(path).name} ({Path(path).stat().st_size} bytes)"
+
+
+def log(rank: int, message: str) -> None:
+    print(f"csg-evaluate[{rank}]: {message}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from .counterfactual import CSGParams
+    from .evaluation.runner import Runner
+    from .metrics import load_lpips_vgg
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise InputError(f"--methods {args.methods!r}: choose from {', '.join(METHODS)} (comma-separated).")
+    if args.vlm_concurrency < 1:
+        raise InputError(f"--vlm-concurrency must be at least 1, got {args.vlm_concurrency}.")
+    if not (args.vlm_url or args.vlm_model):
+        raise InputError("The evaluation needs a VLM for the extraction, the proposals and the judge: give --vlm-url "
+                         "URL --vlm-name NAME (e.g. a vLLM server, see docs/evaluation.md) or --vlm-model PATH.")
+    params = CSGParams(num_steps=args.steps, skip=args.skip, source_guidance=args.source_guidance, scale=args.scale,
+                       threshold=args.threshold, warmup=args.warmup, mask_mode=args.mask_mode, exact=args.exact,
+                       seed=args.seed, max_side=args.max_side)
+    if "csg" in methods:
+        params.check_guidance(params.num_steps)
+    items = select([DatasetSpec.parse(d) for d in args.dataset], args.per_dataset, args.seed)
+    import torch
+
+    # On a machine without CUDA, accelerate's launcher (torchrun underneath) starts the processes, and
+    # cpu=True makes them one gloo group; without it each would think it runs alone.
+    state = PartialState(cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()))
+    rank, world = state.process_index, state.num_processes
+    device, dtype = resolve_device(str(state.device) if args.device == "auto" else args.device, args.dtype)
+    lpips = load_lpips_vgg(args.lpips_vgg, args.lpips_heads, device=device)
+    comfy = comfyui_root(args.comfyui_root)
+    sdxl = find_sdxl(args.sdxl, args.sdxl_config, comfy)
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"params": params.to_dict(), "methods": methods, "guidance_scale": args.guidance_scale,
+                "dtype": str(dtype).removeprefix("torch."),
+                "models": {"sdxl": Path(sdxl.path).name, "vlm": args.vlm_name or Path(args.vlm_model).name,
+                           "lpips_vgg": file_id(args.lpips_vgg), "lpips_heads": file_id(args.lpips_heads)},
+                "versions": versions()}
+    sid = settings_id(settings)
+    loaded = load_results(out)
+    if loaded.torn:
+        log(rank, f"unreadable lines in the results, their items are done again: {', '.join(loaded.torn)}")
+    check_settings(loaded, settings, out, args.allow_mixed_settings)
+    finished = loaded.finished(sid)
+    remaining = [item for item in items if item.id not in finished]
+    mine = [item for item in remaining if item.shard(world) == rank]
+    log(rank, f"{len(items)} items, {len(items) - len(remaining)} already done, {len(mine)} for this process "
+              f"({rank + 1} of {world})")
+    failed = 0
+    if mine:
+        vlm, _ = make_vlm(args, comfy, device)
+        host = load_host(sdxl, device, dtype)
+        with ResultsWriter(results_path(out, rank)) as writer:
+            runner = Runner(host, vlm, lpips, params, methods, args.guidance_scale, out, writer, settings, sid, rank,
+                            args.vlm_concurrency)
+            failed = runner.run(mine)
+    state.wait_for_everyone()
+    if state.is_main_process and not args.no_report:
+        from .report import write_report
+
+        for path in write_report(out).values():
+            log(rank, f"wrote {path}")
+    return EXIT_FAILURE if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("csg-evaluate: interrupted; finished items are saved, rerun the same command to continue.",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (WeightsMissingError, InputError, GraphError) as exc:
+        print(f"csg-evaluate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CSGError as exc:
+        print(f"csg-evaluate: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""``csg-evaluate`` end to end on the CPU: three datasets in their real layouts, the tiny random
+SDXL, random-weight LPIPS files and a 127.0.0.1 OpenAI-compatible VLM as extractor, manipulator
+and judge; the results file, the table and the HTML report."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from csg.evaluate import main
+from csg.evaluation.datasets import DatasetSpec, load_items, sample_items
+from csg.evaluation.results import load_results
+from tests.evaluation_fixtures import (evaluation_server, write_celebahq_dataset, write_coco_dataset,
+                                       write_folder_dataset)
+from tests.test_cli import no_local_models, sdxl_folder  # noqa: F401 (fixtures)
+from tests.test_metrics import random_parts, weight_files  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--steps", "4", "--warmup", "1", "--max-side", "64", "--device", "cpu", "--dtype", "float32",
+        "--vlm-concurrency", "3"]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return [f"faces=celebahq:{write_celebahq_dataset(root / 'celeba')}",
+            f"coco=coco:{write_coco_dataset(root / 'coco')}",
+            f"mine=folder:{write_folder_dataset(root / 'mine')}"]
+
+
+def command(datasets, out, server, sdxl, weights, *extra):
+    return [*(a for d in datasets for a in ("--dataset", d)), "--out", str(out), "--vlm-url", server.base_url,
+            "--vlm-name", "test-vlm", "--api-key-env", "EVAL_TEST_KEY", "--sdxl", str(sdxl),
+            "--lpips-vgg", str(weights[0]), "--lpips-heads", str(weights[1]), *FAST, *extra]
+
+
+def test_three_layouts_end_to_end(datasets, sdxl_folder, weight_files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EVAL_TEST_KEY", "sk-secret-never-written")
+    out = tmp_path / "eval"
+    with evaluation_server() as server:
+        code = main(command(datasets, out, server, sdxl_folder, weight_files))
+        requests = list(server.requests)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert all(r.headers.get("Authorization") == "Bearer sk-secret-never-written" for r in requests)
+    loaded = load_results(out)
+    assert loaded.torn == []
+    ids = sorted(r["item_id"] for r in loaded.records)
+    assert ids == ["coco/100", "coco/101", "coco/102", "faces/0", "faces/1", "faces/2",
+                   "mine/img0", "mine/img1", "mine/img2"]
+    by_id = {r["item_id"]: r for r in loaded.records}
+    assert by_id["coco/101"]["caption"] == "a photo of a scene 1"  # the lowest annotation id, stripped
+    assert by_id["faces/2"]["caption"] == "This woman has smile number 2."
+    hand = by_id["mine/img0"]  # hand-written graph and intervention: one intervention, no VLM plan
+    assert [i["id"] for i in hand["interventions"]] == ["i1"] and hand["graph"]["concepts"][0]["name"] == "age"
+    for record in loaded.records:
+        assert set(record["methods"]) == {"csg", "ddpm", "ddim"}
+        assert record["settings"]["versions"]["torch"] and record["settings"]["params"]["num_steps"] == 4
+        assert record["settings"]["models"]["vlm"] == "test-vlm"
+        for method, entries in record["methods"].items():
+            assert len(entries) == len(record["interventions"])
+            for entry in entries:
+                assert 0 <= entry["vlm_effectiveness"] <= 1 and entry["lpips"] > 0, entry
+                assert (out / entry["image"]).is_file()
+                assert entry["masked_lpips"] is not None and entry["masked_lpips"] >= 0
+                assert entry["judgement"]["concept_checks"]
+    # The judge says "no" to values with a "y", so for the hand-written item: old woman yes, gray hair no,
+    # wrinkled skin yes; and the three non-descendants (expression, outfit, background) kept their values.
+    csg_entry = hand["methods"]["csg"][0]
+    assert csg_entry["vlm_effectiveness"] == pytest.approx(2 / 3)
+    assert csg_entry["causal_consistency"] == 0.5
+    assert len(csg_entry["preservation_judgement"]["concept_checks"]) == 3 and csg_entry["preservation"] == 1.0
+    # Table 1: per dataset and average, per method, with CIs and n; the report embeds every image.
+    table = (out / "table.md").read_text()
+    for text in ("CSG (Ours)", "DDPM Inversion", "DDIM Inversion", "faces VLM-Eff.", "Average LPIPS", "(n=9)"):
+        assert text in table, text
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    average = {(r["method"], r["metric"]): r for r in rows if r["dataset"] == "Average"}
+    assert float(average[("CSG (Ours)", "lpips")]["ci_low"]) <= float(average[("CSG (Ours)", "lpips")]["mean"])
+    assert float(average[("CSG (Ours)", "lpips")]["mean"]) <= float(average[("CSG (Ours)", "lpips")]["ci_high"])
+    report = (out / "report.html").read_text()
+    # per intervention, side by side: original, three counterfactuals, the edited region, the graph
+    assert report.count("data:image/png;base64,") == sum(len(r["interventions"]) * 6 for r in loaded.records)
+    assert "http" not in report.replace("http-equiv", "")
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".jsonl", ".md", ".csv", ".html"):
+            assert "sk-secret" not in path.read_text()
+    assert "sk-secret" not in err
+    assert "ETA" in err, err
+    # A rerun with the same settings does nothing; one with other settings is refused, naming the change.
+    with evaluation_server() as server:
+        assert main(command(datasets, out, server, sdxl_folder, weight_files)) == 0
+        assert server.requests == []
+        assert main(command(datasets, out, server, sdxl_folder, weight_files, "--scale", "5")) == 2
+    err = capsys.readouterr().err
+    assert "params.scale (8.0 -> 5.0)" in err and "--allow-mixed-settings" in err
+
+
+def test_layouts_and_seeded_sampling(tmp_path):
+    csv_path = write_folder_dataset(tmp_path / "csv", n=5, fmt="csv")
+    items = load_items(DatasetSpec.parse(f"c=folder:{csv_path}"))
+    assert [i.id for i in items] == [f"c/img{k}" for k in range(5)]
+    assert items[0].graph == csv_path.parent / "graph.json" and items[1].graph is None
+    first = sample_items(items, 3, seed=7)
+    assert first == sample_items(list(reversed(items)), 3, seed=7)  # the same draw whatever the order read
+    assert len(set(first)) == 3 and sample_items(items, 3, seed=8) != first
+    assert sample_items(items, 10, seed=7) == items
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("nokind", "NAME=KIND:PATH"), ("x=imagenet:/a", "unknown kind"), ("a/b=coco:/a", "may not contain"),
+])
+def test_bad_dataset_options_say_how_to_write_them(text, fragment):
+    with pytest.raises(Exception, match=fragment):
+        DatasetSpec.parse(text)
+
+
+def test_interventions_without_their_graph_are_refused_when_the_dataset_loads(tmp_path):
+    path = write_folder_dataset(tmp_path, n=2)
+    records = json.loads(path.read_text())
+    records[0]["graph"] = ""
+    path.write_text(json.dumps(records))
+    with pytest.raises(Exception, match="record 1: hand-written interventions need the graph"):
+        load_items(DatasetSpec.parse(f"d=folder:{path}"))
+
+
+def test_missing_image_names_the_file_and_the_fix(tmp_path):
+    path = write_folder_dataset(tmp_path, n=2, hand_written=False)
+    (tmp_path / "img1.png").unlink()
+    with pytest.raises(Exception, match=r"img1.png does not exist.*@IMAGES"):
+        load_items(DatasetSpec.parse(f"d=folder:{path}"))
+
+
+# -- crashes and reruns ------------------------------------------------------------------------------
+
+def evaluate_process(args, env_key="sk-secret-never-written", launcher=()):
+    env = {**os.environ, "EVAL_TEST_KEY": env_key, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([*launcher, *(["-m", "csg.evaluate"] if launcher else [sys.executable, "-m", "csg.evaluate"]),
+                             *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished_ids(out):
+    return sorted(r["item_id"] for r in load_results(out).records if "error" not in r)
+
+
+def test_sigkill_after_the_first_item_loses_nothing_finished(datasets, sdxl_folder, weight_files, tmp_path):
+    out = tmp_path / "eval"
+    with evaluation_server() as server:
+        args = command(datasets[:2], out, server, sdxl_folder, weight_files, "--methods", "csg,ddpm")
+        process = evaluate_process(args)
+        results = out / "results.0.jsonl"
+        deadline = time.monotonic() + 240
+        while not (results.exists() and results.read_bytes().count(b"\n") >= 1):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no item finished in time"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        before = finished_ids(out)
+        assert 1 <= len(before) < 6
+        # A torn last line, as a kill in the middle of a write would leave one, is reported and redone.
+        with results.open("ab") as handle:
+            handle.write(b'{"item_id": "coco/999", "dataset": "co')
+        process = evaluate_process(args)
+        _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert "unreadable lines in the results" in err and "results.0.jsonl:" in err
+    assert f"{len(before)} already done" in err
+    ids = [r["item_id"] for r in load_results(out).records]
+    assert sorted(ids) == sorted(set(ids)) == ["coco/100", "coco/101", "coco/102", "faces/0", "faces/1", "faces/2"]
+    assert load_results(out).torn == ["results.0.jsonl:2"]  # the torn text stays on a line of its own
+
+
+def test_accelerate_shards_items_and_a_rerun_with_more_processes_does_nothing(datasets, sdxl_folder, weight_files,
+                                                                              tmp_path):
+    out = tmp_path / "eval"
+    # accelerate's --cpu flag starts ONE process (several need MPI); its torchrun launcher starts n, and
+    # csg.evaluate joins them into one gloo group when there is no CUDA.
+    launch = lambda n: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),  # noqa: E731
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    with evaluation_server() as server:
+        args = command(datasets, out, server, sdxl_folder, weight_files, "--methods", "csg", "--per-dataset", "2")
+        process = evaluate_process(args, launcher=launch(2))
+        _, err = process.communicate(timeout=400)
+        assert process.returncode == 0, err
+        records = load_results(out).records
+        assert {r["rank"] for r in records} == {0, 1}
+        assert sorted(p.name for p in out.glob("results.*.jsonl")) == ["results.0.jsonl", "results.1.jsonl"]
+        ids = [r["item_id"] for r in records]
+        assert len(ids) == len(set(ids)) == 6
+        assert (out / "report.html").is_file() and all(i in (out / "report.html").read_text() for i in ids)
+        planned = len(server.requests)
+        process = evaluate_process(args, launcher=launch(3))
+        _, err = process.communicate(timeout=400)
+        assert process.returncode == 0, err
+        assert len(server.requests) == planned  # no new work
+    assert err.count("6 already done, 0 for this process") == 3
+    assert [r["item_id"] for r in load_results(out).records] == ids
+
+
+# -- the single-image CLI: --metrics and step progress -------------------------------------------------
+
+@pytest.mark.parametrize("method", ["csg", "ddpm"])
+def test_cli_metrics_and_step_progress(method, sdxl_folder, weight_files, tmp_path, capsys):
+    from csg.cli import main as cli_main
+    from tests.evaluation_fixtures import EXAMPLES
+
+    out = tmp_path / "out"
+    with evaluation_server() as server:
+        code = cli_main([str(EXAMPLES / "portrait.png"), "--graph-json", str(EXAMPLES / "portrait_graph.json"),
+                         "--intervention-json", str(EXAMPLES / "portrait_intervention.json"), "--sdxl", str(sdxl_folder),
+                         "--out", str(out), "--method", method, "--metrics", "--lpips-vgg", str(weight_files[0]),
+                         "--lpips-heads", str(weight_files[1]), "--vlm-url", server.base_url, "--vlm-name", "judge",
+                         "--steps", "6", "--warmup", "2", "--max-side", "64", "--device", "cpu", "--dtype", "float32"])
+        requests = list(server.requests)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert requests and all("<checklist>" in r.text() for r in requests)  # a hand-written plan: only the judge asks
+    edit = "edit" if method == "csg" else "sampling 1/1"
+    for phase in ("inversion", edit):
+        assert f"{phase}: step 6/6" in captured.err and f"{phase}: step 3/6" in captured.err
+    assert "ETA" in captured.err
+    [entry] = json.loads((out / "report.json").read_text())["interventions"]
+    scores = entry["metrics"]
+    assert scores["vlm_effectiveness"] == pytest.approx(2 / 3) and scores["causal_consistency"] == 0.5
+    assert scores["preservation"] == 1.0 and scores["lpips"] > 0
+    assert (scores["masked_lpips"] is not None) == (method == "csg")
+    assert "i1: vlm_effectiveness 0.667" in captured.out
