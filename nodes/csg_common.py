@@ -20,10 +20,10 @@ from ..csg.guidance import MASK_MODES, EditSpec
 
 CATEGORY = "causal counterfactuals"
 
-Inversion = io.Custom("INVERSION")  # csg.abduction.Inversion
-CausalGraphType = io.Custom("CAUSAL_GRAPH")  # csg.graph.CausalGraph
-InterventionType = io.Custom("INTERVENTION")  # csg.graph.Intervention
-Interventions = io.Custom("INTERVENTIONS")  # list[csg.graph.Intervention]
+Inversion = io.Custom("CSG_INVERSION")  # csg.abduction.Inversion
+CausalGraphType = io.Custom("CSG_CAUSAL_GRAPH")  # csg.graph.CausalGraph
+InterventionType = io.Custom("CSG_INTERVENTION")  # csg.graph.Intervention
+Interventions = io.Custom("CSG_INTERVENTIONS")  # list[csg.graph.Intervention]
 
 
 # -- images ----------------------------------------------------------------------------------------------
@@ -114,10 +114,10 @@ def spec_for(intervention: Intervention, graph: CausalGraph | None, settings: CS
     """CSG's terms for one intervention, its causal semantics enforced against ``graph`` when given;
     ``reverse`` turns every term away from its concept's original value."""
     if not isinstance(intervention, Intervention):
-        raise InputError(f"Expected an INTERVENTION, got {type(intervention).__name__}.")
+        raise InputError(f"Expected a CSG_INTERVENTION, got {type(intervention).__name__}.")
     if graph is None:
         if settings.non_descendant_protection:
-            raise InputError("Non-descendant protection needs the causal graph: connect a CAUSAL_GRAPH, "
+            raise InputError("Non-descendant protection needs the causal graph: connect a CSG_CAUSAL_GRAPH, "
                              "or turn protection off.")
         graph = implied_graph(intervention)
     checked = check_intervention(graph, intervention)

@@ -1,8 +1,8 @@
 """The counterfactual nodes: abduction once, then any number of CSG predictions from it.
 
-    Causal Inversion        MODEL, CLIP, VAE, IMAGE, source prompt      -> INVERSION
-    Causal Counterfactual   MODEL, CLIP, VAE, INVERSION, INTERVENTION   -> IMAGE, LATENT, MASK, IMAGE
-    Causal Counterfactuals  MODEL, CLIP, VAE, INVERSION, INTERVENTIONS  -> the same, one batch row each
+    Causal Inversion          MODEL, CLIP, VAE, IMAGE, source prompt              -> CSG_INVERSION
+    Causal Counterfactual     MODEL, CLIP, VAE, CSG_INVERSION, CSG_INTERVENTION   -> IMAGE, LATENT, MASK, IMAGE
+    Causal Counterfactuals    MODEL, CLIP, VAE, CSG_INVERSION, CSG_INTERVENTIONS  -> the same, one batch row each
 
 The inversion is its own node so ComfyUI's cache keeps it: changing an edit setting re-runs only
 the prediction. The inversion runs the core's ``csg.abduction.invert_latents`` on ``ComfySDXLHost``,
@@ -90,7 +90,7 @@ def predict(model, clip, vae, inversion, interventions: list, graph, scale, thre
             protect_non_descendants) -> io.NodeOutput:
     """Counterfactual images, latents, masks and mask previews for one batched CSG run."""
     if not interventions:
-        raise InputError("No intervention given; connect an INTERVENTION (or a non-empty INTERVENTIONS list).")
+        raise InputError("No intervention given; connect a CSG_INTERVENTION (or a non-empty CSG_INTERVENTIONS list).")
     settings = edit_settings(scale, threshold, warmup, mask_mode, protect_non_descendants)
     specs = [spec_for(i, graph, settings, reverse) for i in interventions]
     guider = CSGGuider.for_edits(ComfySDXLHost(model, clip, vae), inversion, specs, settings.guidance_params())

@@ -1,10 +1,10 @@
 """The understanding nodes: a VLM extracts the causal graph and proposes or propagates interventions.
 
-    VLM (Local)                models/LLM/<name>                    -> VLM
-    VLM (OpenAI-compatible)    base URL, model, API-key variable    -> VLM
-    Concept Extractor          VLM, IMAGE (+ caption)               -> CAUSAL_GRAPH, preview, JSON, base prompt
-    Intervention Proposer      VLM, IMAGE, CAUSAL_GRAPH             -> INTERVENTIONS (3), JSON
-    Manual Intervention        CAUSAL_GRAPH, target, value (+ VLM)  -> INTERVENTION, JSON, report, preview
+    VLM (Local)                models/LLM/<name>                            -> CSG_VLM
+    VLM (OpenAI-compatible)    base URL, model, API-key variable            -> CSG_VLM
+    Concept Extractor          CSG_VLM, IMAGE (+ caption)                   -> CSG_CAUSAL_GRAPH, preview, JSON, base prompt
+    Intervention Proposer      CSG_VLM, IMAGE, CSG_CAUSAL_GRAPH             -> CSG_INTERVENTIONS (3), JSON
+    Manual Intervention        CSG_CAUSAL_GRAPH, target, value (+ CSG_VLM)  -> CSG_INTERVENTION, JSON, report, preview
 
 The stages are ``csg.vlm``'s; these nodes only translate ComfyUI types, show progress and honour
 Cancel. A VLM socket carries a ``VLMHandle``: the backend the stages call (wrapped in the answer
@@ -42,7 +42,7 @@ from .graph_nodes import (graph_preview, graph_view_ui, image_to_pil, interventi
 from .model_memory import ManagedPlacement, node_device
 
 UNDERSTANDING_CATEGORY = f"{CATEGORY}/understanding"
-VLMType = io.Custom("VLM")  # nodes.vlm_nodes.VLMHandle
+VLMType = io.Custom("CSG_VLM")  # nodes.vlm_nodes.VLMHandle
 LLM_FOLDER = "LLM"
 NO_LOCAL_MODEL = "(no model folder in models/LLM)"
 CACHE_FOLDER = "csg_vlm_cache"  # under ComfyUI's user directory
