@@ -26,6 +26,7 @@ comparisons use the same pixels.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -168,6 +169,34 @@ def to_pil(pixels: torch.Tensor) -> Image.Image:
     """(3, H, W) RGB in [0, 1] to an 8-bit PIL image."""
     array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
+
+
+def parse_concept_scales(items: str | Sequence[str], where: str = "concept scales") -> dict[str, float]:
+    """Per-concept edit scales from ``"concept=number"`` items, for ``CSGParams.concept_scales``.
+
+    Args:
+        items: the items, or one string of them separated by commas or new lines
+            (``"c2=6.0, hair color=5"``); a concept is an id or a name, checked against the graph later.
+        where: how the error names the setting (``"--concept-scale"``, ``"concept_scales"``).
+
+    Returns:
+        The scale of each named concept; empty for no items.
+
+    Raises:
+        InputError: an item is not ``concept=number``.
+    """
+    if isinstance(items, str):
+        items = [item for item in re.split(r"[,\n]", items) if item.strip()]
+    scales = {}
+    for item in items:
+        concept, sep, value = item.partition("=")
+        try:
+            scales[concept.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not concept.strip():
+            raise InputError(f'{where} expects "concept=number", e.g. "hair color=6"; got {item!r}.')
+    return scales
 
 
 # -- the action: interventions to guidance terms ---------------------------------------------------

@@ -13,7 +13,7 @@ import comfy.model_management
 import comfy.utils
 import latent_preview
 
-from ..csg.counterfactual import CSGParams, edit_spec
+from ..csg.counterfactual import CSGParams, edit_spec, parse_concept_scales
 from ..csg.errors import InputError
 from ..csg.graph import CausalGraph, Concept, Intervention, Relationship, check_intervention
 from ..csg.guidance import MASK_MODES, EditSpec
@@ -105,9 +105,12 @@ def implied_graph(intervention: Intervention) -> CausalGraph:
     return CausalGraph((target, *changed), tuple(edges))
 
 
-def edit_settings(scale: float, threshold: float, warmup: int, mask_mode: str, protect: bool) -> CSGParams:
+def edit_settings(scale: float, threshold: float, warmup: int, mask_mode: str, protect: bool, cooldown: int = 0,
+                  concept_scales: str = "") -> CSGParams:
+    """The edit widgets as CSGParams; a cooldown of 0 guides to the end (the API's None)."""
     return CSGParams(scale=scale, threshold=threshold, warmup=warmup, mask_mode=mask_mode,
-                     non_descendant_protection=protect)
+                     non_descendant_protection=protect, cooldown=cooldown or None,
+                     concept_scales=parse_concept_scales(concept_scales, "concept_scales"))
 
 
 def spec_for(intervention: Intervention, graph: CausalGraph | None, settings: CSGParams, reverse: bool) -> EditSpec:
@@ -144,4 +147,10 @@ def edit_inputs() -> list:
         io.Boolean.Input("protect_non_descendants", default=False,
                          tooltip="Ours, off by default: keep edit masks off the regions of concepts that are not "
                                  "descendants of the target (needs the causal graph)."),
+        io.Int.Input("cooldown", default=0, min=0, max=1000, optional=True,
+                     tooltip="First step without guidance again, so the last steps only refine details; 0: guide "
+                             "to the end (the paper)."),
+        io.String.Input("concept_scales", default="", optional=True,
+                        tooltip="Per-concept scales instead of 'scale', e.g. 'c2=6.0, hair color=5' (concept id or "
+                                "name, comma separated). Empty: every concept uses 'scale'."),
     ]

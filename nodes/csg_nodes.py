@@ -87,11 +87,12 @@ class CausalInversion(io.ComfyNode):
 
 
 def predict(model, clip, vae, inversion, interventions: list, graph, scale, threshold, warmup, mask_mode, reverse,
-            protect_non_descendants) -> io.NodeOutput:
+            protect_non_descendants, cooldown, concept_scales) -> io.NodeOutput:
     """Counterfactual images, latents, masks and mask previews for one batched CSG run."""
     if not interventions:
         raise InputError("No intervention given; connect a CSG_INTERVENTION (or a non-empty CSG_INTERVENTIONS list).")
-    settings = edit_settings(scale, threshold, warmup, mask_mode, protect_non_descendants)
+    settings = edit_settings(scale, threshold, warmup, mask_mode, protect_non_descendants, cooldown,
+                             concept_scales)
     specs = [spec_for(i, graph, settings, reverse) for i in interventions]
     guider = CSGGuider.for_edits(ComfySDXLHost(model, clip, vae), inversion, specs, settings.guidance_params())
     samples = sample_counterfactual(guider, inversion)
@@ -143,9 +144,9 @@ class CausalCounterfactual(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, inversion, intervention, scale, threshold, warmup, mask_mode, reverse,
-                protect_non_descendants, causal_graph=None) -> io.NodeOutput:
+                protect_non_descendants, causal_graph=None, cooldown=0, concept_scales="") -> io.NodeOutput:
         return predict(model, clip, vae, inversion, [intervention], causal_graph, scale, threshold, warmup, mask_mode,
-                       reverse, protect_non_descendants)
+                       reverse, protect_non_descendants, cooldown, concept_scales)
 
 
 class CausalCounterfactuals(io.ComfyNode):
@@ -169,9 +170,9 @@ class CausalCounterfactuals(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, inversion, interventions, scale, threshold, warmup, mask_mode, reverse,
-                protect_non_descendants, causal_graph=None) -> io.NodeOutput:
+                protect_non_descendants, causal_graph=None, cooldown=0, concept_scales="") -> io.NodeOutput:
         return predict(model, clip, vae, inversion, list(interventions), causal_graph, scale, threshold, warmup,
-                       mask_mode, reverse, protect_non_descendants)
+                       mask_mode, reverse, protect_non_descendants, cooldown, concept_scales)
 
 
 NODES = [CausalInversion, CausalCounterfactual, CausalCounterfactuals]
