@@ -376,7 +376,7 @@ def build_baselines_comparison(canvas: Canvas) -> None:
                              intervention=pick.out("intervention"),
                              causal_graph=understanding.extractor.out("causal_graph"))
     model = factual.checkpoint
-    baselines = [canvas.add("CSGBaselineEdit", (3 * COLUMN, 960 + 480 * k), title=f"Baseline: {method}",
+    baselines = [canvas.add("CSGBaselineEdit", (3 * COLUMN, 1020 + 480 * k), title=f"Baseline: {method}",
                             model=model.out("MODEL"), clip=model.out("CLIP"), vae=model.out("VAE"),
                             image=factual.scaled.out("IMAGE"), intervention=pick.out("intervention"),
                             method=method, source_prompt=base_prompt)
