@@ -245,4 +245,4 @@ class LPIPSDistance(io.ComfyNode):
         return io.NodeOutput(sum(distances) / len(distances), report, ui=ui.PreviewText(report))
 
 
-EVALUATION_NODES = [CounterfactualJudge, LPIPSDistance]
+NODES = [CounterfactualJudge, LPIPSDistance]

@@ -226,4 +226,4 @@ class SelectIntervention(io.ComfyNode):
         return io.NodeOutput(chosen, chosen.to_json(), ui=ui.PreviewText(intervention_report(chosen)))
 
 
-GRAPH_NODES = [CausalGraphFromJSON, InterventionFromJSON, CausalGraphPreview, SelectIntervention]
+NODES = [CausalGraphFromJSON, InterventionFromJSON, CausalGraphPreview, SelectIntervention]

@@ -432,4 +432,4 @@ class ManualIntervention(io.ComfyNode):
         return io.NodeOutput(intervention, intervention.to_json(), report, preview, ui=shown)
 
 
-VLM_NODES = [LocalVLM, OpenAICompatibleVLMNode, ConceptExtractor, InterventionProposer, ManualIntervention]
+NODES = [LocalVLM, OpenAICompatibleVLMNode, ConceptExtractor, InterventionProposer, ManualIntervention]
