@@ -215,6 +215,16 @@ class DiffusersSDXLHost:
     device for each ``encode_prompts`` (saves their 1.5 GiB of GPU memory for the whole run). The
     host then owns those modules: it moves them to the CPU. ``from_pretrained`` and
     ``from_single_file`` turn it on for CUDA devices.
+
+    Build one with ``from_pretrained`` (a diffusers folder) or ``from_single_file`` (a checkpoint).
+
+    Args:
+        unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, vae: the SDXL components.
+        alphas_cumprod: the noise schedule's cumulative alphas.
+        compile_unet, compile_backend, offload_text_encoders: as above.
+
+    Raises:
+        InputError: an unknown compile mode or backend, or components that are not SDXL's.
     """
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,

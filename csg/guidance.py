@@ -1,5 +1,8 @@
 """Action: Causal Semantic Guidance (the paper's eqs. 9-12), one denoising step at a time.
 
+Internal: not part of the public API (``csg.__all__``), so it may change without notice.
+
+
 For every changed concept c in E (the target and its changed descendants) with its own prompt
 and batch row, at each step
 

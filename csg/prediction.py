@@ -1,5 +1,8 @@
 """Prediction: sample the counterfactual from the abducted noise under CSG.
 
+Internal: not part of the public API (``csg.__all__``), so it may change without notice.
+
+
 Entry points::
 
     edit(host, inversion, specs: list[EditSpec], params=GuidanceParams()) -> EditResult

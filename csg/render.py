@@ -512,10 +512,21 @@ def _draw(graph: CausalGraph, intervention: Intervention | None, scale: float) -
 def render_graph(graph: CausalGraph, intervention: Intervention | None = None, *, width: int | None = None) -> Image.Image:
     """An RGB picture of ``graph`` laid out cause above effect, with ``intervention`` highlighted.
 
-    The intervention is passed through ``check_intervention`` first, so what is drawn is what
-    the editor will do, and every change the check strips is shown in red, with its reason
-    under the graph. ``width`` (pixels) scales the whole drawing, text included; by default the
-    canvas fits the graph at a size where the text reads comfortably.
+    The intervention is passed through ``check_intervention`` first, so what is drawn is what the
+    editor will do, and every change the check strips is shown in red, with its reason under the graph.
+
+    Args:
+        graph: the graph to draw.
+        intervention: optional; its target and changes are highlighted.
+        width: pixels; scales the whole drawing, text included. None: the canvas fits the graph at a
+            size where the text reads comfortably.
+
+    Returns:
+        The picture.
+
+    Raises:
+        GraphError: the intervention's target is not in the graph.
+        InputError: ``width`` is not positive.
     """
     if intervention is not None:
         intervention = check_intervention(graph, intervention)

@@ -89,7 +89,23 @@ def parse_judgement(intervention_id: str, items: list[tuple[str, str]], answer: 
 
 def judge_counterfactual(vlm: VLM, image: Image.Image, intervention: Intervention, graph: CausalGraph, *,
                          max_attempts: int = DEFAULT_ATTEMPTS) -> Judgement:
-    """Ask the VLM whether ``image`` (the counterfactual) shows each value the intervention set."""
+    """Ask the VLM whether ``image`` (the counterfactual) shows each value the intervention set.
+
+    Args:
+        vlm: the backend.
+        image: the counterfactual image.
+        intervention: the intervention it was made with.
+        graph: the graph it acts on; it decides which concepts changed.
+        max_attempts: questions asked before giving up on unusable answers.
+
+    Returns:
+        The ``Judgement``: per changed concept whether it is shown, and the verdict.
+
+    Raises:
+        GraphError: the intervention does not fit the graph.
+        VLMError: the backend failed.
+        VLMOutputError: no valid answer within ``max_attempts``.
+    """
     intervention = check_intervention(graph, intervention)
     items = checklist(intervention, graph)
     target = graph.concept(intervention.target_concept_id)

@@ -218,6 +218,19 @@ class OpenAICompatibleVLM:
 
     There is deliberately no way to pass the key's value: only the name of the environment variable
     that holds it, so no workflow, cache or log can ever contain it.
+
+    Args:
+        base_url: the server, e.g. "http://127.0.0.1:11434/v1".
+        model: the model name the server knows.
+        api_key_env: the environment variable holding the API key; None: no key.
+        timeout: seconds for one whole exchange.
+        retries: further tries after a failed exchange.
+        backoff: the first wait between tries, in seconds.
+        max_image_side: longer side images are downscaled to before sending; None: never.
+
+    Raises:
+        InputError: an unusable URL, timeout, retries or backoff.
+        VLMError: from each question, when the server fails after the retries.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, timeout: float = 300.0,

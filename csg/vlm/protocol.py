@@ -1,4 +1,7 @@
-"""What every VLM backend offers, and how images are prepared before any backend sees them."""
+"""What every VLM backend offers, and how images are prepared before any backend sees them.
+
+Internal: not part of the public API (``csg.__all__``), so it may change without notice.
+"""
 
 from __future__ import annotations
 

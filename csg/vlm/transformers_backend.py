@@ -311,6 +311,18 @@ class TransformersVLM:
     """A local Qwen-VL instruct model, loaded with ``AutoModelForImageTextToText`` from ``folder`` only.
 
     ``placement`` puts it on ``device`` (default: ``MoveToDevice``); the processor's tensors go to ``device``.
+
+    Args:
+        folder: the model folder (config, processor and safetensors files).
+        device: "auto", "cpu", "cuda", ...
+        dtype: "auto" or a torch dtype.
+        on_token: called per generated token (progress).
+        max_image_side: longer side images are downscaled to before asking; None: never.
+        placement: how the weights are placed (``MoveToDevice`` by default).
+
+    Raises:
+        WeightsMissingError: ``folder`` is not a model folder (the message says how to download one).
+        VLMError: the model cannot be loaded.
     """
 
     def __init__(self, folder: str | Path, *, device: Any = "auto", dtype: Any = "auto",
