@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from tests.comfyui.csg_fixtures import node_output, pack_module  # noqa: E402
-from tests.comfyui.harness import import_comfy_like_main  # noqa: E402
+from tools.comfyui_harness import import_comfy_like_main  # noqa: E402
 from tests.comfyui.sdxl_checkpoint import ensure_checkpoint  # noqa: E402
 
 EXAMPLES = ROOT / "csg" / "examples"

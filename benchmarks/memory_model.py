@@ -41,7 +41,7 @@ from csg.abduction import invert  # noqa: E402
 from csg.diffusers_host import DiffusersSDXLHost, scaled_linear_alphas_cumprod  # noqa: E402
 from csg.guidance import GuidanceParams  # noqa: E402
 from csg.prediction import edit  # noqa: E402
-from csg.random_sdxl import build_sdxl_components  # noqa: E402
+from tools.random_sdxl import build_sdxl_components  # noqa: E402
 
 CUDA_BLOCK = 512  # the caching allocator's rounding of every allocation
 GIB = 2**30

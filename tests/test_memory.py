@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from csg.diffusers_host import DiffusersSDXLHost, ParkedWeights, sdxl_vae_dtype
-from csg.random_sdxl import build_sdxl_components
+from tools.random_sdxl import build_sdxl_components
 from sdxl_fixtures import tiny_components
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,6 +29,24 @@ def test_core_never_imports_comfyui_and_imports_itself_relatively():
             assert not (level == 0 and top == "csg"), f"{path.relative_to(ROOT)} imports '{module}' absolutely; use a relative import"
 
 
+def _absolute_imports(path: Path) -> list[str]:
+    """Every module ``path`` imports, relative imports resolved from the repository root (itself a package)."""
+    package = list(path.relative_to(ROOT).parent.parts)
+    resolved = []
+    for module, level in _imports(path):
+        base = package[:len(package) - (level - 1)] if level else []
+        resolved.append(".".join([*base, *filter(None, module.split("."))]))
+    return resolved
+
+
+def test_nothing_shipped_imports_the_tests_and_the_pack_imports_no_tools():
+    """Tests import tools, never the reverse; csg/ and nodes/ (the pack) need neither tests/ nor tools/."""
+    for folder, forbidden in (("csg", {"tests", "tools"}), ("nodes", {"tests", "tools"}), ("tools", {"tests"})):
+        for path in (ROOT / folder).rglob("*.py"):
+            for module in _absolute_imports(path):
+                assert module.split(".")[0] not in forbidden, f"{path.relative_to(ROOT)} imports {module}"
+
+
 def test_pyproject_declares_the_registry_metadata_and_a_semver_version():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert re.fullmatch(r"\d+\.\d+\.\d+", project["project"]["version"])

@@ -3,7 +3,7 @@
     COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python tools/build_workflows.py
 
 Sockets, output names and the order of widget values come from the node definitions of a running
-ComfyUI with this pack loaded (tests/comfyui/harness.py), so after a node changes a re-run brings
+ComfyUI with this pack loaded (tools/comfyui_harness.py), so after a node changes a re-run brings
 every workflow up to date. Each workflow below places nodes on the canvas, wires them by output
 name, frames the causal steps in groups and explains itself in a note. tests/comfyui/
 test_workflows.py executes every file through ComfyUI's engine.
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from tests.comfyui.workflow_format import UPLOAD_OPTIONS, input_entries, widget_layout  # noqa: E402
+from tools.workflow_format import UPLOAD_OPTIONS, input_entries, widget_layout  # noqa: E402
 
 FRONTEND_VERSION = "1.27.10"  # the frontend ComfyUI 0.3.64 pins
 SDXL_BASE = {"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
@@ -473,7 +473,7 @@ WORKFLOWS: dict[str, Callable[[Canvas], None]] = {
 
 
 def main() -> None:
-    from tests.comfyui.harness import start_comfyui
+    from tools.comfyui_harness import start_comfyui
 
     comfy = start_comfyui(Path(tempfile.mkdtemp(prefix="csg-workflows-")))
     folder = ROOT / "workflows"

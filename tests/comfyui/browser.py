@@ -25,7 +25,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.comfyui.csg_fixtures import comfyui_path
+from tools.comfyui_harness import comfyui_path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACK_FOLDER = "comfyui-causal-counterfactuals"  # the pack's folder in custom_nodes/, so its URL is /extensions/<this>/

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from tests.comfyui.csg_fixtures import write_random_lpips_weights
-from tests.comfyui.harness import WorkflowFailed
+from tools.comfyui_harness import WorkflowFailed
 from tests.test_vlm_stages import load_scene, stage_of, wrap
 from tests.vlm_server import VLMServer, completion
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.comfyui.harness import WorkflowFailed
+from tools.comfyui_harness import WorkflowFailed
 from tests.test_vlm_stages import load_scene, scene_server, stage_of, wrap
 from tests.test_vlm_transformers import build_tiny_qwen25_vl
 from tests.vlm_server import VLMServer, completion

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.comfyui.csg_fixtures import write_random_lpips_weights
-from tests.comfyui.harness import WorkflowFailed
+from tools.comfyui_harness import WorkflowFailed
 from tests.comfyui.test_evaluation_nodes import judge_reply
 from tests.test_vlm_stages import load_scene, scene_server
 
