@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Hashable, Sequence
 
-import networkx as nx
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import InputError
@@ -73,12 +72,18 @@ def _distinct_edges(graph: CausalGraph) -> list[tuple[str, str]]:
     return list(dict.fromkeys((r.cause_id, r.effect_id) for r in graph.relationships))
 
 
+def _generations(graph: CausalGraph) -> dict[str, int]:
+    """Each concept's row: the length of the longest path reaching it from a concept without causes."""
+    row_of = dict.fromkeys(graph.ids, 0)
+    for cid in graph.topological_order():
+        for child in graph.children(cid):
+            row_of[child] = max(row_of[child], row_of[cid] + 1)
+    return row_of
+
+
 def _layout(graph: CausalGraph) -> _Layout:
-    dag = nx.DiGraph()
-    dag.add_nodes_from(graph.ids)
     edges = _distinct_edges(graph)
-    dag.add_edges_from(edges)
-    row_of: dict[Node, int] = {cid: row for row, generation in enumerate(nx.topological_generations(dag)) for cid in generation}
+    row_of: dict[Node, int] = _generations(graph)
     rows: list[list[Node]] = [[] for _ in range(max(row_of.values()) + 1)]
     for cid in graph.ids:  # declaration order is the starting order
         rows[row_of[cid]].append(cid)
