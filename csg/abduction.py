@@ -34,8 +34,8 @@ whose alpha is fully opaque loses its alpha channel; a transparent one raises ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

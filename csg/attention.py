@@ -12,7 +12,7 @@ requested rows pay for an explicit softmax.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

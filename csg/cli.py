@@ -48,9 +48,10 @@ import os
 import re
 import stat
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import CSGError, GraphError, InputError, WeightsMissingError
 from .graph import parse_json

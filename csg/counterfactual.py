@@ -27,16 +27,23 @@ comparisons use the same pixels.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from PIL import Image, ImageOps
 
 from .abduction import Inversion, image_to_tensor, invert
-from .baselines import (DEFAULT_TARGET_GUIDANCE, BaselineInversion, Method, check_guidance_scale, invert_baseline,
-                        sample_with_guidance)
+from .baselines import (
+    DEFAULT_TARGET_GUIDANCE,
+    BaselineInversion,
+    Method,
+    check_guidance_scale,
+    invert_baseline,
+    sample_with_guidance,
+)
 from .errors import GraphError, InputError
 from .graph import CausalGraph, EditConcept, Intervention, check_intervention
 from .guidance import ConceptTerm, EditSpec, GuidanceParams, MaskMode, check_specs, check_term_settings

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import heapq
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from .errors import NAME_LIMIT, NAMED_IDS, GraphError, brief, quote, some
 
@@ -125,7 +126,7 @@ class Concept:
     description: str = ""
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Concept":
+    def from_dict(cls, data: Mapping[str, Any]) -> Concept:
         where = _named("concept", data, "id")
         return cls(
             id=_require_str(data, "id", where),
@@ -158,7 +159,7 @@ class Relationship:
     description: str = ""
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Relationship":
+    def from_dict(cls, data: Mapping[str, Any]) -> Relationship:
         where = _named("relationship", data, "id")
         return cls(
             id=_require_str(data, "id", where),
@@ -199,7 +200,7 @@ class CausalGraph:
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: Any) -> "CausalGraph":
+    def from_dict(cls, data: Any) -> CausalGraph:
         if not isinstance(data, Mapping):
             raise GraphError(f"A causal graph must be a JSON object with 'concepts' and 'relationships', got {type(data).__name__}.")
         concepts = [Concept.from_dict(c) for c in _require_list(data, "concepts", "the graph")]
@@ -210,7 +211,7 @@ class CausalGraph:
         return cls(tuple(concepts), tuple(relationships), summary.strip())
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "CausalGraph":
+    def from_json(cls, text: str | bytes) -> CausalGraph:
         return cls.from_dict(parse_json(text, "graph"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -412,7 +413,7 @@ class PropagatedChange:
     reason: str = ""
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PropagatedChange":
+    def from_dict(cls, data: Mapping[str, Any]) -> PropagatedChange:
         where = _named("propagated change", data, "concept_id")
         return cls(
             concept_id=_require_str(data, "concept_id", where),
@@ -490,7 +491,7 @@ class Intervention:
     violations: tuple[CausalViolation, ...] = ()
 
     @classmethod
-    def from_dict(cls, data: Any) -> "Intervention":
+    def from_dict(cls, data: Any) -> Intervention:
         if not isinstance(data, Mapping):
             raise GraphError(f"An intervention must be a JSON object, got {type(data).__name__}.")
         where = _named("intervention", data, "id")
@@ -518,7 +519,7 @@ class Intervention:
         )
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Intervention":
+    def from_json(cls, text: str | bytes) -> Intervention:
         return cls.from_dict(parse_json(text, "intervention"))
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,9 +14,9 @@ noted in red in the box it tried to change, with the reason listed under the gra
 from __future__ import annotations
 
 import bisect
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Hashable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 

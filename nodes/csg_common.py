@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
-
-import torch
-import torch.nn.functional as F
-from comfy_api.latest import io
 
 import comfy.model_management
 import comfy.utils
 import latent_preview
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
 
 from ..csg.counterfactual import CSGParams, edit_spec, parse_concept_scales
 from ..csg.errors import InputError

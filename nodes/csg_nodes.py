@@ -22,9 +22,21 @@ from ..csg.abduction import check_image_size, image_to_tensor, invert_latents
 from ..csg.errors import InputError
 from .comfy_host import ComfySDXLHost
 from .comfy_sampling import CSGGuider, sample_counterfactual
-from .csg_common import (CATEGORY, CausalGraphType, InterventionType, Interventions, Inversion, decode_images,
-                         edit_inputs, edit_settings, mask_preview, masks_at, previewing_progress, single_image,
-                         spec_for)
+from .csg_common import (
+    CATEGORY,
+    CausalGraphType,
+    Interventions,
+    InterventionType,
+    Inversion,
+    decode_images,
+    edit_inputs,
+    edit_settings,
+    mask_preview,
+    masks_at,
+    previewing_progress,
+    single_image,
+    spec_for,
+)
 
 
 def model_inputs() -> list:

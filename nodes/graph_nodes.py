@@ -29,7 +29,7 @@ from ..csg.errors import InputError
 from ..csg.graph import CausalGraph, Intervention, check_intervention
 from ..csg.render import MIN_WIDTH, render_graph
 from ..csg.view import graph_view
-from .csg_common import CATEGORY, CausalGraphType, InterventionType, Interventions, to_comfy_images
+from .csg_common import CATEGORY, CausalGraphType, Interventions, InterventionType, to_comfy_images
 
 GRAPH_CATEGORY = f"{CATEGORY}/graph"
 EXAMPLES = Path(__file__).resolve().parents[1] / "csg" / "examples"

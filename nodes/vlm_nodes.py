@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import comfy.model_management
 import comfy.utils
@@ -32,13 +32,29 @@ from PIL import Image
 
 from ..csg.errors import InputError, WeightsMissingError
 from ..csg.graph import CausalGraph
-from ..csg.vlm import (DEFAULT_ATTEMPTS, VLM, CachedVLM, OpenAICompatibleVLM, TransformersVLM, Turn, extract_graph,
-                       manual_intervention, propagate_intervention, propose_interventions)
+from ..csg.vlm import (
+    DEFAULT_ATTEMPTS,
+    VLM,
+    CachedVLM,
+    OpenAICompatibleVLM,
+    TransformersVLM,
+    Turn,
+    extract_graph,
+    manual_intervention,
+    propagate_intervention,
+    propose_interventions,
+)
 from ..csg.vlm.openai_backend import MAX_RETRY_AFTER
 from ..csg.vlm.transformers_backend import GIB, WORKING_MEMORY_BASE, check_fits, memory_needed, resolve_device_dtype
-from .csg_common import CATEGORY, CausalGraphType, InterventionType, Interventions
-from .graph_nodes import (graph_preview, graph_view_ui, image_to_pil, intervention_report, interventions_json,
-                          preview_width_input)
+from .csg_common import CATEGORY, CausalGraphType, Interventions, InterventionType
+from .graph_nodes import (
+    graph_preview,
+    graph_view_ui,
+    image_to_pil,
+    intervention_report,
+    interventions_json,
+    preview_width_input,
+)
 from .model_memory import ManagedPlacement, node_device
 
 UNDERSTANDING_CATEGORY = f"{CATEGORY}/understanding"

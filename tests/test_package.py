@@ -2,8 +2,9 @@
 
 import ast
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +108,7 @@ def _readme_section(heading: str) -> str:
     for line in (ROOT / "README.md").read_text().splitlines():
         if line.startswith("```"):
             fenced = not fenced
-        elif not fenced and re.match(r"#{1,%d} " % level, line):
+        elif not fenced and re.match(rf"#{{1,{level}}} ", line):
             if inside:
                 break
             inside = line == heading

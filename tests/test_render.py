@@ -58,7 +58,7 @@ def assert_sound_layout(graph):
     for r in graph.relationships:
         assert pos[r.cause_id][1] < pos[r.effect_id][1], f"{r.cause_id} is not above {r.effect_id}"
     rows = {}
-    for cid, (x, y) in pos.items():
+    for x, y in pos.values():
         assert x >= 0.5 - 1e-9 and y == int(y)
         rows.setdefault(y, []).append(x)
     for xs in rows.values():

@@ -15,9 +15,10 @@ import json
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
@@ -37,7 +38,7 @@ GROUP_COLORS = {"factual": "#3f789e", "understanding": "#8A8", "abduction": "#a1
 
 @dataclass(frozen=True)
 class Out:
-    node: "Node"
+    node: Node
     slot: int
     type: str
 
@@ -81,7 +82,7 @@ class Canvas:
         node = Node(len(self.nodes) + 1, class_type, pos, size, title, [], [], self._outputs(class_type),
                     {"Node name for S&R": class_type})
         widget_names = {w.name for w in widgets}
-        for name, kind, options in entries:
+        for name, kind, _options in entries:
             value = values.get(name)
             if name in widget_names and not isinstance(value, Out):
                 continue

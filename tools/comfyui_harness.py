@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
-
-import os
+from typing import Any
 
 import torch
 
@@ -99,6 +99,7 @@ class ComfyUI:
     def __init__(self, workdir: Path, pack_nodes: list[str]):
         import comfy.utils
         import execution
+
         import nodes
 
         self.workdir = workdir
@@ -112,9 +113,8 @@ class ComfyUI:
 
     def _on_progress(self, value: int, total: int, preview: Any, prompt_id: str | None = None,
                      node_id: str | None = None) -> None:
-        from comfy_execution.utils import get_executing_context
-
         import comfy.model_management
+        from comfy_execution.utils import get_executing_context
 
         context = get_executing_context()
         node = node_id or (context.node_id if context is not None else None)

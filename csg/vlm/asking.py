@@ -6,7 +6,8 @@ Internal: not part of the public API (``csg.__all__``), so it may change without
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from PIL import Image
 

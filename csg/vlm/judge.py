@@ -7,8 +7,9 @@ fraction of items answered yes (``csg.metrics.vlm_effectiveness`` averages it ov
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from PIL import Image
 

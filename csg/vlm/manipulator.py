@@ -6,8 +6,9 @@ concept outside De(C_i) is stripped and recorded in ``violations``, never passed
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any
 
 from PIL import Image
 

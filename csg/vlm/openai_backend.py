@@ -30,8 +30,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from datetime import timezone
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from PIL import Image
@@ -59,7 +60,7 @@ def chat_completions_url(base_url: str) -> str:
                          "Give it like http://127.0.0.1:8000/v1 (write a space in a path as %20).")
     parts = urlsplit(base_url.strip())
     try:
-        parts.port  # parsed on access: raises for a port out of range or not a number
+        _ = parts.port  # parsed on access: raises for a port out of range or not a number
     except ValueError:
         raise InputError("The VLM server URL has a port that is not a number from 0 to 65535. "
                          "Give it like http://127.0.0.1:8000/v1.") from None

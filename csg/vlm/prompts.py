@@ -14,8 +14,8 @@ a typical VLM context next to the image and the answer.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..errors import InputError
 from ..graph import CausalGraph, Concept

@@ -16,9 +16,10 @@ import inspect
 import json
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -192,7 +193,7 @@ class ImageOnlyProcessor:
         self.mark_image_tokens = mark_image_tokens
 
     @classmethod
-    def from_folder(cls, folder: Path, image_token_id: int, mark_image_tokens: bool) -> "ImageOnlyProcessor":
+    def from_folder(cls, folder: Path, image_token_id: int, mark_image_tokens: bool) -> ImageOnlyProcessor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from tests.comfyui.csg_fixtures import write_random_lpips_weights
-from tools.comfyui_harness import WorkflowFailed
 from tests.test_vlm_stages import load_scene, stage_of, wrap
 from tests.vlm_server import VLMServer, completion
+from tools.comfyui_harness import WorkflowFailed
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "csg" / "examples"
 COLOURS = {"red": 0xFF0000, "green": 0x00FF00, "blue": 0x0000FF}
