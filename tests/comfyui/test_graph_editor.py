@@ -16,7 +16,6 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from playwright.sync_api import expect
 
 from tests.comfyui.browser import (  # noqa: F401
     PACK_FOLDER,
@@ -27,6 +26,10 @@ from tests.comfyui.browser import (  # noqa: F401
     running_comfyui,
     server,
 )
+
+# Without Playwright the module is skipped (and fails where CSG_REQUIRE_COMFYUI forbids skips), not an import error
+# that stops the collection of the whole core suite.
+expect = pytest.importorskip("playwright.sync_api", reason="the frontend tests drive Chromium with Playwright").expect
 
 HAND_WRITTEN = json.loads((ROOT / "workflows" / "hand_written_graph.json").read_text())
 EDITOR, INTERVENTION, REPORT = 4, 6, 7  # in hand_written_graph: Causal Graph From JSON, Intervention From JSON, Preview Any
