@@ -11,12 +11,10 @@ Everything else (the submodules' other names) is internal and may change. The na
 so ``import csg`` stays cheap until one of them (and with it torch) is used.
 """
 
-from __future__ import annotations
-
-import importlib
-import sys
-import types
-from typing import Any
+import importlib as _importlib
+import sys as _sys
+import types as _types
+from typing import Any as _Any
 
 __version__ = "0.1.0"
 
@@ -37,10 +35,10 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 __all__ = [name for names in _EXPORTS.values() for name in names]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     if name not in _MODULE_OF:
         raise AttributeError(f"module 'csg' has no attribute {name!r}; the public API is csg.__all__.")
-    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    value = getattr(_importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
     globals()[name] = value  # once loaded, a plain attribute
     return value
 
@@ -49,13 +47,13 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
 
 
-class _Package(types.ModuleType):
+class _Package(_types.ModuleType):
     """``csg.counterfactual`` is the API's function, though a submodule has that name too: importing the
     submodule (``from csg.counterfactual import ...``) does not replace the function on the package."""
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if not (name in _MODULE_OF and isinstance(value, types.ModuleType)):
+    def __setattr__(self, name: str, value: _Any) -> None:
+        if not (name in _MODULE_OF and isinstance(value, _types.ModuleType)):
             super().__setattr__(name, value)
 
 
-sys.modules[__name__].__class__ = _Package
+_sys.modules[__name__].__class__ = _Package
