@@ -43,7 +43,7 @@ def judged_interventions(intervention: Intervention | None, interventions: list[
                          ) -> list[Intervention]:
     """The interventions to judge: exactly one of the two inputs, as a list."""
     if intervention is None and interventions is None:
-        raise InputError("Counterfactual Judge needs the intervention(s) the images were made with: connect an "
+        raise InputError("Counterfactual Judge needs the intervention(s) the images were made with: connect a "
                          "CSG_INTERVENTION (for one image) or a CSG_INTERVENTIONS list (one image per intervention, in "
                          "order).")
     if intervention is not None and interventions is not None:

@@ -191,8 +191,8 @@ def test_one_intervention_and_one_image(comfyui, core, scene):
 
 
 @pytest.mark.parametrize("connect, fragment", [
-    ("neither", "connect an CSG_INTERVENTION"),
-    ("both", "has both an CSG_INTERVENTION and an CSG_INTERVENTIONS list"),
+    ("neither", "connect a CSG_INTERVENTION"),
+    ("both", "has both a CSG_INTERVENTION and a CSG_INTERVENTIONS list"),
 ])
 def test_exactly_one_of_intervention_and_interventions(comfyui, scene, portrait, connect, fragment):
     with JudgeServer(scene) as server:
