@@ -4,7 +4,7 @@
     python benchmarks/benchmark.py --size tiny --device cpu --dtype float32 --steps 4   # smoke test
     python benchmarks/benchmark.py --compile none cudagraphs --rows inversion,edit-3,batched,separate,floor
 
-Both methods run in one process on the very same modules (``csg.random_sdxl``, weights random, so
+Both methods run in one process on the very same modules (``tools.random_sdxl``, weights random, so
 only speed and memory mean anything here). Settings are the paper's: 100 steps, skip 0.15, source
 guidance 3.5, edit scale 8, threshold 0.7, warm-up 10 (10% of the steps when --steps is lower),
 intersect masks. Rows, each timed after a warm-up run of every code path:
@@ -51,10 +51,10 @@ import argparse
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from PIL import Image
@@ -67,7 +67,7 @@ from csg.abduction import invert  # noqa: E402
 from csg.diffusers_host import DiffusersSDXLHost  # noqa: E402
 from csg.guidance import ConceptTerm, EditSpec, GuidanceParams  # noqa: E402
 from csg.prediction import edit  # noqa: E402
-from csg.random_sdxl import SDXLComponents, build_sdxl_components  # noqa: E402
+from tools.random_sdxl import SDXLComponents, build_sdxl_components  # noqa: E402
 
 SOURCE_PROMPT = "a portrait photo of a smiling woman astronaut with short brown hair"
 INTERVENTIONS = (  # three interventions of three concepts each

@@ -31,8 +31,8 @@ import pstats
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -43,8 +43,8 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from tests.comfyui.csg_fixtures import node_output, pack_module  # noqa: E402
-from tests.comfyui.harness import import_comfy_like_main  # noqa: E402
 from tests.comfyui.sdxl_checkpoint import ensure_checkpoint  # noqa: E402
+from tools.comfyui_harness import import_comfy_like_main  # noqa: E402
 
 EXAMPLES = ROOT / "csg" / "examples"
 SOURCE_PROMPT = "a portrait photo of a smiling woman astronaut with short brown hair"
@@ -108,8 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     import_comfy_like_main()
     import comfy.samplers
     import comfy.sd
-    import nodes as comfy_nodes
     from comfy_extras.nodes_custom_sampler import Noise_EmptyNoise, Noise_RandomNoise, SamplerCustomAdvanced
+
+    import nodes as comfy_nodes
 
     csg_nodes, sampling, graph_module = (pack_module(m) for m in ("nodes.csg_nodes", "nodes.comfy_sampling",
                                                                    "csg.graph"))

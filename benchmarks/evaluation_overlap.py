@@ -36,9 +36,9 @@ from csg.evaluation.results import ResultsWriter, results_path  # noqa: E402
 from csg.evaluation.runner import Runner, plan_item  # noqa: E402
 from csg.evaluation.scoring import judge_scores  # noqa: E402
 from csg.metrics import LPIPS, lpips_heads, vgg16_features  # noqa: E402
-from csg.random_sdxl import build_sdxl_components  # noqa: E402
 from csg.vlm import OpenAICompatibleVLM  # noqa: E402
 from tests.evaluation_fixtures import evaluation_server, write_folder_dataset  # noqa: E402
+from tools.random_sdxl import build_sdxl_components  # noqa: E402
 
 METHODS = ("csg", "ddpm", "ddim")
 

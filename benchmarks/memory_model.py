@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import sys
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -36,12 +36,13 @@ for path in (HERE.parent, HERE):  # run as a script from a checkout
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from benchmark import INTERVENTIONS, IMAGE_SIDE, SOURCE_PROMPT, Settings, benchmark_image, spec  # noqa: E402
+from benchmark import IMAGE_SIDE, INTERVENTIONS, SOURCE_PROMPT, Settings, benchmark_image, spec  # noqa: E402
+
 from csg.abduction import invert  # noqa: E402
 from csg.diffusers_host import DiffusersSDXLHost, scaled_linear_alphas_cumprod  # noqa: E402
 from csg.guidance import GuidanceParams  # noqa: E402
 from csg.prediction import edit  # noqa: E402
-from csg.random_sdxl import build_sdxl_components  # noqa: E402
+from tools.random_sdxl import build_sdxl_components  # noqa: E402
 
 CUDA_BLOCK = 512  # the caching allocator's rounding of every allocation
 GIB = 2**30
@@ -132,7 +133,8 @@ def model_memory(size: str = "full", dtype: torch.dtype = torch.float16, vae_dty
                                      ("3 interventions, batched", list(INTERVENTIONS))):
             specs = [spec(prompts, settings) for prompts in interventions]
             loop_gib, result = peak_of(lambda: edit(host, inversion, specs, params))
-            vae_gib, _ = peak_of(lambda: [host.decode_latents(result.latents[k:k + 1]) for k in range(len(specs))])
+            vae_gib, _ = peak_of(lambda latents=result.latents: [host.decode_latents(latents[k:k + 1])
+                                                                for k in range(len(specs))])
             rows[title] = RowMemory(loop_gib, vae_gib, max(loop_gib, vae_gib))
             del result
     return resident, rows

@@ -1,5 +1,8 @@
 """Abduction: recover the noise of one factual image by edit-friendly SDE-DPM-Solver++ inversion.
 
+Internal: not part of the public API (``csg.__all__``), so it may change without notice.
+
+
 Entry points::
 
     invert(host, image, source_prompt="", *, num_steps=100, skip=0.15, source_guidance=3.5,
@@ -31,8 +34,8 @@ whose alpha is fully opaque loses its alpha channel; a transparent one raises ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

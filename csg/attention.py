@@ -1,5 +1,8 @@
 """The cross-attention probabilities CSG's masks (M1) are made of, computed once for every host.
 
+Internal: not part of the public API (``csg.__all__``), so it may change without notice.
+
+
 A host routes the query and key rows it wants captured to ``selected_attention`` from the
 cross-attention layers at ``ATTENTION_LEVEL`` (latent/4) in the down and up blocks; it sums the
 results over those layers and divides by the number of layers that saw each row. The host keeps
@@ -9,7 +12,7 @@ requested rows pay for an explicit softmax.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -1,5 +1,8 @@
 """The paper's Table 1 baselines: inversion + classifier-free guidance on the full target prompt.
 
+Internal: not part of the public API (``csg.__all__``), so it may change without notice.
+
+
 Entry points (latents in, latents out; ``csg.counterfactual`` wraps them for images)::
 
     invert_ddpm_edit_friendly(host, x0, source_prompt="", *, num_steps=100, skip=0.15,

@@ -1,5 +1,8 @@
 """``csg-counterfactual``: one photo in, its causal counterfactual (and everything behind it) out.
 
+Internal: not part of the public API (``csg.__all__``), so it may change without notice.
+
+
     csg-counterfactual IMAGE [--do "concept=value" | --intervention-json FILE] [--pick N | --pick all]
                        [--caption TEXT] [--graph-json FILE [--target-only]]
                        [--vlm-model PATH | --vlm-url URL --vlm-name NAME [--api-key-env VAR]
@@ -45,9 +48,10 @@ import os
 import re
 import stat
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import CSGError, GraphError, InputError, WeightsMissingError
 from .graph import parse_json
@@ -290,19 +294,6 @@ def parse_do(text: str) -> tuple[str, str]:
     if not sep or not concept.strip() or not value.strip():
         raise InputError(f'--do expects "concept=value", e.g. "age=old"; got {text!r}.')
     return concept.strip(), value.strip()
-
-
-def parse_concept_scales(items: Sequence[str]) -> dict[str, float]:
-    scales = {}
-    for item in items:
-        concept, sep, value = item.partition("=")
-        try:
-            scales[concept.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not concept.strip():
-            raise InputError(f'--concept-scale expects "concept=number", e.g. "hair color=6"; got {item!r}.')
-    return scales
 
 
 def parse_pick(text: str) -> int | None:
@@ -684,7 +675,7 @@ def write_outputs(layout: OutputLayout, plan: Plan, results: list, report_fields
 
 def run(args: argparse.Namespace) -> int:
     from .baselines import check_guidance_scale
-    from .counterfactual import CSGParams, load_image
+    from .counterfactual import CSGParams, load_image, parse_concept_scales
 
     check_vlm_options(args)
     out = Path(args.out).expanduser()
@@ -692,7 +683,8 @@ def run(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     params = CSGParams(num_steps=args.steps, skip=args.skip, source_guidance=args.source_guidance, scale=args.scale,
                        threshold=args.threshold, warmup=args.warmup, cooldown=args.cooldown,
-                       concept_scales=parse_concept_scales(args.concept_scale), reverse=tuple(args.reverse),
+                       concept_scales=parse_concept_scales(args.concept_scale, "--concept-scale"),
+                       reverse=tuple(args.reverse),
                        mask_mode=args.mask_mode, non_descendant_protection=args.protect_non_descendants,
                        exact=args.exact, seed=args.seed, max_side=args.max_side)
     if args.method == "csg":  # settings that need the method fail before the VLM runs

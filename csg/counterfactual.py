@@ -26,16 +26,24 @@ comparisons use the same pixels.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from PIL import Image, ImageOps
 
 from .abduction import Inversion, image_to_tensor, invert
-from .baselines import (DEFAULT_TARGET_GUIDANCE, BaselineInversion, Method, check_guidance_scale, invert_baseline,
-                        sample_with_guidance)
+from .baselines import (
+    DEFAULT_TARGET_GUIDANCE,
+    BaselineInversion,
+    Method,
+    check_guidance_scale,
+    invert_baseline,
+    sample_with_guidance,
+)
 from .errors import GraphError, InputError
 from .graph import CausalGraph, EditConcept, Intervention, check_intervention
 from .guidance import ConceptTerm, EditSpec, GuidanceParams, MaskMode, check_specs, check_term_settings
@@ -45,7 +53,29 @@ from .prediction import edit
 
 @dataclass(frozen=True)
 class CSGParams:
-    """Every knob of one run. Defaults are the paper's settings (§6)."""
+    """Every knob of one run. Defaults are the paper's settings (§6); bad values fail at construction.
+
+    Args:
+        num_steps: kept inversion/sampling steps.
+        skip: fraction of the noisiest steps left out, in [0, 1).
+        source_guidance: CFG scale of the source prompt during inversion.
+        scale: edit guidance scale s_c of every changed concept ...
+        concept_scales: ... unless set here: concept id or name -> scale (see ``parse_concept_scales``).
+        threshold: lambda, the mask quantile in [0, 1].
+        warmup: steps without guidance at the start.
+        cooldown: first step without guidance again; None guides to the end.
+        mask_mode: "intersect" (M1 * M2), "cross_attention" (M1) or "noise" (M2).
+        reverse: concepts (id or name) pushed away from their original value instead.
+        non_descendant_protection: ours: keep edit masks off the non-descendants' regions.
+        protect_threshold: the attention quantile a protected concept claims.
+        exact: exact-reconstruction inversion (see ``csg.abduction``) instead of the reference's.
+        num_zero_noise_steps: None: 3 (the reference) or 0 in exact mode.
+        seed: draws the inversion's independent noise.
+        max_side: longer image side beyond which the input is downscaled; None: never.
+
+    Raises:
+        InputError: a setting is out of range (the message names it and the valid range).
+    """
 
     num_steps: int = 100  # kept inversion/sampling steps
     skip: float = 0.15  # fraction of the noisiest steps left out
@@ -91,6 +121,19 @@ class CSGParams:
 
 @dataclass(frozen=True)
 class CounterfactualResult:
+    """One counterfactual image and how it was made (returned by ``counterfactual(s)``).
+
+    Attributes:
+        image: the counterfactual, the size of ``source_image``.
+        latent: (1, C, h, w) float32 latent of the image.
+        masks: concept id -> (h, w) in [0, 1]: the share of guided steps that edited each latent pixel.
+        inversion: the abducted noise, shared by every intervention of one call (pass it back to skip abduction).
+        edit_concepts: the edited concepts E, in guidance order.
+        intervention: the intervention after ``check_intervention``; stripped changes are in ``violations``.
+        source_prompt: the prompt the image was inverted with.
+        source_image: the RGB input as edited (after any downscale and crop).
+    """
+
     image: Image.Image  # the counterfactual, same size as ``source_image``
     latent: torch.Tensor  # (1, C, h, w) float32
     masks: dict[str, torch.Tensor]  # concept id -> (h, w) in [0, 1]: share of guided steps that edited each latent pixel
@@ -110,6 +153,16 @@ class CounterfactualResult:
 
 @dataclass(frozen=True)
 class BaselineResult:
+    """One baseline edit (returned by ``baseline_counterfactual``).
+
+    Attributes:
+        image: the edited image, the size of ``source_image``.
+        latent: its latent.
+        inversion: the DDPM or DDIM inversion it was sampled from.
+        target_prompt: the full prompt CFG guided toward (the intervention's ``generation_prompt``).
+        source_image: the RGB input as edited (after any downscale and crop).
+    """
+
     image: Image.Image
     latent: torch.Tensor
     inversion: BaselineInversion
@@ -121,7 +174,17 @@ class BaselineResult:
 
 
 def load_image(image: Image.Image | str | Path) -> Image.Image:
-    """An RGB PIL image from a PIL image or a path (EXIF rotation applied, transparency on white)."""
+    """An RGB PIL image from a PIL image or a path (EXIF rotation applied, transparency on white).
+
+    Args:
+        image: a PIL image or the path of an image file.
+
+    Returns:
+        The RGB image.
+
+    Raises:
+        InputError: the file is missing or not an image.
+    """
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
@@ -170,6 +233,34 @@ def to_pil(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+def parse_concept_scales(items: str | Sequence[str], where: str = "concept scales") -> dict[str, float]:
+    """Per-concept edit scales from ``"concept=number"`` items, for ``CSGParams.concept_scales``.
+
+    Args:
+        items: the items, or one string of them separated by commas or new lines
+            (``"c2=6.0, hair color=5"``); a concept is an id or a name, checked against the graph later.
+        where: how the error names the setting (``"--concept-scale"``, ``"concept_scales"``).
+
+    Returns:
+        The scale of each named concept; empty for no items.
+
+    Raises:
+        InputError: an item is not ``concept=number``.
+    """
+    if isinstance(items, str):
+        items = [item for item in re.split(r"[,\n]", items) if item.strip()]
+    scales = {}
+    for item in items:
+        concept, sep, value = item.partition("=")
+        try:
+            scales[concept.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not concept.strip():
+            raise InputError(f'{where} expects "concept=number", e.g. "hair color=6"; got {item!r}.')
+    return scales
+
+
 # -- the action: interventions to guidance terms ---------------------------------------------------
 
 
@@ -208,7 +299,22 @@ def counterfactuals(host: DiffusionHost, image: Image.Image | str | Path, graph:
                     params: CSGParams = CSGParams(), inversion: Inversion | None = None) -> list[CounterfactualResult]:
     """One counterfactual per intervention: a single inversion, then one batched sampling loop.
 
-    Pass ``inversion`` (from an earlier result on the same image and settings) to skip abduction.
+    Args:
+        host: the diffusion model, e.g. ``DiffusersSDXLHost.from_pretrained(...)``.
+        image: the factual image, a PIL image or a path.
+        graph: the image's causal graph.
+        interventions: the interventions; each is checked against ``graph`` first.
+        source_prompt: the inversion's prompt; None uses ``graph.scene_summary``.
+        params: the settings (paper defaults).
+        inversion: an earlier result's ``inversion`` of the same image and settings, to skip abduction.
+
+    Returns:
+        One ``CounterfactualResult`` per intervention, in order.
+
+    Raises:
+        InputError: no intervention, an unusable image, a setting naming an unknown concept, or an
+            ``inversion`` of another image size.
+        GraphError: an intervention's target is not in the graph or is set to the value it has.
     """
     if not interventions:
         raise InputError("No intervention given. Pass at least one Intervention (e.g. from propose_interventions).")
@@ -237,7 +343,24 @@ def counterfactuals(host: DiffusionHost, image: Image.Image | str | Path, graph:
 def counterfactual(host: DiffusionHost, image: Image.Image | str | Path, graph: CausalGraph,
                    intervention: Intervention, *, source_prompt: str | None = None,
                    params: CSGParams = CSGParams(), inversion: Inversion | None = None) -> CounterfactualResult:
-    """The counterfactual image of ``image`` under ``intervention`` (see ``counterfactuals``)."""
+    """The counterfactual image of ``image`` under ``intervention``.
+
+    Args:
+        host: the diffusion model, e.g. ``DiffusersSDXLHost.from_pretrained(...)``.
+        image: the factual image, a PIL image or a path.
+        graph: the image's causal graph.
+        intervention: the intervention, checked against ``graph`` first.
+        source_prompt: the inversion's prompt; None uses ``graph.scene_summary``.
+        params: the settings (paper defaults).
+        inversion: an earlier result's ``inversion`` of the same image and settings, to skip abduction.
+
+    Returns:
+        The ``CounterfactualResult``.
+
+    Raises:
+        InputError: as ``counterfactuals``.
+        GraphError: as ``counterfactuals``.
+    """
     return counterfactuals(host, image, graph, [intervention], source_prompt=source_prompt, params=params,
                            inversion=inversion)[0]
 
@@ -245,8 +368,23 @@ def counterfactual(host: DiffusionHost, image: Image.Image | str | Path, graph: 
 def baseline_counterfactuals(host: DiffusionHost, image: Image.Image | str | Path, interventions: Sequence[Intervention],
                              *, method: Method = "ddpm", source_prompt: str = "", params: CSGParams = CSGParams(),
                              guidance_scale: float = DEFAULT_TARGET_GUIDANCE) -> list[BaselineResult]:
-    """Table 1's baselines: invert once with ``method``, then sample each intervention with CFG on
-    its full ``generation_prompt``. Uses ``params``' steps, skip, source guidance, seed and image fitting."""
+    """Table 1's baselines: invert once with ``method``, then sample each intervention with CFG on its full prompt.
+
+    Args:
+        host: the diffusion model.
+        image: the factual image, a PIL image or a path.
+        interventions: each one's ``generation_prompt`` (the scene with the changed values) is its target prompt.
+        method: "ddpm" (edit-friendly DDPM inversion) or "ddim".
+        source_prompt: the inversion's prompt.
+        params: only its steps, skip, source guidance, seed and image fitting are used.
+        guidance_scale: the target prompt's CFG scale.
+
+    Returns:
+        One ``BaselineResult`` per intervention, in order.
+
+    Raises:
+        InputError: an intervention has no generation_prompt, or an image or setting is unusable.
+    """
     targets = [intervention.generation_prompt.strip() for intervention in interventions]
     for intervention, target in zip(interventions, targets):
         if not target:
@@ -267,7 +405,23 @@ def baseline_counterfactuals(host: DiffusionHost, image: Image.Image | str | Pat
 def baseline_counterfactual(host: DiffusionHost, image: Image.Image | str | Path, intervention: Intervention, *,
                             method: Method = "ddpm", source_prompt: str = "", params: CSGParams = CSGParams(),
                             guidance_scale: float = DEFAULT_TARGET_GUIDANCE) -> BaselineResult:
-    """One baseline counterfactual (see ``baseline_counterfactuals``)."""
+    """One baseline counterfactual: ``baseline_counterfactuals`` for a single intervention.
+
+    Args:
+        host: the diffusion model.
+        image: the factual image, a PIL image or a path.
+        intervention: its ``generation_prompt`` (the scene with the changed values) is the target prompt.
+        method: "ddpm" (edit-friendly DDPM inversion) or "ddim".
+        source_prompt: the inversion's prompt.
+        params: only its steps, skip, source guidance, seed and image fitting are used.
+        guidance_scale: the target prompt's CFG scale.
+
+    Returns:
+        The ``BaselineResult``.
+
+    Raises:
+        InputError: the intervention has no generation_prompt, or an image or setting is unusable.
+    """
     return baseline_counterfactuals(host, image, [intervention], method=method, source_prompt=source_prompt,
                                     params=params, guidance_scale=guidance_scale)[0]
 

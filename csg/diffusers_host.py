@@ -36,10 +36,10 @@ shows the effect per phase.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +215,16 @@ class DiffusersSDXLHost:
     device for each ``encode_prompts`` (saves their 1.5 GiB of GPU memory for the whole run). The
     host then owns those modules: it moves them to the CPU. ``from_pretrained`` and
     ``from_single_file`` turn it on for CUDA devices.
+
+    Build one with ``from_pretrained`` (a diffusers folder) or ``from_single_file`` (a checkpoint).
+
+    Args:
+        unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, vae: the SDXL components.
+        alphas_cumprod: the noise schedule's cumulative alphas.
+        compile_unet, compile_backend, offload_text_encoders: as above.
+
+    Raises:
+        InputError: an unknown compile mode or backend, or components that are not SDXL's.
     """
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
@@ -249,7 +259,7 @@ class DiffusersSDXLHost:
 
     @classmethod
     def from_components(cls, components, alphas_cumprod: torch.Tensor | None = None,
-                        **options) -> "DiffusersSDXLHost":
+                        **options) -> DiffusersSDXLHost:
         """From anything with unet, text_encoder(_2), tokenizer(_2) and vae attributes (e.g. SDXLComponents).
         Keywords: ``offload_text_encoders``, ``compile_unet``, ``compile_backend``."""
         c = components
@@ -258,7 +268,7 @@ class DiffusersSDXLHost:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, **options) -> "DiffusersSDXLHost":
+                        dtype: torch.dtype = torch.float32, **options) -> DiffusersSDXLHost:
         """Load a diffusers-format SDXL folder from local files only (never downloads).
 
         The VAE gets ``sdxl_vae_dtype``; on CUDA the text encoders are offloaded unless
@@ -278,7 +288,7 @@ class DiffusersSDXLHost:
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=dtype, **local)
             tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **local)
             tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **local)
-        except (OSError, EnvironmentError) as exc:
+        except OSError as exc:
             raise WeightsMissingError(
                 f"Could not load SDXL from {folder}: {exc}. " + SDXL_DOWNLOAD_HINT.format(folder=folder) + "."
             ) from None
@@ -299,7 +309,7 @@ class DiffusersSDXLHost:
 
     @classmethod
     def from_single_file(cls, path: str | Path, config_folder: str | Path, device: str | torch.device = "cpu",
-                         dtype: torch.dtype = torch.float32, **options) -> "DiffusersSDXLHost":
+                         dtype: torch.dtype = torch.float32, **options) -> DiffusersSDXLHost:
         """Load an SDXL checkpoint file (.safetensors, as ComfyUI uses) from local files only.
 
         A single file holds weights but no tokenizers or configs, so ``config_folder`` must be a

@@ -21,12 +21,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Sequence
 
 from . import __version__
-from .cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, comfyui_root, find_sdxl, load_host, make_vlm, resolve_device
+from .cli import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    comfyui_root,
+    find_sdxl,
+    load_host,
+    make_vlm,
+    resolve_device,
+)
 from .errors import CSGError, GraphError, InputError, WeightsMissingError
 from .evaluation.datasets import DatasetSpec, select
 from .evaluation.results import ResultsWriter, check_settings, load_results, results_path, settings_id

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import heapq
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from .errors import NAME_LIMIT, NAMED_IDS, GraphError, brief, quote, some
 
@@ -107,13 +108,25 @@ def _require_list(data: Mapping[str, Any], key: str, where: str) -> list:
 
 @dataclass(frozen=True)
 class Concept:
+    """One concept of the graph: a high-level property of the scene and its current value.
+
+    Args:
+        id: unique within the graph, e.g. "c1".
+        name: e.g. "hair color".
+        current_value: e.g. "blond".
+        description: optional.
+
+    Raises:
+        GraphError: from ``from_dict``, for a missing or non-string field.
+    """
+
     id: str
     name: str
     current_value: str
     description: str = ""
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Concept":
+    def from_dict(cls, data: Mapping[str, Any]) -> Concept:
         where = _named("concept", data, "id")
         return cls(
             id=_require_str(data, "id", where),
@@ -128,13 +141,25 @@ class Concept:
 
 @dataclass(frozen=True)
 class Relationship:
+    """A cause -> effect edge of the graph.
+
+    Args:
+        id: unique within the graph, e.g. "r1".
+        cause_id: the cause's concept id.
+        effect_id: the effect's concept id.
+        description: optional.
+
+    Raises:
+        GraphError: from ``from_dict``, for a missing or non-string field.
+    """
+
     id: str
     cause_id: str
     effect_id: str
     description: str = ""
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Relationship":
+    def from_dict(cls, data: Mapping[str, Any]) -> Relationship:
         where = _named("relationship", data, "id")
         return cls(
             id=_require_str(data, "id", where),
@@ -149,7 +174,19 @@ class Relationship:
 
 @dataclass(frozen=True)
 class CausalGraph:
-    """Concepts C and the DAG G over them. Construction validates; an invalid graph cannot exist."""
+    """Concepts C and the DAG G over them. Construction validates; an invalid graph cannot exist.
+
+    Build one with ``CausalGraph.from_dict`` (the extractor's JSON) or ``from_json``.
+
+    Args:
+        concepts: the concepts, ids unique.
+        relationships: cause -> effect edges between them, without cycles.
+        scene_summary: a caption of the scene; the default source prompt.
+
+    Raises:
+        GraphError: a duplicate id, an edge to an unknown concept, a cycle, or a size limit exceeded
+            (the message names the offending item).
+    """
 
     concepts: tuple[Concept, ...]
     relationships: tuple[Relationship, ...] = ()
@@ -163,7 +200,7 @@ class CausalGraph:
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: Any) -> "CausalGraph":
+    def from_dict(cls, data: Any) -> CausalGraph:
         if not isinstance(data, Mapping):
             raise GraphError(f"A causal graph must be a JSON object with 'concepts' and 'relationships', got {type(data).__name__}.")
         concepts = [Concept.from_dict(c) for c in _require_list(data, "concepts", "the graph")]
@@ -174,7 +211,7 @@ class CausalGraph:
         return cls(tuple(concepts), tuple(relationships), summary.strip())
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "CausalGraph":
+    def from_json(cls, text: str | bytes) -> CausalGraph:
         return cls.from_dict(parse_json(text, "graph"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -356,6 +393,19 @@ def _path(cycle: list[str]) -> str:
 
 @dataclass(frozen=True)
 class PropagatedChange:
+    """How one descendant of the target changes under the intervention.
+
+    Args:
+        concept_id: the descendant's id.
+        concept_name: its name.
+        original_value: its value before.
+        new_value: its value after.
+        reason: why it changes (the VLM's words, or where the change came from).
+
+    Raises:
+        GraphError: from ``from_dict``, for a missing or non-string field.
+    """
+
     concept_id: str
     concept_name: str
     original_value: str
@@ -363,7 +413,7 @@ class PropagatedChange:
     reason: str = ""
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PropagatedChange":
+    def from_dict(cls, data: Mapping[str, Any]) -> PropagatedChange:
         where = _named("propagated change", data, "concept_id")
         return cls(
             concept_id=_require_str(data, "concept_id", where),
@@ -408,6 +458,27 @@ class EditConcept:
 
 @dataclass(frozen=True)
 class Intervention:
+    """do(target = new_value) and the changes it propagates to the target's descendants.
+
+    Build one with ``Intervention.from_dict`` (the manipulator's JSON), ``manual_intervention`` or a
+    VLM stage; ``check_intervention`` enforces the graph's causal semantics on it.
+
+    Args:
+        id: the intervention's id.
+        target_concept_id: the intervened concept.
+        target_concept_name: its name.
+        intervention_description: what the intervention does, in words.
+        original_value: the target's value before.
+        new_value: the target's value after.
+        propagated_changes: the descendants' changes.
+        final_concept_states: concept id -> the value phrase each changed concept is guided toward.
+        generation_prompt: the scene with the changed values (the full-prompt baselines' target).
+        violations: the changes ``check_intervention`` stripped, with their reasons.
+
+    Raises:
+        GraphError: from ``from_dict``, for a malformed field.
+    """
+
     id: str
     target_concept_id: str
     target_concept_name: str
@@ -420,7 +491,7 @@ class Intervention:
     violations: tuple[CausalViolation, ...] = ()
 
     @classmethod
-    def from_dict(cls, data: Any) -> "Intervention":
+    def from_dict(cls, data: Any) -> Intervention:
         if not isinstance(data, Mapping):
             raise GraphError(f"An intervention must be a JSON object, got {type(data).__name__}.")
         where = _named("intervention", data, "id")
@@ -448,7 +519,7 @@ class Intervention:
         )
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Intervention":
+    def from_json(cls, text: str | bytes) -> Intervention:
         return cls.from_dict(parse_json(text, "intervention"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -522,8 +593,18 @@ def check_intervention(graph: CausalGraph, intervention: Intervention) -> Interv
     duplicate change, is stripped and recorded in ``violations``. A descendant whose new value is
     given only in ``final_concept_states`` becomes a propagated change (reason ``FROM_FINAL_STATES``);
     a final state of any other concept is stripped and recorded. ``final_concept_states`` keeps only
-    the target and the changes. Raises only when the target itself is unusable: not in the graph,
-    or set to the value it already has (``no_change``). Linear in the size of the intervention.
+    the target and the changes. Linear in the size of the intervention.
+
+    Args:
+        graph: the causal graph the intervention acts on.
+        intervention: the intervention as proposed or written.
+
+    Returns:
+        The checked intervention.
+
+    Raises:
+        GraphError: the target itself is unusable: not in the graph, or set to the value it already
+            has (``no_change``).
     """
     target = _target(graph, intervention)
     unchanged = no_change(target, intervention.new_value)

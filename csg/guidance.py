@@ -1,5 +1,8 @@
 """Action: Causal Semantic Guidance (the paper's eqs. 9-12), one denoising step at a time.
 
+Internal: not part of the public API (``csg.__all__``), so it may change without notice.
+
+
 For every changed concept c in E (the target and its changed descendants) with its own prompt
 and batch row, at each step
 
@@ -36,8 +39,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +74,7 @@ class ConceptTerm:
                             cooldown=self.cooldown)
 
     @classmethod
-    def from_edit_concept(cls, concept: EditConcept, *, reverse: bool = False, **settings) -> "ConceptTerm":
+    def from_edit_concept(cls, concept: EditConcept, *, reverse: bool = False, **settings) -> ConceptTerm:
         prompt = concept.original_prompt if reverse else concept.prompt
         return cls(prompt=prompt, reverse=reverse, label=concept.concept_id, **settings)
 
@@ -106,7 +110,7 @@ class EditSpec:
 
     @classmethod
     def from_intervention(cls, intervention: Intervention, graph: CausalGraph, *, protect_non_descendants: bool = False,
-                          **settings) -> "EditSpec":
+                          **settings) -> EditSpec:
         """The terms of ``intervention.edit_concepts(graph)``; with protection, the non-descendants'
         current values ("<value> <name>", e.g. "blue eye color") become protected phrases."""
         terms = tuple(ConceptTerm.from_edit_concept(c, **settings) for c in intervention.edit_concepts(graph))
@@ -144,7 +148,7 @@ def reference_gaussian_kernel() -> torch.Tensor:
     return (kernel / kernel.sum()).view(1, 1, 3, 3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_kernel(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The kernel on ``device``, made once: a fresh host-to-device copy every step would be a host sync."""
     return reference_gaussian_kernel().to(device, dtype)

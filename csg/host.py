@@ -1,5 +1,8 @@
 """What the counterfactual core needs from a model host, and nothing more.
 
+Internal: not part of the public API (``csg.__all__``), so it may change without notice.
+
+
 The core works in discrete-time variance-preserving terms: integer timesteps t of the training
 schedule, alpha-bar_t = ``alphas_cumprod[t]``, x_t = sqrt(alpha-bar_t) x0 + sqrt(1 - alpha-bar_t) n,
 and epsilon prediction. A host that works in sigma space (ComfyUI's k-diffusion view) converts at
@@ -12,8 +15,9 @@ cross-attention layers and token columns an ``AttentionRequest`` names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 

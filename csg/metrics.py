@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -172,12 +173,20 @@ def _heads_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_lpips_vgg(vgg_weights: str | Path | None = None, lpips_weights: str | Path | None = None, *,
                    device: str | torch.device = "cpu") -> LPIPS:
-    """LPIPS(VGG16) from local weight files.
+    """LPIPS(VGG16) from local weight files (nothing is downloaded).
 
-    ``vgg_weights``: torchvision's VGG16 state dict (default: ``weights_dir()/vgg16-397923af.pth``).
-    ``lpips_weights``: the LPIPS v0.1 VGG heads (default: ``weights_dir()/lpips_vgg_v0.1.pth``,
-    then the copy inside an installed ``lpips`` package). Raises WeightsMissingError naming each
-    missing file and where to put it.
+    Args:
+        vgg_weights: torchvision's VGG16 state dict (default: ``weights_dir()/vgg16-397923af.pth``).
+        lpips_weights: the LPIPS v0.1 VGG heads (default: ``weights_dir()/lpips_vgg_v0.1.pth``, then
+            the copy inside an installed ``lpips`` package).
+        device: where the model runs.
+
+    Returns:
+        The LPIPS model, in eval mode.
+
+    Raises:
+        WeightsMissingError: a weight file is missing (the message names each and where to put it).
+        InputError: a file does not hold the expected weights.
     """
     vgg_path = _find(vgg_weights, [weights_dir() / VGG16_FILE])
     heads_path = _find(lpips_weights, [weights_dir() / LPIPS_HEADS_FILE, _installed_lpips_heads()])
@@ -218,8 +227,17 @@ def _as_batch(images: Any, name: str) -> torch.Tensor:
 def lpips_distance(model: LPIPS, image_a: Any, image_b: Any) -> torch.Tensor:
     """LPIPS between two images or batches, one value per pair (lower is closer).
 
-    Images are PIL images or (N, 3, H, W) tensors in [0, 1]. Batches pair up row by row; a
-    single image is compared with every image of the other batch.
+    Args:
+        model: from ``load_lpips_vgg``.
+        image_a: PIL image(s) or an (N, 3, H, W) tensor in [0, 1].
+        image_b: the same; batches pair up row by row, and a single image is compared with every
+            image of the other batch.
+
+    Returns:
+        (N,) distances.
+
+    Raises:
+        InputError: the images are not images, their sizes differ, or the batch sizes do not pair up.
     """
     a, b = _as_batch(image_a, "image_a"), _as_batch(image_b, "image_b")
     if a.shape[2:] != b.shape[2:]:
@@ -290,11 +308,18 @@ def _read_judgements(judgements: Iterable[Any]) -> list[_Judgement]:
 def vlm_effectiveness(judgements: Iterable[Any]) -> float:
     """VLM-Eff: the mean, over judged counterfactuals, of the fraction of checklist items present.
 
-    Each judgement is a dict or object with ``verdict`` (success / partial / failure) and a
-    checklist under ``concept_checks`` (the paper's JSON key) or ``checks``, whose items have
-    ``present`` = yes/no (or a bool). The checklist lists the expected value of every changed
-    concept, so one image scores 1 only when all of them are visible. A judgement with an empty
-    checklist falls back to its verdict: success 1, partial 0.5, failure 0.
+    A judgement with an empty checklist falls back to its verdict: success 1, partial 0.5, failure 0.
+
+    Args:
+        judgements: dicts or objects (``Judgement``) with ``verdict`` (success / partial / failure)
+            and a checklist under ``concept_checks`` (the paper's JSON key) or ``checks``, whose items
+            have ``present`` = yes/no (or a bool).
+
+    Returns:
+        VLM-Eff in [0, 1].
+
+    Raises:
+        InputError: there are no judgements, or one is malformed.
     """
     scores = [effectiveness_score(j) for j in _read_judgements(judgements)]
     return sum(scores) / len(scores)

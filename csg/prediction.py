@@ -1,5 +1,8 @@
 """Prediction: sample the counterfactual from the abducted noise under CSG.
 
+Internal: not part of the public API (``csg.__all__``), so it may change without notice.
+
+
 Entry points::
 
     edit(host, inversion, specs: list[EditSpec], params=GuidanceParams()) -> EditResult
@@ -16,8 +19,9 @@ term guides (warm-up, cool-down) evaluate only the base rows (uncond, [source]).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -53,7 +57,7 @@ class PlanConditioning:
     base_rows: object | None
 
     @classmethod
-    def encode(cls, host: DiffusionHost, plan: GuidancePlan) -> "PlanConditioning":
+    def encode(cls, host: DiffusionHost, plan: GuidancePlan) -> PlanConditioning:
         return cls(host.encode_prompts(plan.prompts) if any(plan.active_steps) else None,
                    None if all(plan.active_steps) else host.encode_prompts(plan.base_prompts))
 
@@ -126,7 +130,7 @@ def source_row_prompt(inversion: Inversion) -> str | None:
 
 
 def edit(host: DiffusionHost, inversion: Inversion, specs: Sequence[EditSpec],
-         params: GuidanceParams = GuidanceParams()) -> EditResult:
+         params: GuidanceParams = GuidanceParams()) -> EditResult:  # noqa: B008  (frozen)
     """Counterfactual latents for every intervention in ``specs`` (one batched loop).
 
     Raises ``InputError`` for an empty list, an intervention without terms, a term whose prompt is

@@ -14,11 +14,10 @@ noted in red in the box it tried to change, with the reason listed under the gra
 from __future__ import annotations
 
 import bisect
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Hashable, Sequence
 
-import networkx as nx
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import InputError
@@ -73,12 +72,18 @@ def _distinct_edges(graph: CausalGraph) -> list[tuple[str, str]]:
     return list(dict.fromkeys((r.cause_id, r.effect_id) for r in graph.relationships))
 
 
+def _generations(graph: CausalGraph) -> dict[str, int]:
+    """Each concept's row: the length of the longest path reaching it from a concept without causes."""
+    row_of = dict.fromkeys(graph.ids, 0)
+    for cid in graph.topological_order():
+        for child in graph.children(cid):
+            row_of[child] = max(row_of[child], row_of[cid] + 1)
+    return row_of
+
+
 def _layout(graph: CausalGraph) -> _Layout:
-    dag = nx.DiGraph()
-    dag.add_nodes_from(graph.ids)
     edges = _distinct_edges(graph)
-    dag.add_edges_from(edges)
-    row_of: dict[Node, int] = {cid: row for row, generation in enumerate(nx.topological_generations(dag)) for cid in generation}
+    row_of: dict[Node, int] = _generations(graph)
     rows: list[list[Node]] = [[] for _ in range(max(row_of.values()) + 1)]
     for cid in graph.ids:  # declaration order is the starting order
         rows[row_of[cid]].append(cid)
@@ -512,10 +517,21 @@ def _draw(graph: CausalGraph, intervention: Intervention | None, scale: float) -
 def render_graph(graph: CausalGraph, intervention: Intervention | None = None, *, width: int | None = None) -> Image.Image:
     """An RGB picture of ``graph`` laid out cause above effect, with ``intervention`` highlighted.
 
-    The intervention is passed through ``check_intervention`` first, so what is drawn is what
-    the editor will do, and every change the check strips is shown in red, with its reason
-    under the graph. ``width`` (pixels) scales the whole drawing, text included; by default the
-    canvas fits the graph at a size where the text reads comfortably.
+    The intervention is passed through ``check_intervention`` first, so what is drawn is what the
+    editor will do, and every change the check strips is shown in red, with its reason under the graph.
+
+    Args:
+        graph: the graph to draw.
+        intervention: optional; its target and changes are highlighted.
+        width: pixels; scales the whole drawing, text included. None: the canvas fits the graph at a
+            size where the text reads comfortably.
+
+    Returns:
+        The picture.
+
+    Raises:
+        GraphError: the intervention's target is not in the graph.
+        InputError: ``width`` is not positive.
     """
     if intervention is not None:
         intervention = check_intervention(graph, intervention)

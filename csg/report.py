@@ -20,8 +20,8 @@ import base64
 import csv
 import html
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

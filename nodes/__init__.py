@@ -1,4 +1,5 @@
-"""The pack's ComfyUI nodes (V3 schema). ComfyUI calls ``comfy_entrypoint`` and registers ``NODES``.
+"""The pack's ComfyUI nodes (V3 schema). ComfyUI calls ``comfy_entrypoint`` and registers ``NODES``,
+the concatenation of the node modules' own ``NODES`` lists.
 
 Categories, under "causal counterfactuals":
     graph          write, check and draw causal graphs and interventions (no model needed)
@@ -13,26 +14,18 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .baseline_nodes import BaselineEdit
-from .csg_nodes import CausalCounterfactual, CausalCounterfactuals, CausalInversion
-from .evaluation_nodes import EVALUATION_NODES
-from .graph_nodes import GRAPH_NODES
-from .sampling_nodes import CSGGuiderNode, EditFriendlySampler, InversionSigmasAndNoise
-from .vlm_nodes import VLM_NODES, register_llm_folder
+from . import baseline_nodes, csg_nodes, evaluation_nodes, graph_nodes, sampling_nodes, vlm_nodes
+from .vlm_nodes import register_llm_folder
 from .web_routes import register_routes
 
-
+# Each node module lists its nodes in ``NODES``; the pack is their concatenation, in menu order.
 NODES: list[type[io.ComfyNode]] = [
-    *GRAPH_NODES,
-    *VLM_NODES,
-    CausalInversion,
-    CausalCounterfactual,
-    CausalCounterfactuals,
-    InversionSigmasAndNoise,
-    CSGGuiderNode,
-    EditFriendlySampler,
-    BaselineEdit,
-    *EVALUATION_NODES,
+    *graph_nodes.NODES,
+    *vlm_nodes.NODES,
+    *csg_nodes.NODES,
+    *sampling_nodes.NODES,
+    *baseline_nodes.NODES,
+    *evaluation_nodes.NODES,
 ]
 
 

@@ -25,11 +25,9 @@ modified.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
-
-import torch
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_base
@@ -38,6 +36,7 @@ import comfy.model_patcher
 import comfy.model_sampling
 import comfy.sampler_helpers
 import comfy.samplers
+import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
 from ..csg.attention import ATTENTION_LEVEL, attention_map_size, selected_attention, token_selector
@@ -255,7 +254,7 @@ class ComfySDXLHost:
     # -- model lifetime ----------------------------------------------------------------------------------
 
     @contextmanager
-    def loaded(self, noise_shape: Sequence[int]) -> Iterator["ComfySDXLHost"]:
+    def loaded(self, noise_shape: Sequence[int]) -> Iterator[ComfySDXLHost]:
         """Load the patched model as a ComfyUI sampler does, for ``noise_shape`` (rows, C, h, w) of work."""
         model_options = comfy.model_patcher.create_model_options_clone(self.model.model_options)
         comfy.sampler_helpers.prepare_model_patcher(self.model, {}, model_options)
@@ -270,7 +269,7 @@ class ComfySDXLHost:
             self.model.restore_hook_patches()
 
     @contextmanager
-    def bound(self, model, model_options: dict) -> Iterator["ComfySDXLHost"]:
+    def bound(self, model, model_options: dict) -> Iterator[ComfySDXLHost]:
         """Predict with an already loaded ``model`` (a BaseModel) and sampler ``model_options``."""
         outer, self._session = self._session, _Session(model, model_options)
         try:

@@ -21,14 +21,13 @@ functions and a ``sampler_calc_cond_batch_function`` are refused.
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
+from collections.abc import Sequence
 
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
 import latent_preview
+import torch
 
 from ..csg.abduction import Inversion
 from ..csg.errors import InputError
@@ -119,7 +118,7 @@ class CSGGuider(comfy.samplers.CFGGuider):
 
     @classmethod
     def for_edits(cls, host: ComfySDXLHost, inversion: Inversion, specs: Sequence[EditSpec],
-                  params: GuidanceParams) -> "CSGGuider":
+                  params: GuidanceParams) -> CSGGuider:
         """The guider of ``specs`` (one per intervention) on this inversion's schedule."""
         plan = plan_guidance(host, specs, inversion.num_steps, source_prompt=source_row_prompt(inversion),
                              source_guidance=inversion.source_guidance, params=params)

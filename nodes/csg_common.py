@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
-
-import torch
-import torch.nn.functional as F
-from comfy_api.latest import io
 
 import comfy.model_management
 import comfy.utils
 import latent_preview
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
 
-from ..csg.counterfactual import CSGParams, edit_spec
+from ..csg.counterfactual import CSGParams, edit_spec, parse_concept_scales
 from ..csg.errors import InputError
 from ..csg.graph import CausalGraph, Concept, Intervention, Relationship, check_intervention
 from ..csg.guidance import MASK_MODES, EditSpec
 
 CATEGORY = "causal counterfactuals"
 
-Inversion = io.Custom("INVERSION")  # csg.abduction.Inversion
-CausalGraphType = io.Custom("CAUSAL_GRAPH")  # csg.graph.CausalGraph
-InterventionType = io.Custom("INTERVENTION")  # csg.graph.Intervention
-Interventions = io.Custom("INTERVENTIONS")  # list[csg.graph.Intervention]
+Inversion = io.Custom("CSG_INVERSION")  # csg.abduction.Inversion
+CausalGraphType = io.Custom("CSG_CAUSAL_GRAPH")  # csg.graph.CausalGraph
+InterventionType = io.Custom("CSG_INTERVENTION")  # csg.graph.Intervention
+Interventions = io.Custom("CSG_INTERVENTIONS")  # list[csg.graph.Intervention]
 
 
 # -- images ----------------------------------------------------------------------------------------------
@@ -105,19 +104,22 @@ def implied_graph(intervention: Intervention) -> CausalGraph:
     return CausalGraph((target, *changed), tuple(edges))
 
 
-def edit_settings(scale: float, threshold: float, warmup: int, mask_mode: str, protect: bool) -> CSGParams:
+def edit_settings(scale: float, threshold: float, warmup: int, mask_mode: str, protect: bool, cooldown: int = 0,
+                  concept_scales: str = "") -> CSGParams:
+    """The edit widgets as CSGParams; a cooldown of 0 guides to the end (the API's None)."""
     return CSGParams(scale=scale, threshold=threshold, warmup=warmup, mask_mode=mask_mode,
-                     non_descendant_protection=protect)
+                     non_descendant_protection=protect, cooldown=cooldown or None,
+                     concept_scales=parse_concept_scales(concept_scales, "concept_scales"))
 
 
 def spec_for(intervention: Intervention, graph: CausalGraph | None, settings: CSGParams, reverse: bool) -> EditSpec:
     """CSG's terms for one intervention, its causal semantics enforced against ``graph`` when given;
     ``reverse`` turns every term away from its concept's original value."""
     if not isinstance(intervention, Intervention):
-        raise InputError(f"Expected an INTERVENTION, got {type(intervention).__name__}.")
+        raise InputError(f"Expected a CSG_INTERVENTION, got {type(intervention).__name__}.")
     if graph is None:
         if settings.non_descendant_protection:
-            raise InputError("Non-descendant protection needs the causal graph: connect a CAUSAL_GRAPH, "
+            raise InputError("Non-descendant protection needs the causal graph: connect a CSG_CAUSAL_GRAPH, "
                              "or turn protection off.")
         graph = implied_graph(intervention)
     checked = check_intervention(graph, intervention)
@@ -144,4 +146,10 @@ def edit_inputs() -> list:
         io.Boolean.Input("protect_non_descendants", default=False,
                          tooltip="Ours, off by default: keep edit masks off the regions of concepts that are not "
                                  "descendants of the target (needs the causal graph)."),
+        io.Int.Input("cooldown", default=0, min=0, max=1000, optional=True,
+                     tooltip="First step without guidance again, so the last steps only refine details; 0: guide "
+                             "to the end (the paper)."),
+        io.String.Input("concept_scales", default="", optional=True,
+                        tooltip="Per-concept scales instead of 'scale', e.g. 'c2=6.0, hair color=5' (concept id or "
+                                "name, comma separated). Empty: every concept uses 'scale'."),
     ]

@@ -1,8 +1,8 @@
 """The counterfactual nodes: abduction once, then any number of CSG predictions from it.
 
-    Causal Inversion        MODEL, CLIP, VAE, IMAGE, source prompt      -> INVERSION
-    Causal Counterfactual   MODEL, CLIP, VAE, INVERSION, INTERVENTION   -> IMAGE, LATENT, MASK, IMAGE
-    Causal Counterfactuals  MODEL, CLIP, VAE, INVERSION, INTERVENTIONS  -> the same, one batch row each
+    Causal Inversion          MODEL, CLIP, VAE, IMAGE, source prompt              -> CSG_INVERSION
+    Causal Counterfactual     MODEL, CLIP, VAE, CSG_INVERSION, CSG_INTERVENTION   -> IMAGE, LATENT, MASK, IMAGE
+    Causal Counterfactuals    MODEL, CLIP, VAE, CSG_INVERSION, CSG_INTERVENTIONS  -> the same, one batch row each
 
 The inversion is its own node so ComfyUI's cache keeps it: changing an edit setting re-runs only
 the prediction. The inversion runs the core's ``csg.abduction.invert_latents`` on ``ComfySDXLHost``,
@@ -22,9 +22,21 @@ from ..csg.abduction import check_image_size, image_to_tensor, invert_latents
 from ..csg.errors import InputError
 from .comfy_host import ComfySDXLHost
 from .comfy_sampling import CSGGuider, sample_counterfactual
-from .csg_common import (CATEGORY, CausalGraphType, InterventionType, Interventions, Inversion, decode_images,
-                         edit_inputs, edit_settings, mask_preview, masks_at, previewing_progress, single_image,
-                         spec_for)
+from .csg_common import (
+    CATEGORY,
+    CausalGraphType,
+    Interventions,
+    InterventionType,
+    Inversion,
+    decode_images,
+    edit_inputs,
+    edit_settings,
+    mask_preview,
+    masks_at,
+    previewing_progress,
+    single_image,
+    spec_for,
+)
 
 
 def model_inputs() -> list:
@@ -87,11 +99,12 @@ class CausalInversion(io.ComfyNode):
 
 
 def predict(model, clip, vae, inversion, interventions: list, graph, scale, threshold, warmup, mask_mode, reverse,
-            protect_non_descendants) -> io.NodeOutput:
+            protect_non_descendants, cooldown, concept_scales) -> io.NodeOutput:
     """Counterfactual images, latents, masks and mask previews for one batched CSG run."""
     if not interventions:
-        raise InputError("No intervention given; connect an INTERVENTION (or a non-empty INTERVENTIONS list).")
-    settings = edit_settings(scale, threshold, warmup, mask_mode, protect_non_descendants)
+        raise InputError("No intervention given; connect a CSG_INTERVENTION (or a non-empty CSG_INTERVENTIONS list).")
+    settings = edit_settings(scale, threshold, warmup, mask_mode, protect_non_descendants, cooldown,
+                             concept_scales)
     specs = [spec_for(i, graph, settings, reverse) for i in interventions]
     guider = CSGGuider.for_edits(ComfySDXLHost(model, clip, vae), inversion, specs, settings.guidance_params())
     samples = sample_counterfactual(guider, inversion)
@@ -143,9 +156,9 @@ class CausalCounterfactual(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, inversion, intervention, scale, threshold, warmup, mask_mode, reverse,
-                protect_non_descendants, causal_graph=None) -> io.NodeOutput:
+                protect_non_descendants, causal_graph=None, cooldown=0, concept_scales="") -> io.NodeOutput:
         return predict(model, clip, vae, inversion, [intervention], causal_graph, scale, threshold, warmup, mask_mode,
-                       reverse, protect_non_descendants)
+                       reverse, protect_non_descendants, cooldown, concept_scales)
 
 
 class CausalCounterfactuals(io.ComfyNode):
@@ -169,9 +182,9 @@ class CausalCounterfactuals(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, inversion, interventions, scale, threshold, warmup, mask_mode, reverse,
-                protect_non_descendants, causal_graph=None) -> io.NodeOutput:
+                protect_non_descendants, causal_graph=None, cooldown=0, concept_scales="") -> io.NodeOutput:
         return predict(model, clip, vae, inversion, list(interventions), causal_graph, scale, threshold, warmup,
-                       mask_mode, reverse, protect_non_descendants)
+                       mask_mode, reverse, protect_non_descendants, cooldown, concept_scales)
 
 
 NODES = [CausalInversion, CausalCounterfactual, CausalCounterfactuals]

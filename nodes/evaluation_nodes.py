@@ -1,7 +1,7 @@
 """The evaluation nodes: score counterfactuals the way the paper's Table 1 does.
 
-    Counterfactual Judge   VLM, IMAGE (one per intervention), INTERVENTION or INTERVENTIONS,
-                           CAUSAL_GRAPH                        -> effectiveness, report, judgements JSON
+    Counterfactual Judge   CSG_VLM, IMAGE (one per intervention), CSG_INTERVENTION or CSG_INTERVENTIONS,
+                           CSG_CAUSAL_GRAPH                        -> effectiveness, report, judgements JSON
     LPIPS Distance         factual IMAGE, counterfactual IMAGE (+ weight paths, device)
                                                                -> mean LPIPS, per-image distances
 
@@ -28,7 +28,7 @@ from ..csg.errors import InputError
 from ..csg.graph import CausalGraph, Intervention
 from ..csg.metrics import LPIPS_HEADS_FILE, VGG16_FILE, load_lpips_vgg, lpips_distance, vlm_effectiveness, weights_dir
 from ..csg.vlm.judge import VERDICTS, Judgement, judge_counterfactual
-from .csg_common import CATEGORY, CausalGraphType, InterventionType, Interventions
+from .csg_common import CATEGORY, CausalGraphType, Interventions, InterventionType
 from .graph_nodes import image_to_pil
 from .model_memory import held, load_for_use, managed, node_device
 from .vlm_nodes import VLMHandle, VLMType, asking, attempts_input
@@ -43,18 +43,18 @@ def judged_interventions(intervention: Intervention | None, interventions: list[
                          ) -> list[Intervention]:
     """The interventions to judge: exactly one of the two inputs, as a list."""
     if intervention is None and interventions is None:
-        raise InputError("Counterfactual Judge needs the intervention(s) the images were made with: connect an "
-                         "INTERVENTION (for one image) or an INTERVENTIONS list (one image per intervention, in "
+        raise InputError("Counterfactual Judge needs the intervention(s) the images were made with: connect a "
+                         "CSG_INTERVENTION (for one image) or a CSG_INTERVENTIONS list (one image per intervention, in "
                          "order).")
     if intervention is not None and interventions is not None:
-        raise InputError("Counterfactual Judge has both an INTERVENTION and an INTERVENTIONS list connected; "
+        raise InputError("Counterfactual Judge has both a CSG_INTERVENTION and a CSG_INTERVENTIONS list connected; "
                          "connect one of them, so it is clear which intervention each image was made with.")
     chosen = [intervention] if intervention is not None else list(interventions)
     if not chosen:
-        raise InputError("The INTERVENTIONS list is empty; connect the list the counterfactuals were made from.")
+        raise InputError("The CSG_INTERVENTIONS list is empty; connect the list the counterfactuals were made from.")
     for k, item in enumerate(chosen, start=1):
         if not isinstance(item, Intervention):
-            raise InputError(f"Intervention {k} is a {type(item).__name__}, not an INTERVENTION.")
+            raise InputError(f"Intervention {k} is a {type(item).__name__}, not a CSG_INTERVENTION.")
     return chosen
 
 
@@ -121,7 +121,7 @@ class CounterfactualJudge(io.ComfyNode):
                 ) -> io.NodeOutput:
         chosen = judged_interventions(intervention, interventions)
         if not isinstance(causal_graph, CausalGraph):
-            raise InputError(f"Expected a CAUSAL_GRAPH, got {type(causal_graph).__name__}.")
+            raise InputError(f"Expected a CSG_CAUSAL_GRAPH, got {type(causal_graph).__name__}.")
         if image.dim() != 4:
             raise InputError(f"Expected a ComfyUI IMAGE batch (B, H, W, C), got shape {tuple(image.shape)}.")
         if image.shape[0] != len(chosen):
@@ -245,4 +245,4 @@ class LPIPSDistance(io.ComfyNode):
         return io.NodeOutput(sum(distances) / len(distances), report, ui=ui.PreviewText(report))
 
 
-EVALUATION_NODES = [CounterfactualJudge, LPIPSDistance]
+NODES = [CounterfactualJudge, LPIPSDistance]

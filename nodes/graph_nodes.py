@@ -1,9 +1,9 @@
 """The graph nodes: write or inspect a causal graph and an intervention without any model.
 
-    Causal Graph From JSON    JSON                                  -> CAUSAL_GRAPH, JSON, preview
-    Intervention From JSON    CAUSAL_GRAPH, JSON                    -> INTERVENTION (checked), report, preview
-    Causal Graph Preview      CAUSAL_GRAPH (+ INTERVENTION)         -> IMAGE
-    Select Intervention       INTERVENTIONS, number                 -> INTERVENTION, JSON
+    Causal Graph From JSON    JSON                                   -> CSG_CAUSAL_GRAPH, JSON, preview
+    Intervention From JSON    CSG_CAUSAL_GRAPH, JSON                 -> CSG_INTERVENTION (checked), report, preview
+    Causal Graph Preview      CSG_CAUSAL_GRAPH (+ CSG_INTERVENTION)  -> IMAGE
+    Select Intervention       CSG_INTERVENTIONS, number              -> CSG_INTERVENTION, JSON
 
 Every intervention that leaves a node here has passed ``csg.graph.check_intervention``: a change
 to a concept that is not a descendant of the target is stripped, and the node says so in its
@@ -29,7 +29,7 @@ from ..csg.errors import InputError
 from ..csg.graph import CausalGraph, Intervention, check_intervention
 from ..csg.render import MIN_WIDTH, render_graph
 from ..csg.view import graph_view
-from .csg_common import CATEGORY, CausalGraphType, InterventionType, Interventions, to_comfy_images
+from .csg_common import CATEGORY, CausalGraphType, Interventions, InterventionType, to_comfy_images
 
 GRAPH_CATEGORY = f"{CATEGORY}/graph"
 EXAMPLES = Path(__file__).resolve().parents[1] / "csg" / "examples"
@@ -226,4 +226,4 @@ class SelectIntervention(io.ComfyNode):
         return io.NodeOutput(chosen, chosen.to_json(), ui=ui.PreviewText(intervention_report(chosen)))
 
 
-GRAPH_NODES = [CausalGraphFromJSON, InterventionFromJSON, CausalGraphPreview, SelectIntervention]
+NODES = [CausalGraphFromJSON, InterventionFromJSON, CausalGraphPreview, SelectIntervention]

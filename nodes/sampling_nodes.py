@@ -69,8 +69,9 @@ class CSGGuiderNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, inversion, intervention, scale, threshold, warmup, mask_mode, reverse,
-                protect_non_descendants, causal_graph=None) -> io.NodeOutput:
-        settings = edit_settings(scale, threshold, warmup, mask_mode, protect_non_descendants)
+                protect_non_descendants, causal_graph=None, cooldown=0, concept_scales="") -> io.NodeOutput:
+        settings = edit_settings(scale, threshold, warmup, mask_mode, protect_non_descendants, cooldown,
+                                 concept_scales)
         spec = spec_for(intervention, causal_graph, settings, reverse)
         return io.NodeOutput(CSGGuider.for_edits(ComfySDXLHost(model, clip), inversion, [spec],
                                                  settings.guidance_params()))

@@ -1,10 +1,10 @@
 """The understanding nodes: a VLM extracts the causal graph and proposes or propagates interventions.
 
-    VLM (Local)                models/LLM/<name>                    -> VLM
-    VLM (OpenAI-compatible)    base URL, model, API-key variable    -> VLM
-    Concept Extractor          VLM, IMAGE (+ caption)               -> CAUSAL_GRAPH, preview, JSON, base prompt
-    Intervention Proposer      VLM, IMAGE, CAUSAL_GRAPH             -> INTERVENTIONS (3), JSON
-    Manual Intervention        CAUSAL_GRAPH, target, value (+ VLM)  -> INTERVENTION, JSON, report, preview
+    VLM (Local)                models/LLM/<name>                            -> CSG_VLM
+    VLM (OpenAI-compatible)    base URL, model, API-key variable            -> CSG_VLM
+    Concept Extractor          CSG_VLM, IMAGE (+ caption)                   -> CSG_CAUSAL_GRAPH, preview, JSON, base prompt
+    Intervention Proposer      CSG_VLM, IMAGE, CSG_CAUSAL_GRAPH             -> CSG_INTERVENTIONS (3), JSON
+    Manual Intervention        CSG_CAUSAL_GRAPH, target, value (+ CSG_VLM)  -> CSG_INTERVENTION, JSON, report, preview
 
 The stages are ``csg.vlm``'s; these nodes only translate ComfyUI types, show progress and honour
 Cancel. A VLM socket carries a ``VLMHandle``: the backend the stages call (wrapped in the answer
@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import comfy.model_management
 import comfy.utils
@@ -32,17 +32,33 @@ from PIL import Image
 
 from ..csg.errors import InputError, WeightsMissingError
 from ..csg.graph import CausalGraph
-from ..csg.vlm import (DEFAULT_ATTEMPTS, VLM, CachedVLM, OpenAICompatibleVLM, TransformersVLM, Turn, extract_graph,
-                       manual_intervention, propagate_intervention, propose_interventions)
+from ..csg.vlm import (
+    DEFAULT_ATTEMPTS,
+    VLM,
+    CachedVLM,
+    OpenAICompatibleVLM,
+    TransformersVLM,
+    Turn,
+    extract_graph,
+    manual_intervention,
+    propagate_intervention,
+    propose_interventions,
+)
 from ..csg.vlm.openai_backend import MAX_RETRY_AFTER
 from ..csg.vlm.transformers_backend import GIB, WORKING_MEMORY_BASE, check_fits, memory_needed, resolve_device_dtype
-from .csg_common import CATEGORY, CausalGraphType, InterventionType, Interventions
-from .graph_nodes import (graph_preview, graph_view_ui, image_to_pil, intervention_report, interventions_json,
-                          preview_width_input)
+from .csg_common import CATEGORY, CausalGraphType, Interventions, InterventionType
+from .graph_nodes import (
+    graph_preview,
+    graph_view_ui,
+    image_to_pil,
+    intervention_report,
+    interventions_json,
+    preview_width_input,
+)
 from .model_memory import ManagedPlacement, node_device
 
 UNDERSTANDING_CATEGORY = f"{CATEGORY}/understanding"
-VLMType = io.Custom("VLM")  # nodes.vlm_nodes.VLMHandle
+VLMType = io.Custom("CSG_VLM")  # nodes.vlm_nodes.VLMHandle
 LLM_FOLDER = "LLM"
 NO_LOCAL_MODEL = "(no model folder in models/LLM)"
 CACHE_FOLDER = "csg_vlm_cache"  # under ComfyUI's user directory
@@ -432,4 +448,4 @@ class ManualIntervention(io.ComfyNode):
         return io.NodeOutput(intervention, intervention.to_json(), report, preview, ui=shown)
 
 
-VLM_NODES = [LocalVLM, OpenAICompatibleVLMNode, ConceptExtractor, InterventionProposer, ManualIntervention]
+NODES = [LocalVLM, OpenAICompatibleVLMNode, ConceptExtractor, InterventionProposer, ManualIntervention]

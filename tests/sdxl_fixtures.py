@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import CLIPTokenizer
 
 from csg.diffusers_host import DiffusersSDXLHost
-from csg.random_sdxl import EOS, TOKENIZER_2_PAD, SDXLComponents, build_sdxl_components, clip_vocabulary
+from tools.random_sdxl import EOS, TOKENIZER_2_PAD, SDXLComponents, build_sdxl_components, clip_vocabulary
 
 IMAGE_SIZE = 64  # pixels; the tiny VAE halves it, so latents are 32x32 and attention maps 8x8
 

@@ -8,8 +8,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from csg.baselines import (
-    ddim_schedule,
     ddim_inversion_step,
+    ddim_schedule,
     ddim_step,
     ddim_timesteps,
     invert_baseline,

@@ -14,8 +14,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from csg.cli import (MAX_JSON_BYTES, SDXL_REPO, Plan, find_sdxl, find_vlm, load_json_file, main, output_layout,
-                     plan_layout, save_plan, write_outputs)
+from csg.cli import (
+    MAX_JSON_BYTES,
+    SDXL_REPO,
+    Plan,
+    find_sdxl,
+    find_vlm,
+    load_json_file,
+    main,
+    output_layout,
+    plan_layout,
+    save_plan,
+    write_outputs,
+)
 from csg.errors import WeightsMissingError
 from csg.graph import CausalGraph, Intervention, check_intervention
 from tests.test_vlm_stages import load_scene, scene_server

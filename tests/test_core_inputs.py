@@ -246,7 +246,7 @@ def test_non_square_images_edit_end_to_end(tiny_host):
 
 
 def test_tiny_components_are_deterministic_under_a_seed():
-    from csg.random_sdxl import build_sdxl_components
+    from tools.random_sdxl import build_sdxl_components
 
     a, b, c = (build_sdxl_components("tiny", seed=s).text_encoder_2.state_dict() for s in (1, 1, 2))
     assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
@@ -256,7 +256,7 @@ def test_full_size_configs_are_sdxl_base():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from csg.random_sdxl import clip_tokenizer, text_configs, unet_config, vae_config
+    from tools.random_sdxl import clip_tokenizer, text_configs, unet_config, vae_config
 
     tokenizer = clip_tokenizer("full")
     config_1, config_2 = text_configs("full", len(tokenizer))

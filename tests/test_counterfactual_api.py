@@ -12,6 +12,7 @@ from csg.counterfactual import (
     edit_spec,
     fit_to_model,
     load_image,
+    parse_concept_scales,
 )
 from csg.errors import InputError
 from csg.graph import CausalGraph, Intervention, check_intervention
@@ -98,6 +99,15 @@ def test_params_reach_the_guidance_terms(graph):
         edit_spec(graph, intervention, CSGParams(concept_scales={"ocean": 1.0}))
     with pytest.raises(InputError, match="mask_mode"):
         CSGParams(mask_mode="union")
+
+
+def test_concept_scales_parse_from_items_or_one_comma_separated_string():
+    assert parse_concept_scales(["hair color=5", " c2 = 6.5 "]) == {"hair color": 5.0, "c2": 6.5}
+    assert parse_concept_scales("c2=6.0, hair color=5\nsky=1") == {"c2": 6.0, "hair color": 5.0, "sky": 1.0}
+    assert parse_concept_scales("") == {} and parse_concept_scales(" , ") == {}
+    for bad in ("hair color", "=5", "sky=much"):
+        with pytest.raises(InputError, match='concept_scales expects "concept=number"'):
+            parse_concept_scales(bad, "concept_scales")
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -16,8 +16,12 @@ import pytest
 from csg.evaluate import main
 from csg.evaluation.datasets import DatasetSpec, load_items, sample_items
 from csg.evaluation.results import load_results
-from tests.evaluation_fixtures import (evaluation_server, write_celebahq_dataset, write_coco_dataset,
-                                       write_folder_dataset)
+from tests.evaluation_fixtures import (
+    evaluation_server,
+    write_celebahq_dataset,
+    write_coco_dataset,
+    write_folder_dataset,
+)
 from tests.test_cli import no_local_models, sdxl_folder  # noqa: F401 (fixtures)
 from tests.test_metrics import random_parts, weight_files  # noqa: F401 (fixtures)
 
@@ -64,7 +68,7 @@ def test_three_layouts_end_to_end(datasets, sdxl_folder, weight_files, tmp_path,
         assert set(record["methods"]) == {"csg", "ddpm", "ddim"}
         assert record["settings"]["versions"]["torch"] and record["settings"]["params"]["num_steps"] == 4
         assert record["settings"]["models"]["vlm"] == "test-vlm"
-        for method, entries in record["methods"].items():
+        for entries in record["methods"].values():
             assert len(entries) == len(record["interventions"])
             for entry in entries:
                 assert 0 <= entry["vlm_effectiveness"] <= 1 and entry["lpips"] > 0, entry

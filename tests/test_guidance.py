@@ -5,8 +5,16 @@ import torch
 
 from csg.abduction import invert_latents
 from csg.graph import CausalGraph, Intervention
-from csg.guidance import (ConceptTerm, EditSpec, GuidanceParams, guided_epsilon, plan_guidance,
-                          reference_gaussian_kernel, row_quantiles, smooth)
+from csg.guidance import (
+    ConceptTerm,
+    EditSpec,
+    GuidanceParams,
+    guided_epsilon,
+    plan_guidance,
+    reference_gaussian_kernel,
+    row_quantiles,
+    smooth,
+)
 from csg.prediction import edit, reconstruct, sde_dpmpp_2m_step, source_row_prompt
 
 LATENT = (4, 32, 32)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from sdxl_fixtures import tiny_components
 
 from csg.diffusers_host import DiffusersSDXLHost, ParkedWeights, sdxl_vae_dtype
-from csg.random_sdxl import build_sdxl_components
-from sdxl_fixtures import tiny_components
+from tools.random_sdxl import build_sdxl_components
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_MODEL = runpy.run_path(str(ROOT / "benchmarks" / "memory_model.py"), run_name="memory_model")

@@ -2,8 +2,9 @@
 
 import ast
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,16 +30,53 @@ def test_core_never_imports_comfyui_and_imports_itself_relatively():
             assert not (level == 0 and top == "csg"), f"{path.relative_to(ROOT)} imports '{module}' absolutely; use a relative import"
 
 
-def test_pyproject_declares_the_registry_metadata_and_a_semver_version():
+def _absolute_imports(path: Path) -> list[str]:
+    """Every module ``path`` imports, relative imports resolved from the repository root (itself a package)."""
+    package = list(path.relative_to(ROOT).parent.parts)
+    resolved = []
+    for module, level in _imports(path):
+        base = package[:len(package) - (level - 1)] if level else []
+        resolved.append(".".join([*base, *filter(None, module.split("."))]))
+    return resolved
+
+
+def test_nothing_shipped_imports_the_tests_and_the_pack_imports_no_tools():
+    """Tests import tools, never the reverse; csg/ and nodes/ (the pack) need neither tests/ nor tools/."""
+    for folder, forbidden in (("csg", {"tests", "tools"}), ("nodes", {"tests", "tools"}), ("tools", {"tests"})):
+        for path in (ROOT / folder).rglob("*.py"):
+            for module in _absolute_imports(path):
+                assert module.split(".")[0] not in forbidden, f"{path.relative_to(ROOT)} imports {module}"
+
+
+def test_pyproject_has_a_semver_version_and_csg_reports_it():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert re.fullmatch(r"\d+\.\d+\.\d+", project["project"]["version"])
-    comfy = project["tool"]["comfy"]
-    for key in ("PublisherId", "DisplayName", "Icon"):
-        assert key in comfy
     assert "test" in project["project"]["optional-dependencies"]
     import csg
 
     assert csg.__version__ == project["project"]["version"]
+
+
+def test_registry_metadata_passes_the_registrys_rules():
+    """What comfy-cli's `comfy node validate` (run in CI) and the registry read from pyproject.toml."""
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    info, comfy = project["project"], project["tool"]["comfy"]
+    for key in ("name", "version", "description"):
+        assert isinstance(info.get(key), str) and info[key].strip(), f"[project].{key} is empty"
+    assert info["license"].get("text") or info["license"].get("file"), "[project].license needs text or file"
+    assert re.fullmatch(r"[a-z][a-z0-9-]*", comfy["PublisherId"]), "PublisherId: lowercase letters, digits, '-'"
+    assert comfy["DisplayName"].strip()
+    repository = info["urls"]["Repository"].removeprefix("https://github.com/")
+    icon = re.fullmatch(rf"https://raw\.githubusercontent\.com/{re.escape(repository)}/main/(.+)", comfy["Icon"])
+    assert icon, f"Icon must be a raw URL of a file on this repository's main branch, got {comfy['Icon']!r}"
+    from PIL import Image
+
+    with Image.open(ROOT / icon.group(1)) as image:  # the file exists, is an image, and is small
+        assert max(image.size) <= 400 and image.width == image.height
+    SpecifierSet(comfy["requires-comfyui"])  # raises InvalidSpecifier when it is not a version specifier
+    assert all((ROOT / path).exists() for path in comfy["includes"])
 
 
 def test_ci_runs_the_readme_test_command():
@@ -92,7 +130,7 @@ def _section(path: Path, heading: str) -> str:
     for line in path.read_text().splitlines():
         if line.startswith("```"):
             fenced = not fenced
-        elif not fenced and re.match(r"#{1,%d} " % level, line):
+        elif not fenced and re.match(rf"#{{1,{level}}} ", line):
             if inside:
                 break
             inside = line == heading

@@ -14,7 +14,7 @@ from csg.graph import CausalGraph, Intervention, check_intervention
 from csg.vlm import VLMOutputError, extract_json
 from csg.vlm.extractor import parse_description, parse_graph
 from csg.vlm.judge import parse_judgement
-from csg.vlm.manipulator import parse_proposals, parse_propagation
+from csg.vlm.manipulator import parse_propagation, parse_proposals
 from csg.vlm.parsing import MAX_JSON_DEPTH, MAX_REPLY_CHARS, extract_json_object
 
 # CSG_FUZZ_EXAMPLES=5000 runs a deeper search than the quick default.

@@ -9,8 +9,16 @@ from PIL import Image
 
 from csg.errors import GraphError, InputError
 from csg.graph import CausalGraph
-from csg.vlm import (CachedVLM, OpenAICompatibleVLM, VLMOutputError, extract_graph, judge_counterfactual,
-                     manual_intervention, propagate_intervention, propose_interventions)
+from csg.vlm import (
+    CachedVLM,
+    OpenAICompatibleVLM,
+    VLMOutputError,
+    extract_graph,
+    judge_counterfactual,
+    manual_intervention,
+    propagate_intervention,
+    propose_interventions,
+)
 from csg.vlm.manipulator import parse_proposals
 from tests.vlm_server import VLMServer, completion
 

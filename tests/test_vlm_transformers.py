@@ -13,10 +13,24 @@ import torch
 from PIL import Image
 
 from csg.errors import InputError, WeightsMissingError
-from csg.vlm import (MemoryNeed, TransformersVLM, Turn, VLMOutputError, check_fits, describe_scene, extract_graph,
-                     memory_needed)
-from csg.vlm.transformers_backend import (GIB, WORKING_MEMORY_BASE, WORKING_MEMORY_SHARE, ImageOnlyProcessor,
-                                          load_processor, qwen_messages)
+from csg.vlm import (
+    MemoryNeed,
+    TransformersVLM,
+    Turn,
+    VLMOutputError,
+    check_fits,
+    describe_scene,
+    extract_graph,
+    memory_needed,
+)
+from csg.vlm.transformers_backend import (
+    GIB,
+    WORKING_MEMORY_BASE,
+    WORKING_MEMORY_SHARE,
+    ImageOnlyProcessor,
+    load_processor,
+    qwen_messages,
+)
 
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]

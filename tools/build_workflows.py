@@ -3,7 +3,7 @@
     COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python tools/build_workflows.py
 
 Sockets, output names and the order of widget values come from the node definitions of a running
-ComfyUI with this pack loaded (tests/comfyui/harness.py), so after a node changes a re-run brings
+ComfyUI with this pack loaded (tools/comfyui_harness.py), so after a node changes a re-run brings
 every workflow up to date. Each workflow below places nodes on the canvas, wires them by output
 name, frames the causal steps in groups and explains itself in a note. tests/comfyui/
 test_workflows.py executes every file through ComfyUI's engine.
@@ -15,15 +15,16 @@ import json
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from tests.comfyui.workflow_format import UPLOAD_OPTIONS, input_entries, widget_layout  # noqa: E402
+from tools.workflow_format import UPLOAD_OPTIONS, input_entries, widget_layout  # noqa: E402
 
 FRONTEND_VERSION = "1.27.10"  # the frontend ComfyUI 0.3.64 pins
 SDXL_BASE = {"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
@@ -37,7 +38,7 @@ GROUP_COLORS = {"factual": "#3f789e", "understanding": "#8A8", "abduction": "#a1
 
 @dataclass(frozen=True)
 class Out:
-    node: "Node"
+    node: Node
     slot: int
     type: str
 
@@ -81,7 +82,7 @@ class Canvas:
         node = Node(len(self.nodes) + 1, class_type, pos, size, title, [], [], self._outputs(class_type),
                     {"Node name for S&R": class_type})
         widget_names = {w.name for w in widgets}
-        for name, kind, options in entries:
+        for name, kind, _options in entries:
             value = values.get(name)
             if name in widget_names and not isinstance(value, Out):
                 continue
@@ -377,7 +378,7 @@ def build_baselines_comparison(canvas: Canvas) -> None:
                              intervention=pick.out("intervention"),
                              causal_graph=understanding.extractor.out("causal_graph"))
     model = factual.checkpoint
-    baselines = [canvas.add("CSGBaselineEdit", (3 * COLUMN, 960 + 480 * k), title=f"Baseline: {method}",
+    baselines = [canvas.add("CSGBaselineEdit", (3 * COLUMN, 1020 + 480 * k), title=f"Baseline: {method}",
                             model=model.out("MODEL"), clip=model.out("CLIP"), vae=model.out("VAE"),
                             image=factual.scaled.out("IMAGE"), intervention=pick.out("intervention"),
                             method=method, source_prompt=base_prompt)
@@ -474,7 +475,7 @@ WORKFLOWS: dict[str, Callable[[Canvas], None]] = {
 
 
 def main() -> None:
-    from tests.comfyui.harness import start_comfyui
+    from tools.comfyui_harness import start_comfyui
 
     comfy = start_comfyui(Path(tempfile.mkdtemp(prefix="csg-workflows-")))
     folder = ROOT / "workflows"

@@ -26,9 +26,9 @@ import hashlib
 import io
 import json
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ..errors import InputError
 
@@ -58,7 +58,7 @@ class DatasetSpec:
     images: Path | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "DatasetSpec":
+    def parse(cls, text: str) -> DatasetSpec:
         name, eq, rest = text.partition("=")
         kind, colon, location = rest.partition(":")
         if not eq or not colon or not name.strip() or not location:

@@ -17,17 +17,18 @@ among those not yet finished in ANY results file, and appends to its own ``resul
 
 from __future__ import annotations
 
-import re
 import hashlib
+import re
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image

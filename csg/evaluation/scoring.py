@@ -10,8 +10,14 @@ import torch
 from PIL import Image
 
 from ..graph import CausalGraph, Intervention
-from ..metrics import (LPIPS, causal_consistency_score, effectiveness_score, lpips_distance, masked_lpips_distance,
-                       preservation_score)
+from ..metrics import (
+    LPIPS,
+    causal_consistency_score,
+    effectiveness_score,
+    lpips_distance,
+    masked_lpips_distance,
+    preservation_score,
+)
 
 
 def edit_region(masks: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor | None:

@@ -1,9 +1,13 @@
-"""Ask, check, and ask again with the problem spelled out: the bounded retry loop of every stage."""
+"""Ask, check, and ask again with the problem spelled out: the bounded retry loop of every stage.
+
+Internal: not part of the public API (``csg.__all__``), so it may change without notice.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from PIL import Image
 

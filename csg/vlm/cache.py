@@ -18,8 +18,8 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image
 
@@ -45,7 +45,15 @@ def answer_key(identity: str, system: str, turns: Sequence[Turn], images: Sequen
 
 
 class CachedVLM:
-    """Wraps any backend; answers it gave before for the same question come from ``cache_dir``."""
+    """Wraps any backend; answers it gave before for the same question come from ``cache_dir``.
+
+    Args:
+        backend: the VLM asked on a cache miss.
+        cache_dir: the folder of the answers (created on the first answer kept).
+
+    Raises:
+        Nothing here; each question raises what ``backend`` raises.
+    """
 
     def __init__(self, backend: VLM, cache_dir: str | Path):
         self.backend = backend

@@ -58,7 +58,20 @@ def parse_graph(answer: str) -> CausalGraph:
 
 
 def describe_scene(vlm: VLM, image: Image.Image, *, max_attempts: int = DEFAULT_ATTEMPTS) -> str:
-    """A one-sentence, text-to-image style caption of the image: the base prompt Y."""
+    """A one-sentence, text-to-image style caption of the image: the base prompt Y.
+
+    Args:
+        vlm: the backend (``TransformersVLM``, ``OpenAICompatibleVLM``, maybe in ``CachedVLM``).
+        image: the factual image.
+        max_attempts: questions asked before giving up on unusable answers.
+
+    Returns:
+        The caption.
+
+    Raises:
+        VLMError: the backend failed.
+        VLMOutputError: no usable answer within ``max_attempts``.
+    """
     return ask_until_valid(vlm, prompts.DESCRIBE, prompts.describe_user(), [image], parse_description,
                            max_attempts=max_attempts)
 
@@ -69,6 +82,19 @@ def extract_graph(vlm: VLM, image: Image.Image, caption: str | None = None, *,
 
     Without a caption, the VLM first describes the scene and that description becomes Y. A graph
     without a scene summary gets Y as its summary, so the manipulator always has one.
+
+    Args:
+        vlm: the backend.
+        image: the factual image.
+        caption: the base prompt Y; None asks the VLM for it.
+        max_attempts: questions asked per stage before giving up on unusable answers.
+
+    Returns:
+        An ``Extraction``: ``graph`` and ``base_prompt``.
+
+    Raises:
+        VLMError: the backend failed.
+        VLMOutputError: no valid graph within ``max_attempts``.
     """
     base_prompt = _single_line(caption) if caption and caption.strip() else describe_scene(vlm, image,
                                                                                           max_attempts=max_attempts)

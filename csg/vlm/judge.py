@@ -7,8 +7,9 @@ fraction of items answered yes (``csg.metrics.vlm_effectiveness`` averages it ov
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from PIL import Image
 
@@ -95,7 +96,23 @@ def preservation_checklist(intervention: Intervention, graph: CausalGraph) -> li
 
 def judge_counterfactual(vlm: VLM, image: Image.Image, intervention: Intervention, graph: CausalGraph, *,
                          max_attempts: int = DEFAULT_ATTEMPTS) -> Judgement:
-    """Ask the VLM whether ``image`` (the counterfactual) shows each value the intervention set."""
+    """Ask the VLM whether ``image`` (the counterfactual) shows each value the intervention set.
+
+    Args:
+        vlm: the backend.
+        image: the counterfactual image.
+        intervention: the intervention it was made with.
+        graph: the graph it acts on; it decides which concepts changed.
+        max_attempts: questions asked before giving up on unusable answers.
+
+    Returns:
+        The ``Judgement``: per changed concept whether it is shown, and the verdict.
+
+    Raises:
+        GraphError: the intervention does not fit the graph.
+        VLMError: the backend failed.
+        VLMOutputError: no valid answer within ``max_attempts``.
+    """
     intervention = check_intervention(graph, intervention)
     return _judge(vlm, image, intervention, graph, checklist(intervention, graph), max_attempts)
 

@@ -6,8 +6,9 @@ concept outside De(C_i) is stripped and recorded in ``violations``, never passed
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any
 
 from PIL import Image
 
@@ -104,7 +105,19 @@ def propose_interventions(vlm: VLM, image: Image.Image, graph: CausalGraph, base
                           max_attempts: int = DEFAULT_ATTEMPTS) -> list[Intervention]:
     """Three checked interventions on different concepts (one reaching many, one few, one none).
 
-    ``base_prompt`` is the prompt Y their generation prompts edit; it defaults to the scene summary.
+    Args:
+        vlm: the backend.
+        image: the factual image.
+        graph: its causal graph.
+        base_prompt: the prompt Y their generation prompts edit; None: the scene summary.
+        max_attempts: questions asked before giving up on unusable answers.
+
+    Returns:
+        The interventions, each checked against ``graph``.
+
+    Raises:
+        VLMError: the backend failed.
+        VLMOutputError: no three valid interventions within ``max_attempts``.
     """
     user = prompts.propose_user(graph, base_prompt or graph.scene_summary)
     return ask_until_valid(vlm, prompts.PROPOSE, user, [image], lambda answer: parse_proposals(graph, answer),
@@ -113,10 +126,28 @@ def propose_interventions(vlm: VLM, image: Image.Image, graph: CausalGraph, base
 
 def propagate_intervention(vlm: VLM, image: Image.Image, graph: CausalGraph, target: str, new_value: str, *,
                            base_prompt: str | None = None, max_attempts: int = DEFAULT_ATTEMPTS) -> Intervention:
-    """do(target = new_value) as the user named it (id or name); the VLM only works out the descendants.
+    """do(target = new_value) as the user named it; the VLM only works out the descendants.
 
     The user's target and value win over whatever the VLM writes; changes outside De(target) are
     stripped into ``violations``.
+
+    Args:
+        vlm: the backend.
+        image: the factual image.
+        graph: its causal graph.
+        target: the concept's id or name.
+        new_value: its new value.
+        base_prompt: the prompt Y the generation prompt edits; None: the scene summary.
+        max_attempts: questions asked before giving up on unusable answers.
+
+    Returns:
+        The checked intervention.
+
+    Raises:
+        GraphError: ``target`` is not in the graph.
+        InputError: ``new_value`` is empty or the target's current value.
+        VLMError: the backend failed.
+        VLMOutputError: no valid answer within ``max_attempts``.
     """
     concept, value = _user_target(graph, target, new_value)
     user = prompts.propagate_user(graph, base_prompt or graph.scene_summary, concept, value)
@@ -128,8 +159,20 @@ def manual_intervention(graph: CausalGraph, target: str, new_value: str, *, gene
                         intervention_id: str = "user_intervention") -> Intervention:
     """do(target = new_value) without a VLM: nothing is propagated, so CSG edits the target alone.
 
-    ``new_value`` is also the target's guidance prompt, so a phrase such as "black hair" guides
-    better than "black". ``generation_prompt`` is only needed by the full-prompt baselines.
+    Args:
+        graph: the causal graph.
+        target: the concept's id or name.
+        new_value: its new value; also the target's guidance prompt, so a phrase such as "black hair"
+            guides better than "black".
+        generation_prompt: only needed by the full-prompt baselines.
+        intervention_id: the intervention's id.
+
+    Returns:
+        The checked intervention.
+
+    Raises:
+        GraphError: ``target`` is not in the graph.
+        InputError: ``new_value`` is empty or the target's current value.
     """
     concept, value = _user_target(graph, target, new_value)
     intervention = Intervention(

@@ -30,8 +30,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from datetime import timezone
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from PIL import Image
@@ -59,7 +60,7 @@ def chat_completions_url(base_url: str) -> str:
                          "Give it like http://127.0.0.1:8000/v1 (write a space in a path as %20).")
     parts = urlsplit(base_url.strip())
     try:
-        parts.port  # parsed on access: raises for a port out of range or not a number
+        _ = parts.port  # parsed on access: raises for a port out of range or not a number
     except ValueError:
         raise InputError("The VLM server URL has a port that is not a number from 0 to 65535. "
                          "Give it like http://127.0.0.1:8000/v1.") from None
@@ -218,6 +219,19 @@ class OpenAICompatibleVLM:
 
     There is deliberately no way to pass the key's value: only the name of the environment variable
     that holds it, so no workflow, cache or log can ever contain it.
+
+    Args:
+        base_url: the server, e.g. "http://127.0.0.1:11434/v1".
+        model: the model name the server knows.
+        api_key_env: the environment variable holding the API key; None: no key.
+        timeout: seconds for one whole exchange.
+        retries: further tries after a failed exchange.
+        backoff: the first wait between tries, in seconds.
+        max_image_side: longer side images are downscaled to before sending; None: never.
+
+    Raises:
+        InputError: an unusable URL, timeout, retries or backoff.
+        VLMError: from each question, when the server fails after the retries.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, timeout: float = 300.0,

@@ -1,5 +1,8 @@
 """Pull the JSON answer out of whatever a VLM wrote around it.
 
+Internal: not part of the public API (``csg.__all__``), so it may change without notice.
+
+
 Models wrap their JSON in reasoning (``<think>…</think>``), code fences, and prose, and sometimes
 leave trailing commas. We look inside code fences first, then take the first balanced ``{…}`` or
 ``[…]`` that parses and does not lie wholly inside the leading reasoning (a draft there is not the
@@ -17,7 +20,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterable, Iterator, NamedTuple
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
 
 from ..errors import VLMError, quote
 

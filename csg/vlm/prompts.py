@@ -1,5 +1,8 @@
 """What we ask the VLM at each stage, and with which sampling settings.
 
+Internal: not part of the public API (``csg.__all__``), so it may change without notice.
+
+
 The stages and the JSON shapes follow the paper (Figures 2, 3 and 6; field names as in
 ``csg.graph``); the wording is ours. Every stage asks for one JSON object and nothing else, and
 each keeps its sampling parameters next to its prompt so a reader sees both at once.
@@ -11,8 +14,8 @@ a typical VLM context next to the image and the answer.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..errors import InputError
 from ..graph import CausalGraph, Concept

@@ -1,10 +1,14 @@
-"""What every VLM backend offers, and how images are prepared before any backend sees them."""
+"""What every VLM backend offers, and how images are prepared before any backend sees them.
+
+Internal: not part of the public API (``csg.__all__``), so it may change without notice.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from PIL import Image
 

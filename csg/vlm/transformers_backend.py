@@ -16,9 +16,10 @@ import inspect
 import json
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -192,7 +193,7 @@ class ImageOnlyProcessor:
         self.mark_image_tokens = mark_image_tokens
 
     @classmethod
-    def from_folder(cls, folder: Path, image_token_id: int, mark_image_tokens: bool) -> "ImageOnlyProcessor":
+    def from_folder(cls, folder: Path, image_token_id: int, mark_image_tokens: bool) -> ImageOnlyProcessor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
@@ -311,6 +312,18 @@ class TransformersVLM:
     """A local Qwen-VL instruct model, loaded with ``AutoModelForImageTextToText`` from ``folder`` only.
 
     ``placement`` puts it on ``device`` (default: ``MoveToDevice``); the processor's tensors go to ``device``.
+
+    Args:
+        folder: the model folder (config, processor and safetensors files).
+        device: "auto", "cpu", "cuda", ...
+        dtype: "auto" or a torch dtype.
+        on_token: called per generated token (progress).
+        max_image_side: longer side images are downscaled to before asking; None: never.
+        placement: how the weights are placed (``MoveToDevice`` by default).
+
+    Raises:
+        WeightsMissingError: ``folder`` is not a model folder (the message says how to download one).
+        VLMError: the model cannot be loaded.
     """
 
     def __init__(self, folder: str | Path, *, device: Any = "auto", dtype: Any = "auto",

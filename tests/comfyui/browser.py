@@ -18,14 +18,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from tests.comfyui.csg_fixtures import comfyui_path
+from tools.comfyui_harness import comfyui_path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACK_FOLDER = "comfyui-causal-counterfactuals"  # the pack's folder in custom_nodes/, so its URL is /extensions/<this>/
@@ -70,7 +70,7 @@ def running_comfyui(base: Path, with_pack: bool = True) -> Iterator[str]:
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"ComfyUI did not start:\n{(base / 'server.log').read_text()[-3000:]}")
+                    raise RuntimeError(f"ComfyUI did not start:\n{(base / 'server.log').read_text()[-3000:]}") from None
                 time.sleep(1)
         yield url
     finally:

@@ -77,7 +77,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 @pytest.fixture(scope="session", autouse=True)
 def comfyui_imports():
     """Before any test here touches ComfyUI: import it in the order its main.py does (see harness.py)."""
-    from tests.comfyui.harness import import_comfy_like_main
+    from tools.comfyui_harness import import_comfy_like_main
 
     import_comfy_like_main()
 
@@ -86,7 +86,7 @@ def comfyui_imports():
 def comfyui(tmp_path_factory):
     import torch
 
-    from tests.comfyui.harness import start_comfyui
+    from tools.comfyui_harness import start_comfyui
 
     torch.set_num_threads(1)  # the test machine is shared; one core keeps runs predictable
     return start_comfyui(tmp_path_factory.mktemp("comfyui"))

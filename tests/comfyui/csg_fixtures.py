@@ -17,14 +17,14 @@ Imported by the CSG test modules; nothing here is committed as weights, and buil
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
+
+from tools.comfyui_harness import import_comfy
 
 REPO = Path(__file__).resolve().parents[2]
 PACK_MODULE = "csg_comfy_pack"
@@ -47,27 +47,6 @@ DIFFUSERS_UNET_CONFIG = dict(
 VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
                   layers_per_block=2, latent_channels=4, scaling_factor=0.13025)
-
-
-def comfyui_path() -> Path:
-    path = Path(os.environ.get("COMFYUI_PATH", "/work/comfy/ComfyUI"))
-    if not (path / "comfy" / "samplers.py").is_file():
-        pytest.skip(f"ComfyUI not found at {path}; set COMFYUI_PATH to a ComfyUI checkout.")
-    return path
-
-
-def import_comfy() -> None:
-    """Put ComfyUI on the path, on the CPU, without parsing pytest's command line."""
-    path = str(comfyui_path())
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    import comfy.options
-
-    comfy.options.enable_args_parsing = False
-    import comfy.cli_args
-
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
 
 
 def pack_module(name: str):

@@ -132,6 +132,32 @@ def test_counterfactual_outputs_and_masks(small, modules, inversion, story):
     assert not torch.allclose(latent["samples"], unedited)
 
 
+def test_cooldown_and_concept_scales_reach_the_edit(small, modules, inversion, story):
+    plain = counterfactual(modules, small, small.model, inversion, story)[1]["samples"]
+    cooled = counterfactual(modules, small, small.model, inversion, story, cooldown=3)[1]["samples"]
+    assert not torch.allclose(cooled, plain)  # no guidance from step 3 on
+    to_the_end = counterfactual(modules, small, small.model, inversion, story, cooldown=0)[1]["samples"]
+    assert torch.equal(to_the_end, plain)  # 0: no cool-down
+    same = counterfactual(modules, small, small.model, inversion, story, concept_scales="c1=8, beard=8")
+    assert torch.equal(same[1]["samples"], plain)  # by id and by name, the default scale written out
+    hair_alone = counterfactual(modules, small, small.model, inversion, story, concept_scales="beard=0")
+    assert not torch.allclose(hair_alone[1]["samples"], plain)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ocean=3", "concept_scales: No concept has the id or name 'ocean'"),
+    ("hair color", 'concept_scales expects "concept=number"'),
+])
+def test_a_bad_concept_scales_string_names_the_problem(small, modules, inversion, story, text, message):
+    errors = modules["csg.errors"]
+    with pytest.raises(errors.InputError, match=message):
+        counterfactual(modules, small, small.model, inversion, story, concept_scales=text)
+    guider = modules["nodes.sampling_nodes"].CSGGuiderNode
+    with pytest.raises(errors.InputError, match=message):
+        guider.execute(small.model, small.clip, inversion, story[1], 8.0, 0.7, WARMUP, "intersect", False, False,
+                       causal_graph=story[0], concept_scales=text)
+
+
 def test_a_lora_applied_before_our_nodes_changes_the_counterfactual(small, modules, inversion, story):
     import comfy.sd
 

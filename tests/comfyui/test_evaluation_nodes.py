@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from tests.comfyui.csg_fixtures import write_random_lpips_weights
-from tests.comfyui.harness import WorkflowFailed
 from tests.test_vlm_stages import load_scene, stage_of, wrap
 from tests.vlm_server import VLMServer, completion
+from tools.comfyui_harness import WorkflowFailed
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "csg" / "examples"
 COLOURS = {"red": 0xFF0000, "green": 0x00FF00, "blue": 0x0000FF}
@@ -191,8 +191,8 @@ def test_one_intervention_and_one_image(comfyui, core, scene):
 
 
 @pytest.mark.parametrize("connect, fragment", [
-    ("neither", "connect an INTERVENTION"),
-    ("both", "has both an INTERVENTION and an INTERVENTIONS list"),
+    ("neither", "connect a CSG_INTERVENTION"),
+    ("both", "has both a CSG_INTERVENTION and a CSG_INTERVENTIONS list"),
 ])
 def test_exactly_one_of_intervention_and_interventions(comfyui, scene, portrait, connect, fragment):
     with JudgeServer(scene) as server:

@@ -8,9 +8,7 @@ Chromium (.ci/run installs both); it needs no ComfyUI itself. CI runs it with no
 
 from __future__ import annotations
 
-import pytest
-
-from tests.comfyui.test_frontend import chromium
+from tests.comfyui.browser import chromium, require_browser
 from tests.evaluation_fixtures import evaluation_server, write_coco_dataset, write_folder_dataset
 from tests.test_cli import no_local_models, sdxl_folder  # noqa: F401 (fixtures)
 from tests.test_evaluate import command
@@ -18,9 +16,7 @@ from tests.test_metrics import random_parts, weight_files  # noqa: F401 (fixture
 
 
 def test_the_report_shows_every_image_offline_without_errors(sdxl_folder, weight_files, tmp_path, monkeypatch):
-    pytest.importorskip("playwright.sync_api", reason="the report test drives Chromium with Playwright")
-    if chromium() is None:
-        pytest.skip("no Chromium found: apt-get install chromium, or set CSG_CHROMIUM")
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     from csg.evaluate import main

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.comfyui.harness import WorkflowFailed
+from tools.comfyui_harness import WorkflowFailed
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "csg" / "examples"
 GRAPH_JSON = (EXAMPLES / "portrait_graph.json").read_text()

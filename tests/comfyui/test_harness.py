@@ -9,8 +9,8 @@ bypassed node and a muted one.
 import pytest
 import torch
 
-from tests.comfyui.harness import WorkflowFailed
-from tests.comfyui.workflow_format import WorkflowFormatError, widget_layout, workflow_to_prompt
+from tools.comfyui_harness import WorkflowFailed
+from tools.workflow_format import WorkflowFormatError, widget_layout, workflow_to_prompt
 
 SIZE = 64
 

@@ -39,3 +39,34 @@ def test_input_types_are_what_the_frontend_and_validator_read(comfyui, pack):
         for section in ("required", "optional"):
             for name, spec in info.get(section, {}).items():
                 assert spec[1].get("tooltip"), f"{node_id}.{name} lost its tooltip in INPUT_TYPES"
+
+
+SOCKET_PREFIX = "CSG_"
+
+
+def test_every_custom_socket_type_carries_the_pack_prefix(pack):
+    """Socket type names are global in ComfyUI: ours start with CSG_, so no other pack's types meet them."""
+    from comfy_api.latest import io
+
+    builtin = {value.io_type for value in vars(io).values() if isinstance(getattr(value, "io_type", None), str)}
+    custom = {socket.io_type for node in pack.NODES for schema in [node.GET_SCHEMA()]
+              for socket in [*schema.inputs, *schema.outputs]} - builtin
+    assert custom, "the pack declares custom socket types (inversion, graph, interventions, VLM)"
+    assert sorted(name for name in custom if not name.startswith(SOCKET_PREFIX)) == []
+
+
+NODE_MODULES = ("graph_nodes", "vlm_nodes", "csg_nodes", "sampling_nodes", "baseline_nodes", "evaluation_nodes")
+
+
+def test_the_pack_registers_exactly_the_nodes_each_module_lists(comfyui, pack):
+    """One source of truth: each module's NODES names every node class it defines, and the pack is their union."""
+    from comfy_api.latest import io
+
+    listed = []
+    for name in NODE_MODULES:
+        module = comfyui.pack_module(f"nodes.{name}")
+        defined = {value for value in vars(module).values() if isinstance(value, type)
+                   and issubclass(value, io.ComfyNode) and value.__module__ == module.__name__}
+        assert set(module.NODES) == defined, f"nodes/{name}.py: NODES must list every node class it defines"
+        listed += module.NODES
+    assert pack.NODES == listed

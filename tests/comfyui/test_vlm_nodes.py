@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.comfyui.harness import WorkflowFailed
 from tests.test_vlm_stages import load_scene, scene_server, stage_of, wrap
 from tests.test_vlm_transformers import build_tiny_qwen25_vl
 from tests.vlm_server import VLMServer, completion
+from tools.comfyui_harness import WorkflowFailed
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY_VARIABLE = "CSG_TEST_VLM_KEY"

@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from .diffusers_host import sdxl_vae_dtype
+from csg.diffusers_host import sdxl_vae_dtype
 
 Size = Literal["tiny", "full"]
 

@@ -13,16 +13,43 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from tests.comfyui.csg_fixtures import import_comfy
-from tests.comfyui.workflow_format import set_widgets, workflow_to_prompt
+import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tools.workflow_format import set_widgets, workflow_to_prompt
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def comfyui_path() -> Path:
+    """The ComfyUI checkout named by COMFYUI_PATH."""
+    value = os.environ.get("COMFYUI_PATH", "").strip()
+    path = Path(value).expanduser() if value else None
+    if path is None or not (path / "comfy" / "samplers.py").is_file():
+        raise RuntimeError(f"No ComfyUI checkout at COMFYUI_PATH={value!r} (it needs comfy/samplers.py). Set "
+                           "COMFYUI_PATH to a ComfyUI checkout, e.g. COMFYUI_PATH=/path/to/ComfyUI.")
+    return path
+
+
+def import_comfy() -> None:
+    """Put ComfyUI on the path, on the CPU when there is no GPU, without parsing our command line."""
+    path = str(comfyui_path())
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import comfy.options
+
+    comfy.options.enable_args_parsing = False
+    import comfy.cli_args
+
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
 
 
 class WorkflowFailed(AssertionError):
@@ -72,6 +99,7 @@ class ComfyUI:
     def __init__(self, workdir: Path, pack_nodes: list[str]):
         import comfy.utils
         import execution
+
         import nodes
 
         self.workdir = workdir
@@ -85,9 +113,8 @@ class ComfyUI:
 
     def _on_progress(self, value: int, total: int, preview: Any, prompt_id: str | None = None,
                      node_id: str | None = None) -> None:
-        from comfy_execution.utils import get_executing_context
-
         import comfy.model_management
+        from comfy_execution.utils import get_executing_context
 
         context = get_executing_context()
         node = node_id or (context.node_id if context is not None else None)
@@ -260,7 +287,7 @@ def import_comfy_like_main() -> None:
 def start_comfyui(workdir: Path) -> ComfyUI:
     """Start ComfyUI in this process and load the pack (once per process).
 
-    The location of the checkout comes from COMFYUI_PATH (see ``csg_fixtures.import_comfy``).
+    The location of the checkout comes from COMFYUI_PATH (see ``import_comfy``).
     """
     import_comfy_like_main()
     import nodes

@@ -25,8 +25,9 @@ Subgraphs and legacy group nodes are not translated: they raise ``WorkflowFormat
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 UPLOAD_OPTIONS = ("image_upload", "video_upload", "animated_image_upload")
