@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "counterfactual": ["CSGParams", "CounterfactualResult", "BaselineResult", "counterfactual", "counterfactuals",
-                       "baseline_counterfactual", "load_image", "parse_concept_scales"],
+                       "baseline_counterfactual", "baseline_counterfactuals", "load_image", "parse_concept_scales"],
     "graph": ["CausalGraph", "Concept", "Relationship", "Intervention", "PropagatedChange", "check_intervention"],
     "render": ["render_graph"],
     "diffusers_host": ["DiffusersSDXLHost"],
