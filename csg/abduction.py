@@ -2,7 +2,6 @@
 
 Internal: not part of the public API (``csg.__all__``), so it may change without notice.
 
-
 Entry points::
 
     invert(host, image, source_prompt="", *, num_steps=100, skip=0.15, source_guidance=3.5,

@@ -2,7 +2,6 @@
 
 Internal: not part of the public API (``csg.__all__``), so it may change without notice.
 
-
 A host routes the query and key rows it wants captured to ``selected_attention`` from the
 cross-attention layers at ``ATTENTION_LEVEL`` (latent/4) in the down and up blocks; it sums the
 results over those layers and divides by the number of layers that saw each row. The host keeps

@@ -2,7 +2,6 @@
 
 Internal: not part of the public API (``csg.__all__``), so it may change without notice.
 
-
 Entry points (latents in, latents out; ``csg.counterfactual`` wraps them for images)::
 
     invert_ddpm_edit_friendly(host, x0, source_prompt="", *, num_steps=100, skip=0.15,

@@ -2,7 +2,6 @@
 
 Internal: not part of the public API (``csg.__all__``), so it may change without notice.
 
-
     csg-counterfactual IMAGE [--do "concept=value" | --intervention-json FILE] [--pick N | --pick all]
                        [--caption TEXT] [--graph-json FILE [--target-only]]
                        [--vlm-model PATH | --vlm-url URL --vlm-name NAME [--api-key-env VAR]

@@ -2,7 +2,6 @@
 
 Internal: not part of the public API (``csg.__all__``), so it may change without notice.
 
-
 For every changed concept c in E (the target and its changed descendants) with its own prompt
 and batch row, at each step
 

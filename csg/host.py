@@ -2,7 +2,6 @@
 
 Internal: not part of the public API (``csg.__all__``), so it may change without notice.
 
-
 The core works in discrete-time variance-preserving terms: integer timesteps t of the training
 schedule, alpha-bar_t = ``alphas_cumprod[t]``, x_t = sqrt(alpha-bar_t) x0 + sqrt(1 - alpha-bar_t) n,
 and epsilon prediction. A host that works in sigma space (ComfyUI's k-diffusion view) converts at

@@ -2,7 +2,6 @@
 
 Internal: not part of the public API (``csg.__all__``), so it may change without notice.
 
-
 Entry points::
 
     edit(host, inversion, specs: list[EditSpec], params=GuidanceParams()) -> EditResult

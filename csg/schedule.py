@@ -2,7 +2,6 @@
 
 Internal: not part of the public API (``csg.__all__``), so it may change without notice.
 
-
 Variance-preserving notation: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), the half log-SNR
 lambda_t = log(alpha_t / sigma_t), and the data prediction x0_hat(x_t) = (x_t - sigma_t eps) / alpha_t.
 One step of the stochastic DPM-Solver++ (2nd order multistep, midpoint form) from s = t_i to

@@ -2,7 +2,6 @@
 
 Internal: not part of the public API (``csg.__all__``), so it may change without notice.
 
-
 The layout is ``csg.render``'s, so a node's drawing and the PNG preview agree. The intervention
 is passed through ``check_intervention`` first, so stripped changes arrive as ``violations``.
 ``descendants`` lets the frontend show, before anything runs, what an intervention on a concept

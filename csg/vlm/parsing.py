@@ -2,7 +2,6 @@
 
 Internal: not part of the public API (``csg.__all__``), so it may change without notice.
 
-
 Models wrap their JSON in reasoning (``<think>…</think>``), code fences, and prose, and sometimes
 leave trailing commas. We look inside code fences first, then take the first balanced ``{…}`` or
 ``[…]`` that parses and does not lie wholly inside the leading reasoning (a draft there is not the

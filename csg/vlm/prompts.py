@@ -2,7 +2,6 @@
 
 Internal: not part of the public API (``csg.__all__``), so it may change without notice.
 
-
 The stages and the JSON shapes follow the paper (Figures 2, 3 and 6; field names as in
 ``csg.graph``); the wording is ours. Every stage asks for one JSON object and nothing else, and
 each keeps its sampling parameters next to its prompt so a reader sees both at once.
