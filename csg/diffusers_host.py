@@ -36,6 +36,7 @@ shows the effect per phase.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -199,6 +200,7 @@ def latent4_cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, Atte
             if isinstance(module, Attention) and name.endswith("attn2") and name.startswith(prefixes)}
 
 
+PROMPT_CACHE_SIZE = 64  # prompts, ~0.3 MiB each at SDXL size in fp16
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
@@ -246,6 +248,7 @@ class DiffusersSDXLHost:
         self.latent_multiple = 2 ** (len(unet.config.block_out_channels) - 1)
         self.capture_layers = latent4_cross_attention_layers(unet)
         self._time_ids: dict[tuple[int, int], torch.Tensor] = {}
+        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._request_cache: tuple[object, tuple[torch.Tensor, torch.Tensor] | None] = (None, None)
         self._slot = _CaptureSlot()
         self._processor = _CapturingCrossAttention(self._slot)
@@ -346,18 +349,45 @@ class DiffusersSDXLHost:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> SDXLConditioning:
+        """SDXL's text conditioning per row; "" is the all-zero unconditional row.
+
+        Each distinct prompt is encoded on its own (batch 1) and kept for reuse
+        (``PROMPT_CACHE_SIZE`` prompts, least recently used first out). So a prompt's conditioning is
+        the same bits in every batch: the CLIP encoders' rounding depends on the batch size (3.6e-7
+        in the pooled embedding), and exact mode only gives back x0 when the edit's source row is
+        the inversion's. It also spares the repeated rows ("" and the source prompt, once per
+        intervention) and, with offloading, lending the encoders to the device on a cache hit.
+        The cache assumes the text encoders' weights stay as they are; ``forget_prompts`` after
+        changing them.
+        """
         prompts = list(prompts)
-        hidden = []
-        for tokenizer, encoder, on_device in zip(self.tokenizers, self.text_encoders, self._text_encoders_on_device):
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(self.device)
-            with on_device():  # offloaded: one encoder's weights on the device at a time
-                out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-        embeds = torch.cat(hidden, dim=-1).to(self.dtype)
-        pooled = out.text_embeds.to(self.dtype)  # the second encoder's projection
-        keep = torch.tensor([p != "" for p in prompts]).to(self.device)  # "" is SDXL's all-zero uncond
-        return SDXLConditioning(torch.where(keep[:, None, None], embeds, 0.0), torch.where(keep[:, None], pooled, 0.0))
+        rows = {p: self._prompt_cache[p] for p in dict.fromkeys(prompts) if p in self._prompt_cache}
+        missing = [p for p in dict.fromkeys(prompts) if p not in rows]
+        if missing:
+            hidden: dict[str, list[torch.Tensor]] = {p: [] for p in missing}
+            pooled: dict[str, torch.Tensor] = {}
+            for tokenizer, encoder, on_device in zip(self.tokenizers, self.text_encoders, self._text_encoders_on_device):
+                with on_device():  # offloaded: one encoder's weights on the device at a time
+                    for prompt in missing:
+                        ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
+                                        truncation=True, return_tensors="pt").input_ids.to(self.device)
+                        out = encoder(ids, output_hidden_states=True)
+                        hidden[prompt].append(out.hidden_states[-2])
+                        if encoder is self.text_encoders[1]:
+                            pooled[prompt] = out.text_embeds  # SDXL pools the second encoder's projection
+            for prompt in missing:
+                row = (torch.cat(hidden[prompt], dim=-1).to(self.dtype), pooled[prompt].to(self.dtype))
+                rows[prompt] = tuple(torch.zeros_like(t) for t in row) if prompt == "" else row
+        for prompt in rows:
+            self._prompt_cache[prompt] = rows[prompt]
+            self._prompt_cache.move_to_end(prompt)
+        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+        return SDXLConditioning(torch.cat([rows[p][0] for p in prompts]), torch.cat([rows[p][1] for p in prompts]))
+
+    def forget_prompts(self) -> None:
+        """Drop the cached prompt encodings (after the text encoders' weights changed, e.g. a LoRA)."""
+        self._prompt_cache.clear()
 
     def token_indices(self, prompt: str) -> list[int]:
         lengths = set()

@@ -78,7 +78,9 @@ class ConceptTerm:
         return cls(prompt=prompt, reverse=reverse, label=concept.concept_id, **settings)
 
     def active_steps(self, num_steps: int) -> range:
-        return guided_steps(self.warmup, self.cooldown, num_steps)
+        """The steps it guides. A zero-scale term adds nothing on any step, so it guides none and its rows
+        are never evaluated: a zero-strength edit then runs the inversion's own rows (exact mode's x0)."""
+        return range(0) if self.scale == 0 else guided_steps(self.warmup, self.cooldown, num_steps)
 
 
 def guided_steps(warmup: int, cooldown: int | None, num_steps: int) -> range:
@@ -221,6 +223,7 @@ class GuidancePlan:
     row_owner: torch.Tensor  # (B,) intervention of each row
     base_prompts: tuple[str, ...]  # the rows of a step where no term guides
     base_row_owner: torch.Tensor  # (K or 2K,) intervention of each base row
+    base_call_rows: int  # base rows per UNet call: all of them, or in exact mode one intervention's
     uncond_rows: torch.Tensor  # (K,)
     source_rows: torch.Tensor | None  # (K,) or None
     source_guidance: float
@@ -270,9 +273,10 @@ def check_specs(specs: Sequence[EditSpec], num_steps: int, *, allow_empty: bool 
 
 def plan_guidance(host: DiffusionHost, specs: Sequence[EditSpec], num_steps: int, *, source_prompt: str | None,
                   source_guidance: float = 0.0, params: GuidanceParams = GuidanceParams(),
-                  allow_empty: bool = False) -> GuidancePlan:
+                  allow_empty: bool = False, exact: bool = False) -> GuidancePlan:
     """Validate ``specs`` and lay out their rows. ``source_prompt`` adds a source row per intervention
-    (exact mode's base prediction). ``allow_empty`` permits specs without terms (reconstruction)."""
+    (exact mode's base prediction). ``allow_empty`` permits specs without terms (reconstruction).
+    ``exact`` evaluates the base rows of unguided steps one intervention per UNet call."""
     check_specs(specs, num_steps, allow_empty=allow_empty)
     prompts: list[str] = []
     owner, uncond, source, term_rows, term_owner, protect_rows, protect_owner = [], [], [], [], [], [], []
@@ -311,6 +315,7 @@ def plan_guidance(host: DiffusionHost, specs: Sequence[EditSpec], num_steps: int
         row_owner=index(owner),
         base_prompts=base * len(specs),
         base_row_owner=index([k for k in range(len(specs)) for _ in base]),
+        base_call_rows=len(base) if exact else len(base) * len(specs),
         uncond_rows=index(uncond),
         source_rows=index(source) if source_prompt is not None else None,
         source_guidance=source_guidance,

@@ -6,6 +6,7 @@ Entry points::
 
     edit(host, inversion, specs: list[EditSpec], params=GuidanceParams()) -> EditResult
     reconstruct(host, inversion) -> Tensor (1, C, h, w)        # the same chain with no edit
+    plan_edit(host, inversion, specs, params) -> GuidancePlan    # the rows; ComfyUI's CSG guider plans with it too
     predict_step(host, plan, conditioning, x, timestep, step)  # one step's eps_hat; ComfyUI's CSG guider calls it too
 
 The sampler is SDE-DPM-Solver++(2M) whose noise at step i is the stored map z_i of the inversion
@@ -13,7 +14,8 @@ The sampler is SDE-DPM-Solver++(2M) whose noise at step i is the stored map z_i 
 own latent and its own rows (uncond, [source], its terms, its protected phrases), and every step
 makes one UNet call over all rows. Rows are independent, so a batched result equals K separate
 runs up to float rounding; the gain is fewer, larger launches, not fewer FLOPs. Steps where no
-term guides (warm-up, cool-down) evaluate only the base rows (uncond, [source]).
+term guides (warm-up, cool-down) evaluate only the base rows (uncond, [source]), in exact mode one
+intervention per call: the inversion's own batch, so a zero-strength edit gives back x0 bit for bit.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def sde_dpmpp_2m_step(step: SolverStep, x: torch.Tensor, eps: torch.Tensor, prev
 
 @dataclass(frozen=True)
 class PlanConditioning:
-    """A plan's encoded prompts: every row (guided steps) and the base rows (unguided steps); None where
-    no step needs them."""
+    """A plan's encoded prompts: every row (guided steps) and the base rows of one UNet call (unguided
+    steps); None where no step needs them."""
 
     rows: object | None
     base_rows: object | None
@@ -58,7 +60,7 @@ class PlanConditioning:
     @classmethod
     def encode(cls, host: DiffusionHost, plan: GuidancePlan) -> PlanConditioning:
         return cls(host.encode_prompts(plan.prompts) if any(plan.active_steps) else None,
-                   None if all(plan.active_steps) else host.encode_prompts(plan.base_prompts))
+                   None if all(plan.active_steps) else host.encode_prompts(plan.base_prompts[:plan.base_call_rows]))
 
 
 class StepPrediction(NamedTuple):
@@ -78,7 +80,8 @@ def predict_step(host: DiffusionHost, plan: GuidancePlan, conditioning: PlanCond
         eps, maps = host.predict_noise(x.index_select(0, plan.row_owner), timestep, conditioning.rows, plan.attention)
         eps_hat, masks = guided_epsilon(plan, eps, maps, step)
         return StepPrediction(eps_hat, masks, eps.index_select(0, plan.uncond_rows))
-    eps, _ = host.predict_noise(x.index_select(0, plan.base_row_owner), timestep, conditioning.base_rows)
+    rows = x.index_select(0, plan.base_row_owner).split(plan.base_call_rows)
+    eps = torch.cat([host.predict_noise(chunk, timestep, conditioning.base_rows)[0] for chunk in rows])
     return StepPrediction(unguided_epsilon(plan, eps), None, eps if plan.source_rows is None else eps[0::2])
 
 
@@ -128,6 +131,14 @@ def source_row_prompt(inversion: Inversion) -> str | None:
     return inversion.source_prompt if inversion.exact and inversion.uses_source_guidance else None
 
 
+def plan_edit(host: DiffusionHost, inversion: Inversion, specs: Sequence[EditSpec],
+              params: GuidanceParams = GuidanceParams(), *, allow_empty: bool = False) -> GuidancePlan:  # noqa: B008
+    """The guidance plan of ``specs`` on ``inversion``: its steps, and in exact mode its base rows."""
+    return plan_guidance(host, specs, inversion.num_steps, source_prompt=source_row_prompt(inversion),
+                         source_guidance=inversion.source_guidance, params=params, allow_empty=allow_empty,
+                         exact=inversion.exact)
+
+
 def edit(host: DiffusionHost, inversion: Inversion, specs: Sequence[EditSpec],
          params: GuidanceParams = GuidanceParams()) -> EditResult:  # noqa: B008  (frozen)
     """Counterfactual latents for every intervention in ``specs`` (one batched loop).
@@ -136,13 +147,9 @@ def edit(host: DiffusionHost, inversion: Inversion, specs: Sequence[EditSpec],
     empty or too long for the tokenizer, a threshold outside [0, 1], or a term whose warm-up leaves
     no step to guide (e.g. fewer steps than the warm-up).
     """
-    plan = plan_guidance(host, specs, inversion.num_steps, source_prompt=source_row_prompt(inversion),
-                         source_guidance=inversion.source_guidance, params=params)
-    return run_chain(host, inversion, plan)
+    return run_chain(host, inversion, plan_edit(host, inversion, specs, params))
 
 
 def reconstruct(host: DiffusionHost, inversion: Inversion) -> torch.Tensor:
     """The unedited sample (1, C, h, w): equal to ``inversion.x0`` in exact mode, close to it otherwise."""
-    plan = plan_guidance(host, [EditSpec(())], inversion.num_steps, source_prompt=source_row_prompt(inversion),
-                         source_guidance=inversion.source_guidance, allow_empty=True)
-    return run_chain(host, inversion, plan).latents
+    return run_chain(host, inversion, plan_edit(host, inversion, [EditSpec(())], allow_empty=True)).latents

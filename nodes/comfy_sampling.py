@@ -31,8 +31,8 @@ import torch
 
 from ..csg.abduction import Inversion
 from ..csg.errors import InputError
-from ..csg.guidance import EditSpec, GuidanceParams, GuidancePlan, plan_guidance
-from ..csg.prediction import MaskTally, PlanConditioning, predict_step, sde_dpmpp_2m_step, source_row_prompt
+from ..csg.guidance import EditSpec, GuidanceParams, GuidancePlan
+from ..csg.prediction import MaskTally, PlanConditioning, plan_edit, predict_step, sde_dpmpp_2m_step
 from .comfy_host import ComfySDXLHost
 
 SIGMAS_HINT = "Connect the SIGMAS output of 'Inversion Sigmas & Noise' for this inversion."
@@ -120,9 +120,7 @@ class CSGGuider(comfy.samplers.CFGGuider):
     def for_edits(cls, host: ComfySDXLHost, inversion: Inversion, specs: Sequence[EditSpec],
                   params: GuidanceParams) -> CSGGuider:
         """The guider of ``specs`` (one per intervention) on this inversion's schedule."""
-        plan = plan_guidance(host, specs, inversion.num_steps, source_prompt=source_row_prompt(inversion),
-                             source_guidance=inversion.source_guidance, params=params)
-        return cls(host, plan, inversion)
+        return cls(host, plan_edit(host, inversion, specs, params), inversion)
 
     def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
         self.masks = MaskTally(self.plan, tuple(noise.shape[-2:]), self.model_patcher.load_device)

@@ -132,9 +132,34 @@ def test_prompt_encoding_is_sdxl_style(tiny_host, tiny_components):
     assert cond.prompt_embeds[0].abs().max() == 0 and cond.pooled_embeds[0].abs().max() == 0
     ids = tiny_components.tokenizer_2("black hair", padding="max_length", max_length=77, return_tensors="pt").input_ids
     out = tiny_components.text_encoder_2(ids, output_hidden_states=True)
-    # the host encodes a batch of two; matmul kernels may round differently than for one row
-    torch.testing.assert_close(cond.prompt_embeds[1, :, 32:], out.hidden_states[-2][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(cond.pooled_embeds[1], out.text_embeds[0], rtol=1e-5, atol=1e-6)
+    # each prompt is encoded on its own, so the bits are those of a batch of one
+    assert torch.equal(cond.prompt_embeds[1, :, 32:], out.hidden_states[-2][0])
+    assert torch.equal(cond.pooled_embeds[1], out.text_embeds[0])
+
+
+def test_a_prompt_is_encoded_once_and_the_same_in_every_batch(tiny_components):
+    """Exact mode needs the edit's source row to be the inversion's: the text encoders' rounding
+    depends on the batch size, so every distinct prompt is encoded alone and kept."""
+    host = DiffusersSDXLHost.from_components(tiny_components)
+    forwards = []
+    hooks = [e.register_forward_hook(lambda m, i, o: forwards.append(i[0].shape[0])) for e in host.text_encoders]
+    try:
+        alone = host.encode_prompts(["a photo"])
+        assert forwards == [1, 1]
+        mixed = host.encode_prompts(["", "a photo", "black hair", "", "a photo", "smiling"])
+        assert forwards == [1, 1] + [1] * 6  # "", "black hair", "smiling" through both encoders, once each
+        for row in (1, 4):
+            assert torch.equal(mixed.prompt_embeds[row], alone.prompt_embeds[0])
+            assert torch.equal(mixed.pooled_embeds[row], alone.pooled_embeds[0])
+        assert mixed.prompt_embeds[[0, 3]].abs().max() == 0 and mixed.pooled_embeds[[0, 3]].abs().max() == 0
+        host.encode_prompts(["smiling", "a photo"])
+        assert len(forwards) == 8  # all cached
+        host.forget_prompts()
+        host.encode_prompts(["a photo"])
+        assert len(forwards) == 10
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_token_indices_are_the_real_tokens(tiny_host, tiny_components):

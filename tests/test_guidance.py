@@ -15,7 +15,7 @@ from csg.guidance import (
     row_quantiles,
     smooth,
 )
-from csg.prediction import edit, reconstruct, sde_dpmpp_2m_step, source_row_prompt
+from csg.prediction import edit, plan_edit, reconstruct, sde_dpmpp_2m_step
 
 LATENT = (4, 32, 32)
 ATTENTION = (8, 8)
@@ -140,8 +140,7 @@ def test_unguided_steps_evaluate_only_the_base_rows_and_change_nothing(tiny_host
     inversion = invert_latents(tiny_host, x0, "a photo", num_steps=8, exact=exact)
     specs = [EditSpec((ConceptTerm("black hair", warmup=2, cooldown=6), ConceptTerm("smiling", warmup=3, cooldown=7))),
              EditSpec((ConceptTerm("blue eyes", warmup=2, cooldown=6),), protect=("old man",))]
-    plan = plan_guidance(tiny_host, specs, 8, source_prompt=source_row_prompt(inversion),
-                         source_guidance=inversion.source_guidance)
+    plan = plan_edit(tiny_host, inversion, specs)
     calls = []
 
     class Recording:
@@ -153,9 +152,10 @@ def test_unguided_steps_evaluate_only_the_base_rows_and_change_nothing(tiny_host
             return tiny_host.predict_noise(latents, timestep, conditioning, attention)
 
     result = edit(Recording(), inversion, specs)
-    base, full = (4 if exact else 2), len(plan.prompts)
+    # exact mode: one call per intervention, the inversion's own [uncond, source] batch
+    base, full = ([(2, False)] * 2 if exact else [(2, False)]), len(plan.prompts)
     assert plan.base_prompts == (("", "a photo") if exact else ("",)) * 2
-    assert calls == [(base, False)] * 2 + [(full, True)] * 5 + [(base, False)]  # steps 0-1, 2-6, 7
+    assert calls == base * 2 + [(full, True)] * 5 + base  # steps 0-1, 2-6, 7
 
     # every row at every step, as the reference computes it
     conditioning = tiny_host.encode_prompts(plan.prompts)

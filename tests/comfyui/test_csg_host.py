@@ -208,6 +208,18 @@ def test_comfyuis_sampler_retraces_the_cores_chain_bit_for_bit_in_exact_mode(sma
     assert torch.equal(output, small.model.model.latent_format.process_out(core.cpu()))
 
 
+def test_a_zero_strength_exact_edit_gives_back_the_input_latent_through_comfyuis_sampler(small, modules, image,
+                                                                                          story):
+    """Zero-scale terms guide nothing and are not evaluated, so every step runs the inversion's own
+    [uncond, source] batch with its own encoded prompts: the counterfactual is x0 to float precision."""
+    node = modules["nodes.csg_nodes"].CausalInversion
+    exact = node_output(node.execute(small.model, small.clip, small.vae, image, "a photo of a man", STEPS, 0.15, 3.5,
+                                     True, 0, 0))[0]
+    output = counterfactual(modules, small, small.model, exact, story, scale=0.0)[1]["samples"]
+    x0 = small.model.model.latent_format.process_out(exact.x0.float().cpu())
+    assert (output - x0).abs().max().item() <= 1e-5 * max(1.0, x0.abs().max().item())
+
+
 @pytest.fixture
 def latent2rgb_previews(monkeypatch):
     """ComfyUI's own preview path observed: latent2rgb chosen as a user would (--preview-method latent2rgb),
