@@ -4,6 +4,7 @@
                  --per-dataset 75 --seed 0 --vlm-url http://127.0.0.1:8000/v1 --vlm-name Qwen/Qwen3-VL-30B-A3B-Instruct
                  --sdxl PATH --lpips-vgg vgg16-397923af.pth --lpips-heads vgg.pth --out eval/
     accelerate launch --num_processes 8 -m csg.evaluate ...      # the same, sharded over 8 processes
+    accelerate launch --cpu --num_processes 2 --mpirun_hostfile hosts -m csg.evaluate ... --device cpu  # CPUs, MPI
 
 Per item: the VLM extracts the graph and proposes interventions (or the dataset gives them), each
 method of ``--methods`` inverts once and edits every intervention, and every counterfactual gets
@@ -20,8 +21,9 @@ weights, 130 interrupted (finished items are kept).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "caption .txt files); IMAGES: the image folder when it is not the default")
     data.add_argument("--per-dataset", type=int, metavar="N", help="items sampled per dataset (default: all)")
     data.add_argument("--seed", type=int, default=0, help="sampling seed, and the inversions' noise seed")
+    data.add_argument("--plans", metavar="FILE",
+                      help="hand-written graphs and interventions by item id, for items of any dataset (JSON or CSV, "
+                           "see docs/evaluation.md); they replace the VLM's extraction and proposals")
     vlm = p.add_argument_group("vision-language model (extractor, manipulator and judge)")
     vlm.add_argument("--vlm-url", metavar="URL", help="OpenAI-compatible endpoint shared by every process")
     vlm.add_argument("--vlm-name", metavar="NAME", help="the model name the server serves")
@@ -104,6 +109,19 @@ def file_id(path: str | None) -> str | None:
     return None if path is None else f"{Path(path).name} ({Path(path).stat().st_size} bytes)"
 
 
+def check_launch(environ: Mapping[str, str]) -> None:
+    """Refuse a multi-process CPU launch that started one process. ``accelerate launch --cpu`` starts
+    several processes only through MPI (``--mpirun_hostfile``); asked for several without it, it
+    starts one, with MASTER_ADDR set for a process group that never forms."""
+    launched_as_group = any(k in environ for k in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
+                                                   "MV2_COMM_WORLD_SIZE"))
+    if environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in environ and not launched_as_group:
+        raise InputError("accelerate launch --cpu was asked for several processes but started one: accelerate runs "
+                         "several CPU processes only through MPI. Add --mpirun_hostfile FILE (a line 'localhost "
+                         "slots=N'; needs Open MPI, e.g. apt-get install openmpi-bin), or launch with --multi_gpu "
+                         "--num_processes N and pass --device cpu to csg-evaluate. See docs/evaluation.md.")
+
+
 def log(rank: int, message: str) -> None:
     print(f"csg-evaluate[{rank}]: {message}", file=sys.stderr, flush=True)
 
@@ -115,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from .evaluation.runner import Runner
     from .metrics import load_lpips_vgg
 
+    check_launch(os.environ)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
@@ -129,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
                        seed=args.seed, max_side=args.max_side)
     if "csg" in methods:
         params.check_guidance(params.num_steps)
-    items = select([DatasetSpec.parse(d) for d in args.dataset], args.per_dataset, args.seed)
+    items = select([DatasetSpec.parse(d) for d in args.dataset], args.per_dataset, args.seed,
+                   Path(args.plans).expanduser() if args.plans else None)
     import torch
 
     # On a machine without CUDA, accelerate's launcher (torchrun underneath) starts the processes, and

@@ -5,6 +5,7 @@ and judge; the results file, the table and the HTML report."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from csg.errors import InputError
 from csg.evaluate import main
-from csg.evaluation.datasets import DatasetSpec, load_items, sample_items
+from csg.evaluation.datasets import DatasetSpec, load_items, sample_items, select
 from csg.evaluation.results import load_results
 from tests.evaluation_fixtures import (
+    EXAMPLES,
     evaluation_server,
     write_celebahq_dataset,
     write_coco_dataset,
@@ -24,8 +27,8 @@ from tests.evaluation_fixtures import (
 )
 from tests.test_cli import no_local_models, sdxl_folder  # noqa: F401 (fixtures)
 from tests.test_metrics import random_parts, weight_files  # noqa: F401 (fixtures)
+from tests.test_vlm_stages import load_scene, stage_of
 
-ROOT = Path(__file__).resolve().parents[1]
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "4", "--warmup", "1", "--max-side", "64", "--device", "cpu", "--dtype", "float32",
         "--vlm-concurrency", "3"]
@@ -45,11 +48,25 @@ def command(datasets, out, server, sdxl, weights, *extra):
             "--lpips-vgg", str(weights[0]), "--lpips-heads", str(weights[1]), *FAST, *extra]
 
 
+def write_plans(folder: Path) -> Path:
+    """Hand-written plans for a CelebA-HQ item (graph and interventions) and a COCO item (the graph only,
+    the one whose concept ids the test server's proposals use, so the VLM proposes over it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("portrait_graph.json", "portrait_intervention.json"):
+        (folder / name).write_bytes((EXAMPLES / name).read_bytes())
+    (folder / "scene_graph.json").write_text(json.dumps(load_scene("portrait")["extraction"]))
+    path = folder / "plans.json"
+    path.write_text(json.dumps({"faces/1": {"graph": "portrait_graph.json", "interventions": "portrait_intervention.json"},
+                                "coco/102": {"graph": "scene_graph.json"}}))
+    return path
+
+
 def test_three_layouts_end_to_end(datasets, sdxl_folder, weight_files, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EVAL_TEST_KEY", "sk-secret-never-written")
     out = tmp_path / "eval"
+    plans = ["--plans", str(write_plans(tmp_path / "plans"))]
     with evaluation_server() as server:
-        code = main(command(datasets, out, server, sdxl_folder, weight_files))
+        code = main(command(datasets, out, server, sdxl_folder, weight_files, *plans))
         requests = list(server.requests)
     err = capsys.readouterr().err
     assert code == 0, err
@@ -64,6 +81,13 @@ def test_three_layouts_end_to_end(datasets, sdxl_folder, weight_files, tmp_path,
     assert by_id["faces/2"]["caption"] == "This woman has smile number 2."
     hand = by_id["mine/img0"]  # hand-written graph and intervention: one intervention, no VLM plan
     assert [i["id"] for i in hand["interventions"]] == ["i1"] and hand["graph"]["concepts"][0]["name"] == "age"
+    # --plans, for the other layouts: faces/1 as mine/img0; coco/102 gets its graph and the VLM's proposals
+    assert by_id["faces/1"]["interventions"] == hand["interventions"] and by_id["faces/1"]["graph"] == hand["graph"]
+    scene = load_scene("portrait")["extraction"]
+    assert [c["name"] for c in by_id["coco/102"]["graph"]["concepts"]] == [c["name"] for c in scene["concepts"]]
+    assert len(by_id["coco/102"]["interventions"]) == 3
+    stages = [stage_of(r) for r in requests]
+    assert stages.count("extraction") == 9 - 3 and stages.count("proposals") == 9 - 2
     for record in loaded.records:
         assert set(record["methods"]) == {"csg", "ddpm", "ddim"}
         assert record["settings"]["versions"]["torch"] and record["settings"]["params"]["num_steps"] == 4
@@ -100,9 +124,9 @@ def test_three_layouts_end_to_end(datasets, sdxl_folder, weight_files, tmp_path,
     assert "ETA" in err, err
     # A rerun with the same settings does nothing; one with other settings is refused, naming the change.
     with evaluation_server() as server:
-        assert main(command(datasets, out, server, sdxl_folder, weight_files)) == 0
+        assert main(command(datasets, out, server, sdxl_folder, weight_files, *plans)) == 0
         assert server.requests == []
-        assert main(command(datasets, out, server, sdxl_folder, weight_files, "--scale", "5")) == 2
+        assert main(command(datasets, out, server, sdxl_folder, weight_files, *plans, "--scale", "5")) == 2
     err = capsys.readouterr().err
     assert "params.scale (8.0 -> 5.0)" in err and "--allow-mixed-settings" in err
 
@@ -126,6 +150,24 @@ def test_bad_dataset_options_say_how_to_write_them(text, fragment):
         DatasetSpec.parse(text)
 
 
+def test_plans_name_real_items_and_do_not_clash_with_the_captions_file(tmp_path):
+    folder = f"mine=folder:{write_folder_dataset(tmp_path / 'mine', n=2)}"
+    coco = f"coco=coco:{write_coco_dataset(tmp_path / 'coco', n=2)}"
+    plans = write_plans(tmp_path / "plans")
+    with pytest.raises(InputError, match=r"names items no --dataset has: coco/102, faces/1\. Item ids are NAME/"):
+        select([DatasetSpec.parse(coco)], None, 0, plans)
+    plans.write_text(json.dumps({"mine/img0": {"graph": "portrait_graph.json"}}))
+    with pytest.raises(InputError, match="mine/img0 have hand-written files both in their captions file and in"):
+        select([DatasetSpec.parse(folder)], None, 0, plans)
+    (tmp_path / "plans" / "plans.csv").write_text("item,graph,interventions\ncoco/101,portrait_graph.json,\n")
+    [first, second] = select([DatasetSpec.parse(coco)], None, 0, tmp_path / "plans" / "plans.csv")
+    assert first.graph is None and second.graph == tmp_path / "plans" / "portrait_graph.json"
+    assert second.interventions is None
+    plans.write_text(json.dumps({"coco/101": {"graph": "missing.json"}}))
+    with pytest.raises(InputError, match="item coco/101: the hand-written file .*missing.json does not exist"):
+        select([DatasetSpec.parse(coco)], None, 0, plans)
+
+
 def test_interventions_without_their_graph_are_refused_when_the_dataset_loads(tmp_path):
     path = write_folder_dataset(tmp_path, n=2)
     records = json.loads(path.read_text())
@@ -144,8 +186,8 @@ def test_missing_image_names_the_file_and_the_fix(tmp_path):
 
 # -- crashes and reruns ------------------------------------------------------------------------------
 
-def evaluate_process(args, env_key="sk-secret-never-written", launcher=()):
-    env = {**os.environ, "EVAL_TEST_KEY": env_key, "PYTHONPATH": str(ROOT)}
+def evaluate_process(args, env_key="sk-secret-never-written", launcher=(), **env_extra):
+    env = {**os.environ, "EVAL_TEST_KEY": env_key, "PYTHONPATH": str(ROOT), **env_extra}
     return subprocess.Popen([*launcher, *(["-m", "csg.evaluate"] if launcher else [sys.executable, "-m", "csg.evaluate"]),
                              *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -182,26 +224,36 @@ def test_sigkill_after_the_first_item_loses_nothing_finished(datasets, sdxl_fold
     assert load_results(out).torn == ["results.0.jsonl:2"]  # the torn text stays on a line of its own
 
 
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+MPI_AS_ROOT = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}  # CI runs as root
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None,
+                    reason="accelerate's --cpu launcher starts several processes through MPI: apt-get install openmpi-bin")
 def test_accelerate_shards_items_and_a_rerun_with_more_processes_does_nothing(datasets, sdxl_folder, weight_files,
                                                                               tmp_path):
     out = tmp_path / "eval"
-    # accelerate's --cpu flag starts ONE process (several need MPI); its torchrun launcher starts n, and
-    # csg.evaluate joins them into one gloo group when there is no CUDA.
-    launch = lambda n: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),  # noqa: E731
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=4\n")
+    # accelerate's own CPU launch (MPI underneath, one gloo group), then a rerun with 3 processes through its
+    # torchrun launcher (the one --multi_gpu uses on GPUs), which finds nothing left to do.
+    cpu = [*ACCELERATE, "--cpu", "--num_processes", "2", "--mpirun_hostfile", str(hosts)]
+    torchrun = [*ACCELERATE, "--multi_gpu", "--num_processes", "3"]
     with evaluation_server() as server:
         args = command(datasets, out, server, sdxl_folder, weight_files, "--methods", "csg", "--per-dataset", "2")
-        process = evaluate_process(args, launcher=launch(2))
+        process = evaluate_process(args, launcher=cpu, **MPI_AS_ROOT)
         _, err = process.communicate(timeout=400)
         assert process.returncode == 0, err
         records = load_results(out).records
         assert {r["rank"] for r in records} == {0, 1}
+        assert err.count("for this process (1 of 2)") == 1 and err.count("for this process (2 of 2)") == 1
         assert sorted(p.name for p in out.glob("results.*.jsonl")) == ["results.0.jsonl", "results.1.jsonl"]
         ids = [r["item_id"] for r in records]
         assert len(ids) == len(set(ids)) == 6
         assert (out / "report.html").is_file() and all(i in (out / "report.html").read_text() for i in ids)
         planned = len(server.requests)
-        process = evaluate_process(args, launcher=launch(3))
+        process = evaluate_process(args, launcher=torchrun)
         _, err = process.communicate(timeout=400)
         assert process.returncode == 0, err
         assert len(server.requests) == planned  # no new work
@@ -209,12 +261,21 @@ def test_accelerate_shards_items_and_a_rerun_with_more_processes_does_nothing(da
     assert [r["item_id"] for r in load_results(out).records] == ids
 
 
+def test_a_cpu_launch_that_started_one_of_several_processes_is_refused(datasets, tmp_path):
+    """Without MPI, accelerate's --cpu launcher starts one process however many were asked for."""
+    process = evaluate_process(["--dataset", datasets[0], "--out", str(tmp_path / "eval"), "--vlm-url", "http://127.0.0.1:9"],
+                               launcher=[*ACCELERATE, "--cpu", "--num_processes", "2"])
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0, err  # csg-evaluate exits 2, accelerate's launcher then 1
+    assert "csg-evaluate: accelerate launch --cpu was asked for several processes but started one" in err and "--mpirun_hostfile" in err
+    assert not (tmp_path / "eval").exists()
+
+
 # -- the single-image CLI: --metrics and step progress -------------------------------------------------
 
 @pytest.mark.parametrize("method", ["csg", "ddpm"])
 def test_cli_metrics_and_step_progress(method, sdxl_folder, weight_files, tmp_path, capsys):
     from csg.cli import main as cli_main
-    from tests.evaluation_fixtures import EXAMPLES
 
     out = tmp_path / "out"
     with evaluation_server() as server:

@@ -16,7 +16,8 @@ interventions) read from three layouts, and the paper's seeded sampling without 
   ``images`` beside it.
 
 Item ids are ``NAME/<image stem>`` (``NAME/<image id>`` for COCO), so results of one dataset never
-collide with another's.
+collide with another's. ``--plans FILE`` gives hand-written graphs and interventions by item id, for
+items of any layout (``load_plans``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import io
 import json
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import InputError
@@ -111,15 +112,24 @@ def _folder_records(path: Path) -> list[dict]:
                      '{"image": ..., "caption": ...} records, or a CSV file with columns image and caption.')
 
 
+def _hand_written(record: dict, folder: Path, where: str) -> dict[str, Path]:
+    """The record's graph and interventions files (relative to ``folder``), those it gives."""
+    files = {key: folder / str(record[key]) for key in ("graph", "interventions") if record.get(key)}
+    if "interventions" in files and "graph" not in files:
+        raise InputError(f"{where}: hand-written interventions need the graph whose concept ids they use; "
+                         "give its file in the graph column too.")
+    for path in files.values():
+        if not path.is_file():
+            raise InputError(f"{where}: the hand-written file {path} does not exist.")
+    return files
+
+
 def _folder_items(spec: DatasetSpec) -> list[Item]:
     images = spec.images or spec.path.parent
     items = []
     for k, record in enumerate(_folder_records(spec.path)):
         where = f"{spec.path}, record {k + 1}"
-        optional = {key: spec.path.parent / record[key] for key in ("graph", "interventions") if record.get(key)}
-        if "interventions" in optional and "graph" not in optional:
-            raise InputError(f"{where}: hand-written interventions need the graph whose concept ids they use; "
-                             "give its file in the graph column too.")
+        optional = _hand_written(record, spec.path.parent, where)
         image = _existing_image(images / str(record["image"]), where)
         items.append(Item(f"{spec.name}/{Path(str(record['image'])).stem}", spec.name, image, str(record["caption"]),
                           **optional))
@@ -183,10 +193,56 @@ def sample_items(items: Sequence[Item], n: int | None, seed: int) -> list[Item]:
     return [ordered[k] for k in sorted(chosen)]
 
 
-def select(specs: Iterable[DatasetSpec], per_dataset: int | None, seed: int) -> list[Item]:
-    """The evaluation's items: ``per_dataset`` sampled from each dataset."""
+def load_plans(path: Path) -> dict[str, dict[str, Path]]:
+    """``--plans FILE``: hand-written graphs and interventions for items of any dataset, by item id.
+
+    A JSON object ``{"coco/139": {"graph": "g.json", "interventions": "i.json"}, ...}`` or a CSV file
+    with the columns item, graph and interventions; file paths are relative to FILE's folder.
+    """
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(io.StringIO(_read_text(path, "plans file"))))
+        if rows and not {"item", "graph"} <= set(rows[0]):
+            raise InputError(f"The plans file {path} needs the CSV columns item and graph (optional: "
+                             f"interventions); it has {', '.join(rows[0])}.")
+        records = {str(row["item"]): row for row in rows}
+    else:
+        records = _read_json(path, "plans file")
+        if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
+            raise InputError(f'The plans file {path} must be a JSON object {{"DATASET/KEY": {{"graph": FILE, '
+                             '"interventions": FILE}}, ...}} or a CSV file with columns item, graph, interventions.')
+    plans = {item: _hand_written(record, path.parent, f"{path}, item {item}") for item, record in records.items()}
+    empty = [item for item, files in plans.items() if not files]
+    if empty:
+        raise InputError(f"{path}: the items {', '.join(empty[:8])} name no graph file; give one or drop them.")
+    return plans
+
+
+def with_plans(items: Sequence[Item], plans: dict[str, dict[str, Path]], source: Path) -> list[Item]:
+    """``items`` with the hand-written files of ``plans``; every id in ``plans`` must be one of them."""
+    by_id = {item.id: item for item in items}
+    unknown = sorted(set(plans) - set(by_id))
+    if unknown:
+        more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+        raise InputError(f"{source} names items no --dataset has: {', '.join(unknown[:8])}{more}. Item ids are "
+                         "NAME/<image stem> (NAME/<image id> for COCO), NAME as in --dataset NAME=KIND:PATH.")
+    twice = sorted(i for i in plans if by_id[i].graph is not None)
+    if twice:
+        raise InputError(f"The items {', '.join(twice[:8])} have hand-written files both in their captions file "
+                         f"and in {source}; keep one.")
+    return [replace(item, **plans[item.id]) if item.id in plans else item
+            for item in items]
+
+
+def select(specs: Iterable[DatasetSpec], per_dataset: int | None, seed: int,
+           plans: Path | None = None) -> list[Item]:
+    """The evaluation's items: ``per_dataset`` sampled from each dataset, with the hand-written graphs
+    and interventions of the ``plans`` file (``load_plans``) in place of the VLM's."""
     specs = list(specs)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise InputError(f"Two --dataset options share a name ({', '.join(names)}); give each its own NAME.")
-    return [item for spec in specs for item in sample_items(load_items(spec), per_dataset, seed)]
+    items = [item for spec in specs for item in load_items(spec)]
+    if plans is not None:
+        items = with_plans(items, load_plans(plans), plans)
+    by_dataset = {name: [item for item in items if item.dataset == name] for name in names}
+    return [item for name in names for item in sample_items(by_dataset[name], per_dataset, seed)]
