@@ -4,8 +4,8 @@ Field names follow the JSON schemas of the paper's extractor and manipulator pro
 answer round-trips through ``from_dict``/``to_dict`` unchanged.
 
 Size limits keep hostile or runaway input from stalling the pack or flooding a VLM prompt: a graph
-holds at most ``MAX_CONCEPTS`` concepts and ``MAX_RELATIONSHIPS`` relationships. The paper's graphs
-have about 20 concepts.
+holds at most ``MAX_CONCEPTS`` concepts and ``MAX_RELATIONSHIPS`` relationships, and every text field
+at most ``MAX_TEXT_CHARS`` characters. The paper's graphs have about 20 concepts.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .errors import NAME_LIMIT, NAMED_IDS, GraphError, brief, quote, some
 
 MAX_CONCEPTS = 100  # concepts in one graph; the paper's graphs have about 20
 MAX_RELATIONSHIPS = 500  # relationships (edges) in one graph: five per concept on average at the most
+MAX_TEXT_CHARS = 1000  # one id, name, value, description or reason; a value is a CLIP prompt (77 tokens, ~300 chars)
 FROM_FINAL_STATES = "given only in final_concept_states"  # reason of a change recovered from there
 
 
@@ -82,10 +83,17 @@ def _require_str(data: Mapping[str, Any], key: str, where: str, *, allow_empty: 
         value = str(value)
     if not isinstance(value, str):
         raise GraphError(f"{where} field '{key}' must be a string, got {type(value).__name__}.")
-    value = value.strip()
+    value = _bounded(value.strip(), f"{where} field '{key}'")
     if not value and not allow_empty:
         raise GraphError(f"{where} field '{key}' is empty. Give it a non-empty string.")
     return value
+
+
+def _bounded(text: str, what: str) -> str:
+    if len(text) > MAX_TEXT_CHARS:
+        raise GraphError(f"{what} has {len(text):,} characters, more than the {MAX_TEXT_CHARS:,} allowed. Shorten it: a "
+                         "value is a phrase for the image model (77 tokens at most), a description a sentence or two.")
+    return text
 
 
 def _optional_str(data: Mapping[str, Any], key: str, where: str) -> str:
@@ -208,7 +216,7 @@ class CausalGraph:
         summary = data.get("scene_summary") or ""
         if not isinstance(summary, str):
             raise GraphError("The graph field 'scene_summary' must be a string.")
-        return cls(tuple(concepts), tuple(relationships), summary.strip())
+        return cls(tuple(concepts), tuple(relationships), _bounded(summary.strip(), "The graph field 'scene_summary'"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> CausalGraph:
@@ -513,7 +521,9 @@ class Intervention:
             original_value=_optional_str(data, "original_value", where),
             new_value=_require_str(data, "new_value", where),
             propagated_changes=tuple(PropagatedChange.from_dict(p) for p in _require_list(data, "propagated_changes", where)),
-            final_concept_states={k.strip(): v.strip() for k, v in states.items()},
+            final_concept_states={_bounded(k.strip(), f"{where}: a final_concept_states key"):
+                                  _bounded(v.strip(), f"{where}: final_concept_states[{_shown(k.strip())}]")
+                                  for k, v in states.items()},
             generation_prompt=_optional_str(data, "generation_prompt", where),
             violations=violations,
         )

@@ -28,7 +28,7 @@ from csg.cli import (
     write_outputs,
 )
 from csg.errors import WeightsMissingError
-from csg.graph import CausalGraph, Intervention, check_intervention
+from csg.graph import MAX_TEXT_CHARS, CausalGraph, Intervention, check_intervention
 from tests.test_vlm_stages import load_scene, scene_server
 from tests.vlm_server import Reply, VLMServer
 
@@ -560,7 +560,9 @@ class PaintedResult:
 def hostile_plans(draw) -> Plan:
     """A chain graph c_1 -> c_2 -> ... and interventions that change a concept and all below it, every id hostile."""
     named = st.one_of(st.sampled_from(HOSTILE[:-1]), st.text(max_size=20)).filter(str.strip)  # names are drawn
-    ids = draw(st.lists(hostile_text.filter(str.strip), min_size=1, max_size=4, unique_by=str.strip))
+    # a graph refuses ids over MAX_TEXT_CHARS (output_layout alone is tested with 10,000 characters)
+    hostile_id = hostile_text.filter(lambda t: t.strip() and len(t) <= MAX_TEXT_CHARS)
+    ids = draw(st.lists(hostile_id, min_size=1, max_size=4, unique_by=str.strip))
     names = draw(st.lists(named, min_size=len(ids), max_size=len(ids), unique_by=lambda t: t.strip().lower()))
     graph = CausalGraph.from_dict({
         "concepts": [{"id": cid, "name": name, "current_value": "now"} for cid, name in zip(ids, names)],
@@ -569,7 +571,7 @@ def hostile_plans(draw) -> Plan:
     for _ in range(draw(st.integers(1, 3))):
         target = draw(st.integers(0, len(ids) - 1))
         interventions.append(check_intervention(graph, Intervention.from_dict({
-            "id": draw(hostile_text.filter(str.strip)), "target_concept_id": ids[target], "new_value": draw(named),
+            "id": draw(hostile_id), "target_concept_id": ids[target], "new_value": draw(named),
             "propagated_changes": [{"concept_id": cid, "new_value": "then"} for cid in ids[target + 1:]]})))
     return Plan(graph, interventions, "a photo", None)
 

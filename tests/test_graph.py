@@ -14,6 +14,7 @@ from csg.graph import (
     FROM_FINAL_STATES,
     MAX_CONCEPTS,
     MAX_RELATIONSHIPS,
+    MAX_TEXT_CHARS,
     CausalGraph,
     CausalViolation,
     Concept,
@@ -472,6 +473,31 @@ def test_too_many_concepts_or_relationships_are_refused_with_the_limit():
     with pytest.raises(GraphError, match=f"{MAX_RELATIONSHIPS + 1} relationships, more than the {MAX_RELATIONSHIPS} allowed"):
         make_graph(["c0", "c1"], edges)
     make_graph(["c0", "c1"], edges[:MAX_RELATIONSHIPS])
+
+
+@pytest.mark.parametrize("where, path", [
+    ("field 'current_value'", ("concepts", 0, "current_value")), ("field 'description'", ("concepts", 1, "description")),
+    ("field 'description'", ("relationships", 0, "description")), ("field 'scene_summary'", ("scene_summary",)),
+])
+def test_a_text_field_over_the_limit_is_refused_naming_the_field(where, path):
+    data = portrait().to_dict()
+    *parents, key = path
+    holder = data
+    for part in parents:
+        holder = holder[part]
+    holder[key] = "x" * MAX_TEXT_CHARS
+    CausalGraph.from_dict(data)  # at the limit: fine
+    holder[key] = "o" * 18_000
+    with pytest.raises(GraphError, match=f"{where} has 18,000 characters, more than the 1,000 allowed. Shorten it"):
+        CausalGraph.from_dict(data)
+
+
+def test_an_intervention_text_over_the_limit_is_refused():
+    long = "g" * 5_000
+    with pytest.raises(GraphError, match="field 'new_value' has 5,000 characters"):
+        age_intervention(new_value=long)
+    with pytest.raises(GraphError, match=r"final_concept_states\['c1'\] has 5,000 characters"):
+        age_intervention(final_concept_states={"c1": long})
 
 
 def test_a_huge_graph_with_an_unknown_id_gets_a_short_error():

@@ -217,7 +217,11 @@ def test_a_long_rejected_answer_goes_back_to_the_model_cut_short():
 def test_a_graph_too_large_for_a_prompt_is_refused_before_asking():
     from csg.vlm.prompts import MAX_PROMPT_CHARS
 
-    wordy = CausalGraph.from_dict({**GRAPH.to_dict(), "scene_summary": "a portrait " * (MAX_PROMPT_CHARS // 10)})
+    # every field within its own limit, the whole too long for one prompt
+    data = GRAPH.to_dict()
+    extra = [{"id": f"x{k}", "name": f"detail {k}", "current_value": "plain", "description": "a portrait " * 90}
+             for k in range(MAX_PROMPT_CHARS // 900)]
+    wordy = CausalGraph.from_dict({**data, "concepts": data["concepts"] + extra})
     with VLMServer(lambda request: completion("{}")) as server:
         with pytest.raises(InputError, match=f"more than the {MAX_PROMPT_CHARS:,} a VLM prompt may have"):
             propose_interventions(backend(server), scene_image(load_scene("portrait")), wordy)
