@@ -17,12 +17,17 @@ from ..csg.errors import InputError
 
 
 def node_device(choice: str) -> torch.device:
-    """A node's device widget: auto is ComfyUI's device; cuda must be there."""
-    if choice == "auto":
-        return comfy.model_management.get_torch_device()
+    """The device widget of a node that runs one of our models: auto is ComfyUI's device; cuda must be
+    there. Under --novram ComfyUI loads every model only partly (``load_models_gpu`` ignores
+    ``force_full_load`` there), which our plain torch layers cannot run with (``load_for_use``)."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise InputError("device is cuda, but torch sees no CUDA GPU here; choose auto or cpu.")
-    return torch.device(choice)
+    device = comfy.model_management.get_torch_device() if choice == "auto" else torch.device(choice)
+    if device.type != "cpu" and comfy.model_management.vram_state == comfy.model_management.VRAMState.NO_VRAM:
+        raise InputError(f"ComfyUI runs with --novram, so it keeps model weights off {device}, and this node's model "
+                         "runs only with all its weights there. Set the node's device to cpu, or start ComfyUI with "
+                         "--lowvram instead of --novram.")
+    return device
 
 
 class HeldModule(torch.nn.Module):

@@ -313,6 +313,21 @@ def test_a_local_model_kept_after_use_stays_among_comfyuis_loaded_models(comfyui
     assert not any(m is model._model for m in comfyui.models_in_memory())
 
 
+def test_under_novram_a_gpu_device_is_refused_before_anything_loads(comfyui, portrait, llm_folders, monkeypatch):
+    """ComfyUI's --novram loads every model only partly, also when asked for a full load; a VLM of plain
+    torch layers would then fail deep inside generation with a device mismatch."""
+    import comfy.model_management
+
+    build_tiny_qwen25_vl(llm_folders / "tiny-qwen")
+    monkeypatch.setattr(comfy.model_management, "vram_state", comfy.model_management.VRAMState.NO_VRAM)
+    monkeypatch.setattr(comfy.model_management, "get_torch_device", lambda: torch.device("cuda", 0))  # no GPU here
+    node = local_prompt(portrait, "tiny-qwen", True)["2"]
+    with pytest.raises(WorkflowFailed, match="ComfyUI runs with --novram.*Set the node's device to cpu") as refused:
+        comfyui.run({"2": {**node, "inputs": {**node["inputs"], "device": "auto"}}}, outputs=["2"], fresh=True)
+    assert refused.value.error["exception_type"].endswith("InputError")
+    comfyui.run({"2": node}, outputs=["2"], fresh=True)  # device cpu: fine
+
+
 def test_the_local_node_logs_the_memory_its_model_needs_and_refuses_a_device_too_small(comfyui, portrait,
                                                                                       llm_folders, caplog,
                                                                                       monkeypatch):
