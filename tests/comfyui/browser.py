@@ -91,10 +91,16 @@ class Problems:
         self.console_errors.clear()
 
 
+BROWSER_TIMEOUT_MS = 90_000
+
+
 @contextmanager
 def open_frontend(browser, url: str, color_scheme: str = "dark") -> Iterator[tuple[object, Problems]]:
     """A new tab with the app loaded (``window.app.graph`` exists), and the problems it reports from the start."""
     tab = browser.new_page(viewport={"width": 1600, "height": 1000}, color_scheme=color_scheme)
+    # Playwright's 30 s default was once too short for a reload on a 2-core CI machine running ComfyUI beside
+    # Chromium; a real defect still fails, only later.
+    tab.set_default_timeout(BROWSER_TIMEOUT_MS)
     problems = Problems()
     tab.on("pageerror", lambda error: problems.page_errors.append(str(error)))
     tab.on("console", lambda message: message.type == "error" and problems.console_errors.append(

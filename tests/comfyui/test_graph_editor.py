@@ -18,6 +18,7 @@ import urllib.request
 import pytest
 
 from tests.comfyui.browser import (  # noqa: F401
+    BROWSER_TIMEOUT_MS,
     PACK_FOLDER,
     ROOT,
     chromium_browser,
@@ -295,7 +296,7 @@ def test_saved_edits_come_back_after_a_reload(server, page):
     name_box = page.locator(".p-dialog input")
     type_into(name_box, "edited graph")
     saved_path = urllib.parse.quote("workflows/edited graph.json", safe="")
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + BROWSER_TIMEOUT_MS / 1000
     while True:
         try:
             with urllib.request.urlopen(f"{server}/api/userdata/{saved_path}") as answer:
