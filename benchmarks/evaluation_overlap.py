@@ -77,8 +77,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="csg-overlap-"))
-    items = select([DatasetSpec.parse(f"bench=folder:{write_folder_dataset(root / 'data', args.items, hand_written=False)}")],
-                   None, 0)
+    folder = write_folder_dataset(root / "data", args.items, hand_written=False)
+    items = select([DatasetSpec.parse(f"bench=folder:{folder}")], None, 0)
     host = DiffusersSDXLHost.from_components(build_sdxl_components("tiny", seed=0))
     lpips = LPIPS(vgg16_features(), lpips_heads())
     params = CSGParams(num_steps=args.steps, warmup=1, max_side=64)
@@ -86,7 +86,8 @@ def main() -> None:
     with evaluation_server(delay=0.0) as server:
         run_items(host, lpips, params, items, server, root / "fast", args.concurrency)
     calibration = sdxl_seconds(root / "fast")
-    counterfactuals = len(json.loads((root / "fast" / "results.0.jsonl").read_text().splitlines()[0])["interventions"]) * len(METHODS)
+    first_record = json.loads((root / "fast" / "results.0.jsonl").read_text().splitlines()[0])
+    counterfactuals = len(first_record["interventions"]) * len(METHODS)
     calls = 2 + -(-2 * counterfactuals // args.concurrency)  # plan (2 serial calls), then the judge rounds
     delay = calibration / calls
     with evaluation_server(delay=delay) as server:

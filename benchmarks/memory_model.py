@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the VAE's dtype (bfloat16: what an fp16 run picks on a bf16-capable GPU)")
     parser.add_argument("--keep-text-encoders", action="store_true",
                         help="keep the text encoders on the GPU (no offload_text_encoders)")
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps to model (memory does not grow with them)")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="denoising steps to model (memory does not grow with them)")
     args = parser.parse_args(argv)
     resident, rows = model_memory(args.size, getattr(torch, args.dtype), getattr(torch, args.vae_dtype),
                                   not args.keep_text_encoders, args.steps)

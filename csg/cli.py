@@ -24,7 +24,8 @@ sub-folder ``intervention_1/``, ``intervention_2/`` ..., all from one inversion.
 ever named after an id a model or a file chose.
 ``graph.json`` and ``intervention.json`` are written first, before SDXL loads, so an interrupted
 or failed edit keeps the VLM's work: rerun with ``--graph-json`` / ``--intervention-json``.
-Ctrl-C exits with code 130 and says so. No API key is ever written or printed; ``--api-key-env`` names the variable that holds it.
+Ctrl-C exits with code 130 and says so. No API key is ever written or printed; \
+``--api-key-env`` names the variable that holds it.
 
 Weights are only looked up locally, never downloaded:
   SDXL  --sdxl (a diffusers folder, or a single .safetensors checkpoint plus a config folder),
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                           f"at most {MAX_VLM_RETRIES})")
     models = p.add_argument_group("diffusion model")
     models.add_argument("--sdxl", metavar="PATH", help="SDXL diffusers folder or single .safetensors checkpoint")
-    models.add_argument("--sdxl-config", metavar="DIR", help="SDXL config+tokenizer folder for a single-file checkpoint")
+    models.add_argument("--sdxl-config", metavar="DIR",
+                        help="SDXL config+tokenizer folder for a single-file checkpoint")
     models.add_argument("--comfyui-root", metavar="DIR", help="ComfyUI folder to search models/ in (or COMFYUI_PATH)")
     edit = p.add_argument_group("editing (defaults: the paper's)")
     edit.add_argument("--method", choices=("csg", "ddpm", "ddim"), default="csg",
@@ -283,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     scores.add_argument("--metrics", action="store_true",
                         help="score each counterfactual: LPIPS(VGG), masked LPIPS (csg), and with the VLM as judge "
                              "VLM effectiveness, Preservation and Causal consistency (into report.json)")
-    scores.add_argument("--lpips-vgg", metavar="FILE", help="torchvision's vgg16-397923af.pth (default: under TORCH_HOME)")
+    scores.add_argument("--lpips-vgg", metavar="FILE",
+                        help="torchvision's vgg16-397923af.pth (default: under TORCH_HOME)")
     scores.add_argument("--lpips-heads", metavar="FILE", help="the lpips package's weights/v0.1/vgg.pth")
     return p
 
@@ -309,7 +312,8 @@ def check_vlm_options(args: argparse.Namespace) -> None:
     if (args.vlm_timeout is not None or args.vlm_retries is not None) and not args.vlm_url:
         raise InputError("--vlm-timeout and --vlm-retries are for a VLM server; give its --vlm-url (a local "
                          "--vlm-model needs neither).")
-    if args.vlm_timeout is not None and not (math.isfinite(args.vlm_timeout) and 0 < args.vlm_timeout <= MAX_VLM_TIMEOUT):
+    if args.vlm_timeout is not None and not (math.isfinite(args.vlm_timeout)
+                                             and 0 < args.vlm_timeout <= MAX_VLM_TIMEOUT):
         raise InputError(f"--vlm-timeout must be a number of seconds above 0 and at most {MAX_VLM_TIMEOUT:.0f}, "
                          f"got {args.vlm_timeout}.")
     if args.vlm_retries is not None and not 0 <= args.vlm_retries <= MAX_VLM_RETRIES:

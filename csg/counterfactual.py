@@ -136,7 +136,8 @@ class CounterfactualResult:
 
     image: Image.Image  # the counterfactual, same size as ``source_image``
     latent: torch.Tensor  # (1, C, h, w) float32
-    masks: dict[str, torch.Tensor]  # concept id -> (h, w) in [0, 1]: share of guided steps that edited each latent pixel
+    masks: dict[str, torch.Tensor]  # concept id -> (h, w) in [0, 1]: share of guided steps that edited each
+                                    # latent pixel
     inversion: Inversion  # shared by every intervention of one call
     edit_concepts: tuple[EditConcept, ...]  # E, in guidance order
     intervention: Intervention  # after check_intervention: stripped changes are in ``violations``
@@ -273,7 +274,8 @@ def _concept_ids(graph: CausalGraph, keys: Sequence[str], what: str) -> list[str
 
 def edit_spec(graph: CausalGraph, intervention: Intervention, params: CSGParams) -> EditSpec:
     """CSG's terms for one (checked) intervention: one per edit concept with its own scale and direction."""
-    scales = dict(zip(_concept_ids(graph, list(params.concept_scales), "concept_scales"), params.concept_scales.values()))
+    scales = dict(zip(_concept_ids(graph, list(params.concept_scales), "concept_scales"),
+                      params.concept_scales.values()))
     reverse = set(_concept_ids(graph, params.reverse, "reverse"))
     terms = tuple(
         ConceptTerm.from_edit_concept(concept, reverse=concept.concept_id in reverse,
@@ -365,7 +367,8 @@ def counterfactual(host: DiffusionHost, image: Image.Image | str | Path, graph: 
                            inversion=inversion)[0]
 
 
-def baseline_counterfactuals(host: DiffusionHost, image: Image.Image | str | Path, interventions: Sequence[Intervention],
+def baseline_counterfactuals(host: DiffusionHost, image: Image.Image | str | Path,
+                             interventions: Sequence[Intervention],
                              *, method: Method = "ddpm", source_prompt: str = "", params: CSGParams = CSGParams(),
                              guidance_scale: float = DEFAULT_TARGET_GUIDANCE) -> list[BaselineResult]:
     """Table 1's baselines: invert once with ``method``, then sample each intervention with CFG on its full prompt.
@@ -427,4 +430,5 @@ def baseline_counterfactual(host: DiffusionHost, image: Image.Image | str | Path
 
 
 __all__ = ["CSGParams", "CounterfactualResult", "BaselineResult", "counterfactual", "counterfactuals",
-           "baseline_counterfactual", "baseline_counterfactuals", "load_image", "fit_to_model", "prepare_image", "edit_spec"]
+           "baseline_counterfactual", "baseline_counterfactuals", "load_image", "fit_to_model", "prepare_image",
+           "edit_spec"]

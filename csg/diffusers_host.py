@@ -21,7 +21,8 @@ is installed on the latent/4 attn2 layers for the host's lifetime (it reproduces
 SDPA output exactly), and a capture request enters as tensors (row indices and a 0/1 column
 selector). With no request the processor skips the capture, so each input shape has at most two
 graphs, "with" and "without" capture. An edit loop uses two: its unguided steps (warm-up) call
-the base rows without capture, its guided steps all rows with capture. Per step there is no ``.item()``, no host copy and no branch on tensor
+the base rows without capture, its guided steps all rows with capture. \
+Per step there is no ``.item()``, no host copy and no branch on tensor
 values. ``use_compiled_unet(None)`` goes back to eager and restores the layers' processors.
 
 GPU memory: the UNet's fp16 weights (4.8 GiB) are the floor; the text encoders (1.5 GiB) are only
@@ -128,7 +129,8 @@ class SDXLConditioning:
         return self.prompt_embeds.shape[0]
 
 
-def request_tensors(request: AttentionRequest, key_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def request_tensors(request: AttentionRequest, key_length: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices (R,) and a 0/1 column selector (R, key_length) for one request."""
     rows = torch.tensor(request.rows, dtype=torch.long).to(device)
     return rows, token_selector(request.token_columns, key_length, device)
@@ -168,7 +170,8 @@ class _CapturingCrossAttention:
         self.slot = slot
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
         batch = hidden_states.shape[0]
         context = encoder_hidden_states
         if attn.norm_cross:
@@ -288,7 +291,8 @@ class DiffusersSDXLHost:
             unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **local)
             vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=sdxl_vae_dtype(dtype, device), **local)
             text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, **local)
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=dtype, **local)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=dtype,
+                                                                         **local)
             tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **local)
             tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **local)
         except OSError as exc:
@@ -366,7 +370,8 @@ class DiffusersSDXLHost:
         if missing:
             hidden: dict[str, list[torch.Tensor]] = {p: [] for p in missing}
             pooled: dict[str, torch.Tensor] = {}
-            for tokenizer, encoder, on_device in zip(self.tokenizers, self.text_encoders, self._text_encoders_on_device):
+            for tokenizer, encoder, on_device in zip(self.tokenizers, self.text_encoders,
+                                                     self._text_encoders_on_device):
                 with on_device():  # offloaded: one encoder's weights on the device at a time
                     for prompt in missing:
                         ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,

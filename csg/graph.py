@@ -91,8 +91,9 @@ def _require_str(data: Mapping[str, Any], key: str, where: str, *, allow_empty: 
 
 def _bounded(text: str, what: str) -> str:
     if len(text) > MAX_TEXT_CHARS:
-        raise GraphError(f"{what} has {len(text):,} characters, more than the {MAX_TEXT_CHARS:,} allowed. Shorten it: a "
-                         "value is a phrase for the image model (77 tokens at most), a description a sentence or two.")
+        raise GraphError(f"{what} has {len(text):,} characters, more than the {MAX_TEXT_CHARS:,} allowed. "
+                         "Shorten it: a value is a phrase for the image model (77 tokens at most), a description a "
+                         "sentence or two.")
     return text
 
 
@@ -210,7 +211,8 @@ class CausalGraph:
     @classmethod
     def from_dict(cls, data: Any) -> CausalGraph:
         if not isinstance(data, Mapping):
-            raise GraphError(f"A causal graph must be a JSON object with 'concepts' and 'relationships', got {type(data).__name__}.")
+            raise GraphError("A causal graph must be a JSON object with 'concepts' and 'relationships', "
+                             f"got {type(data).__name__}.")
         concepts = [Concept.from_dict(c) for c in _require_list(data, "concepts", "the graph")]
         relationships = [Relationship.from_dict(r) for r in _require_list(data, "relationships", "the graph")]
         summary = data.get("scene_summary") or ""
@@ -270,8 +272,8 @@ class CausalGraph:
                         f"Known ids: {some(self.ids)}. Fix the id or remove the relationship."
                     )
             if r.cause_id == r.effect_id:
-                raise GraphError(f"Relationship {_shown(r.id)} is a self-loop on {_shown(r.cause_id)}. A concept cannot "
-                                 "cause itself; remove it.")
+                raise GraphError(f"Relationship {_shown(r.id)} is a self-loop on {_shown(r.cause_id)}. "
+                                 "A concept cannot cause itself; remove it.")
         cycle = self.find_cycle()
         if cycle:
             raise GraphError(
@@ -504,7 +506,8 @@ class Intervention:
             raise GraphError(f"An intervention must be a JSON object, got {type(data).__name__}.")
         where = _named("intervention", data, "id")
         states = data.get("final_concept_states") or {}
-        if not isinstance(states, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in states.items()):
+        if not isinstance(states, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in states.items()):
             raise GraphError(f"{where}: 'final_concept_states' must map concept ids to value strings.")
         violations = tuple(
             CausalViolation(_require_str(v, "concept_id", where), _require_str(v, "new_value", where, allow_empty=True),
@@ -520,7 +523,8 @@ class Intervention:
             ),
             original_value=_optional_str(data, "original_value", where),
             new_value=_require_str(data, "new_value", where),
-            propagated_changes=tuple(PropagatedChange.from_dict(p) for p in _require_list(data, "propagated_changes", where)),
+            propagated_changes=tuple(PropagatedChange.from_dict(p)
+                                     for p in _require_list(data, "propagated_changes", where)),
             final_concept_states={_bounded(k.strip(), f"{where}: a final_concept_states key"):
                                   _bounded(v.strip(), f"{where}: final_concept_states[{_shown(k.strip())}]")
                                   for k, v in states.items()},
@@ -564,7 +568,8 @@ class Intervention:
                              target.current_value, True)]
         for change in sorted(self.propagated_changes, key=lambda p: order.get(p.concept_id, len(order))):
             concept = graph.concept(change.concept_id)
-            terms.append(EditConcept(concept.id, concept.name, self.final_concept_states.get(concept.id, change.new_value),
+            terms.append(EditConcept(concept.id, concept.name,
+                                     self.final_concept_states.get(concept.id, change.new_value),
                                      change.original_value or concept.current_value, False))
         return terms
 
@@ -591,8 +596,8 @@ def _target(graph: CausalGraph, intervention: Intervention) -> Concept:
             return graph.find_concept(intervention.target_concept_id)
         except GraphError:
             raise GraphError(
-                f"Intervention {_shown(intervention.id)} targets {_shown(intervention.target_concept_id)}, which is not "
-                f"in the graph. Choose one of: {some([f'{c.id} ({c.name})' for c in graph.concepts])}."
+                f"Intervention {_shown(intervention.id)} targets {_shown(intervention.target_concept_id)}, "
+                f"which is not in the graph. Choose one of: {some([f'{c.id} ({c.name})' for c in graph.concepts])}."
             ) from None
 
 
@@ -649,7 +654,8 @@ def check_intervention(graph: CausalGraph, intervention: Intervention) -> Interv
         if cid == target.id or cid in kept:
             states[cid] = value
         elif cid not in flagged:
-            violations.append(CausalViolation(cid, value, f"final state for {_shown(cid)}, which the intervention does not change"))
+            violations.append(CausalViolation(cid, value,
+                                              f"final state for {_shown(cid)}, which the intervention does not change"))
             flagged.add(cid)
     return replace(
         intervention,

@@ -306,7 +306,8 @@ def plan_guidance(host: DiffusionHost, specs: Sequence[EditSpec], num_steps: int
             protect_owner.append(k)
 
     attention_rows = (term_rows if params.mask_mode != "noise" else []) + protect_rows
-    attention = AttentionRequest(tuple(attention_rows), tuple(columns[r] for r in attention_rows)) if attention_rows else None
+    attention = (AttentionRequest(tuple(attention_rows), tuple(columns[r] for r in attention_rows))
+                 if attention_rows else None)
     active = [[i in t.active_steps(num_steps) for t in terms] for i in range(num_steps)]
     device = host.device
     index = lambda values: torch.tensor(values, dtype=torch.long).to(device)  # noqa: E731

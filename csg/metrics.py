@@ -72,7 +72,8 @@ class LPIPS(nn.Module):
     def __init__(self, features: nn.Sequential, heads: nn.ModuleList):
         super().__init__()
         if len(features) <= LPIPS_TAPS[-1] or len(heads) != len(LPIPS_TAPS):
-            raise InputError("LPIPS needs VGG16's features stack (see vgg16_features()) and five heads (see lpips_heads()).")
+            raise InputError("LPIPS needs VGG16's features stack (see vgg16_features()) and five heads "
+                             "(see lpips_heads()).")
         self.features = features
         self.heads = heads
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1))
@@ -90,7 +91,8 @@ class LPIPS(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        per_layer = [head((fx - fy).pow(2)).mean(dim=(1, 2, 3)) for head, fx, fy in zip(self.heads, self.taps(x), self.taps(y))]
+        per_layer = [head((fx - fy).pow(2)).mean(dim=(1, 2, 3))
+                     for head, fx, fy in zip(self.heads, self.taps(x), self.taps(y))]
         return torch.stack(per_layer).sum(dim=0)
 
 
@@ -121,13 +123,16 @@ def _missing_message(vgg_missing: bool, heads_missing: bool, vgg_given: Any, hea
     home = weights_dir()
     parts = ["LPIPS(VGG) needs pretrained weights that this pack never downloads."]
     if vgg_missing:
-        where = f"No file at vgg_weights={str(vgg_given)!r}." if vgg_given is not None else f"Not found at {home / VGG16_FILE}."
+        where = (f"No file at vgg_weights={str(vgg_given)!r}." if vgg_given is not None
+                 else f"Not found at {home / VGG16_FILE}.")
         parts.append(f"VGG16 backbone: {where} Get torchvision's ImageNet VGG16 checkpoint {VGG16_FILE} ({VGG16_URL}) "
                      f"and put it at {home / VGG16_FILE}, or pass its path as vgg_weights.")
     if heads_missing:
-        where = f"No file at lpips_weights={str(heads_given)!r}." if heads_given is not None else f"Not found at {home / LPIPS_HEADS_FILE}."
+        where = (f"No file at lpips_weights={str(heads_given)!r}." if heads_given is not None
+                 else f"Not found at {home / LPIPS_HEADS_FILE}.")
         parts.append(f"LPIPS linear heads: {where} Copy lpips/weights/v0.1/vgg.pth from the 'lpips' PyPI package "
-                     f"(github.com/richzhang/PerceptualSimilarity) to {home / LPIPS_HEADS_FILE}, or pass its path as lpips_weights.")
+                     f"(github.com/richzhang/PerceptualSimilarity) to {home / LPIPS_HEADS_FILE}, "
+                     "or pass its path as lpips_weights.")
     return " ".join(parts)
 
 
@@ -139,7 +144,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file gets the same clear answer
-        raise InputError(f"Could not read weights from {path}: {exc}. Give a PyTorch (.pth) or .safetensors state dict.") from None
+        raise InputError(f"Could not read weights from {path}: {exc}. "
+                         "Give a PyTorch (.pth) or .safetensors state dict.") from None
     if not isinstance(state, Mapping):
         raise InputError(f"{path} does not hold a state dict (got {type(state).__name__}).")
     return dict(state)
@@ -207,7 +213,8 @@ def _as_batch(images: Any, name: str) -> torch.Tensor:
     if isinstance(images, Sequence) and images and all(isinstance(i, Image.Image) for i in images):
         arrays = [np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in images]
         if len({a.shape for a in arrays}) > 1:
-            raise InputError(f"{name}: the images have different sizes {[a.shape[1::-1] for a in arrays]}; resize them to one size.")
+            raise InputError(f"{name}: the images have different sizes {[a.shape[1::-1] for a in arrays]}; "
+                             "resize them to one size.")
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     if not isinstance(images, torch.Tensor):
         raise InputError(f"{name} must be a PIL image, a list of them, or a torch tensor; got {type(images).__name__}.")
@@ -241,12 +248,13 @@ def lpips_distance(model: LPIPS, image_a: Any, image_b: Any) -> torch.Tensor:
     """
     a, b = _as_batch(image_a, "image_a"), _as_batch(image_b, "image_b")
     if a.shape[2:] != b.shape[2:]:
-        raise InputError(f"LPIPS compares images of one size, got {tuple(a.shape[2:])} and {tuple(b.shape[2:])} (H, W). "
-                         "Resize one to the other's size first.")
+        raise InputError(f"LPIPS compares images of one size, got {tuple(a.shape[2:])} and {tuple(b.shape[2:])} "
+                         "(H, W). Resize one to the other's size first.")
     if min(a.shape[2:]) < MIN_SIDE:
         raise InputError(f"LPIPS(VGG) needs images of at least {MIN_SIDE}x{MIN_SIDE} pixels, got {tuple(a.shape[2:])}.")
     if a.shape[0] != b.shape[0] and 1 not in (a.shape[0], b.shape[0]):
-        raise InputError(f"Batches of {a.shape[0]} and {b.shape[0]} images cannot be paired; give equal sizes or one image.")
+        raise InputError(f"Batches of {a.shape[0]} and {b.shape[0]} images cannot be paired; "
+                         "give equal sizes or one image.")
     a, b = torch.broadcast_tensors(a, b)
     parameter = next(model.parameters())
     to_model = dict(device=parameter.device, dtype=parameter.dtype)
@@ -376,7 +384,8 @@ def masked_lpips_distance(model: LPIPS, image_a: Any, image_b: Any, mask: torch.
     """
     a, b = _as_batch(image_a, "image_a"), _as_batch(image_b, "image_b")
     if a.shape != b.shape or a.shape[0] != 1:
-        raise InputError(f"masked LPIPS compares two single images of one size, got {tuple(a.shape)} and {tuple(b.shape)}.")
+        raise InputError("masked LPIPS compares two single images of one size, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}.")
     if min(a.shape[2:]) < MIN_SIDE:
         raise InputError(f"LPIPS(VGG) needs images of at least {MIN_SIDE}x{MIN_SIDE} pixels, got {tuple(a.shape[2:])}.")
     if mask.dim() != 2:

@@ -273,7 +273,8 @@ def _draw_arrowhead(draw: ImageDraw.ImageDraw, tip: tuple[float, float], tail: t
     ux, uy = dx / norm, dy / norm
     base = (tip[0] - ux * length, tip[1] - uy * length)
     half = length * 0.5
-    draw.polygon([tip, (base[0] - uy * half, base[1] + ux * half), (base[0] + uy * half, base[1] - ux * half)], fill=colour)
+    draw.polygon([tip, (base[0] - uy * half, base[1] + ux * half), (base[0] + uy * half, base[1] - ux * half)],
+                 fill=colour)
 
 
 def _draw_text(draw: ImageDraw.ImageDraw, x: float, y: float, text: str, font: ImageFont.FreeTypeFont,
@@ -329,7 +330,8 @@ def _stripped(violation: CausalViolation) -> str:
     return f"stripped {ARROW} {violation.new_value}" if violation.new_value else "stripped"
 
 
-def _box_content(graph: CausalGraph, intervention: Intervention | None) -> tuple[dict[str, list[_Line]], dict[str, _Palette]]:
+def _box_content(graph: CausalGraph,
+                 intervention: Intervention | None) -> tuple[dict[str, list[_Line]], dict[str, _Palette]]:
     changed = {p.concept_id: p for p in intervention.propagated_changes} if intervention else {}
     violations: dict[str, list[CausalViolation]] = {}
     for v in intervention.violations if intervention else ():
@@ -337,7 +339,8 @@ def _box_content(graph: CausalGraph, intervention: Intervention | None) -> tuple
     content, palette = {}, {}
     for c in graph.concepts:
         if intervention and c.id == intervention.target_concept_id:
-            value, palette[c.id] = f"{intervention.original_value or c.current_value} {ARROW} {intervention.new_value}", TARGET
+            value, palette[c.id] = (f"{intervention.original_value or c.current_value} {ARROW} "
+                                    f"{intervention.new_value}", TARGET)
         elif c.id in changed:
             value, palette[c.id] = changed[c.id].new_value, CHANGED
         else:
@@ -378,7 +381,8 @@ def _legend_items(intervention: Intervention | None) -> list[tuple[str, object]]
     return items
 
 
-def _legend_rows(items: list[tuple[str, object]], max_width: float, scale: float) -> list[list[tuple[str, object, float]]]:
+def _legend_rows(items: list[tuple[str, object]], max_width: float,
+                 scale: float) -> list[list[tuple[str, object, float]]]:
     font = _font(round(LEGEND_SIZE * scale))
     swatch, gap = 26 * scale, 18 * scale
     rows: list[list[tuple[str, object, float]]] = [[]]
@@ -490,22 +494,26 @@ def _draw(graph: CausalGraph, intervention: Intervention | None, scale: float) -
 
     # Edges first, so boxes sit on top of them. An edge along which the intervention propagates
     # (both ends edited) is drawn in the changed colour.
-    edited = {intervention.target_concept_id, *(p.concept_id for p in intervention.propagated_changes)} if intervention else set()
+    edited = ({intervention.target_concept_id, *(p.concept_id for p in intervention.propagated_changes)}
+              if intervention else set())
     for route, start, end in zip(layout.routes, *_ports(layout)):
         cause, effect = route[0], route[-1]
         points = [(px(start), row_tops[row_of[cause]] + box_h[cause])]
         for w in route[1:-1]:
-            points += [(px(layout.x[w]), row_tops[row_of[w]]), (px(layout.x[w]), row_tops[row_of[w]] + row_heights[row_of[w]])]
+            points += [(px(layout.x[w]), row_tops[row_of[w]]),
+                       (px(layout.x[w]), row_tops[row_of[w]] + row_heights[row_of[w]])]
         points.append((px(end), row_tops[row_of[effect]]))
         on_path = cause in edited and effect in edited
-        _draw_edge(draw, points, CHANGED.outline if on_path else EDGE, max(1, round((3 if on_path else 2) * scale)), 11 * scale)
+        _draw_edge(draw, points, CHANGED.outline if on_path else EDGE, max(1, round((3 if on_path else 2) * scale)),
+                   11 * scale)
 
     for cid, lines in boxes.items():
         left, top = px(layout.x[cid] - 0.5), row_tops[row_of[cid]]
         style = palette[cid]
         outline = VIOLATION if any(line.colour == VIOLATION for line in lines) else style.outline
-        draw.rounded_rectangle([left, top, left + box_w, top + box_h[cid]], radius=CORNER_RADIUS * scale, fill=style.fill,
-                               outline=outline, width=max(1, round((3 if style is TARGET else 2) * scale)))
+        draw.rounded_rectangle([left, top, left + box_w, top + box_h[cid]], radius=CORNER_RADIUS * scale,
+                               fill=style.fill, outline=outline,
+                               width=max(1, round((3 if style is TARGET else 2) * scale)))
         _draw_block(draw, lines, left + pad, top + pad, spacing, centre_width=box_w - 2 * pad)
 
     _draw_block(draw, header, margin, margin, spacing)
@@ -514,7 +522,8 @@ def _draw(graph: CausalGraph, intervention: Intervention | None, scale: float) -
     return canvas
 
 
-def render_graph(graph: CausalGraph, intervention: Intervention | None = None, *, width: int | None = None) -> Image.Image:
+def render_graph(graph: CausalGraph, intervention: Intervention | None = None, *,
+                 width: int | None = None) -> Image.Image:
     """An RGB picture of ``graph`` laid out cause above effect, with ``intervention`` highlighted.
 
     The intervention is passed through ``check_intervention`` first, so what is drawn is what the

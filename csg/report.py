@@ -121,7 +121,8 @@ def _score(value) -> str:
 
 
 STYLE = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #ccc;
-padding:4px 6px;font-size:13px;vertical-align:top}img{max-width:192px;image-rendering:pixelated}.item{border-top:2px solid
+padding:4px 6px;font-size:13px;vertical-align:top}img{max-width:192px;image-rendering:pixelated}\
+.item{border-top:2px solid
 #444;margin-top:1em;padding-top:.5em}.row{display:flex;gap:8px;flex-wrap:wrap;align-items:flex-start}figure{margin:0}
 figcaption{font-size:12px}.graph img{max-width:360px}button{margin-right:4px}"""
 # data-vlmeffectiveness etc.: attribute names without hyphens read back unchanged from element.dataset
@@ -137,7 +138,8 @@ def _item_html(out: Path, record: dict) -> str:
     parts = [f'<div class="item" {data}><h3>{html.escape(record["item_id"])}</h3>'
              f'<p>{html.escape(record.get("source_prompt", record["caption"]))}</p>']
     for k, intervention in enumerate(record["interventions"]):
-        change = f'{intervention["target_concept_name"]}: {intervention["original_value"]} → {intervention["new_value"]}'
+        change = (f'{intervention["target_concept_name"]}: {intervention["original_value"]} → '
+                  f'{intervention["new_value"]}')
         parts.append(f'<h4>{html.escape(intervention["id"])}: {html.escape(change)}</h4><div class="row">')
         parts.append(f'<figure><img src="{data_uri(out / record["files"]["original"])}" alt="original">'
                      '<figcaption>original</figcaption></figure>')
@@ -163,7 +165,8 @@ def html_report(out: Path, groups: dict[str, list[dict]], tables: dict[str, str]
                       for k, title, up in METRICS)
     body = [f"<h1>Causal counterfactuals: evaluation of {html.escape(str(out.name))}</h1>"]
     if torn:
-        body.append(f"<p>Unreadable lines skipped (their items are redone on a rerun): {html.escape(', '.join(torn))}</p>")
+        body.append("<p>Unreadable lines skipped (their items are redone on a rerun): "
+                    f"{html.escape(', '.join(torn))}</p>")
     for sid, records in groups.items():
         body.append(f"<h2>Settings {sid} ({len(records)} items)</h2><pre>{html.escape(tables[sid])}</pre>")
         body.append(f'<div>Sort items: {buttons}</div><div id="items">' if len(groups) == 1 else "<div>")

@@ -60,7 +60,8 @@ class CausalInversion(io.ComfyNode):
                         "ComfyUI's cache keeps it while only edit settings change.",
             inputs=[
                 *model_inputs(),
-                io.Image.Input("image", tooltip="The factual image; both sides must be multiples of 32 pixels for SDXL."),
+                io.Image.Input("image",
+                               tooltip="The factual image; both sides must be multiples of 32 pixels for SDXL."),
                 io.String.Input("source_prompt", multiline=True, default="",
                                 tooltip="A caption of the image (e.g. the graph's scene summary). Its guidance is "
                                         "baked into the noise maps; empty inverts unconditionally."),

@@ -147,13 +147,14 @@ class InterventionFromJSON(io.ComfyNode):
             inputs=[
                 CausalGraphType.Input("causal_graph", tooltip="The graph the intervention acts on."),
                 io.String.Input("intervention_json", multiline=True, default=example_text("portrait_intervention.json"),
-                                tooltip='{"id", "target_concept_id", "new_value", "propagated_changes": [{"concept_id", '
-                                        '"new_value", "reason"}], "final_concept_states": {id: "value phrase"}, '
-                                        '"generation_prompt"}'),
+                                tooltip='{"id", "target_concept_id", "new_value", "propagated_changes": '
+                                        '[{"concept_id", "new_value", "reason"}], "final_concept_states": '
+                                        '{id: "value phrase"}, "generation_prompt"}'),
                 preview_width_input(),
             ],
             outputs=[
-                InterventionType.Output(display_name="intervention", tooltip="The intervention as the graph allows it."),
+                InterventionType.Output(display_name="intervention",
+                                        tooltip="The intervention as the graph allows it."),
                 io.String.Output(display_name="report", tooltip="What changes, and every causal violation stripped; "
                                                                 "read it with a Preview Any node."),
                 io.Image.Output(display_name="preview", tooltip="The graph with the target and its changes marked."),

@@ -2,7 +2,8 @@
 
     VLM (Local)                models/LLM/<name>                            -> CSG_VLM
     VLM (OpenAI-compatible)    base URL, model, API-key variable            -> CSG_VLM
-    Concept Extractor          CSG_VLM, IMAGE (+ caption)                   -> CSG_CAUSAL_GRAPH, preview, JSON, base prompt
+    Concept Extractor          CSG_VLM, IMAGE (+ caption)                   -> CSG_CAUSAL_GRAPH, preview, JSON, \
+base prompt
     Intervention Proposer      CSG_VLM, IMAGE, CSG_CAUSAL_GRAPH             -> CSG_INTERVENTIONS (3), JSON
     Manual Intervention        CSG_CAUSAL_GRAPH, target, value (+ CSG_VLM)  -> CSG_INTERVENTION, JSON, report, preview
 
@@ -141,7 +142,8 @@ class _Watched:
 def asking(handle: VLMHandle, questions: int) -> Iterator[VLM]:
     """The VLM for one node's stages, with progress and Cancel; a local model may be unloaded afterwards."""
     if not isinstance(handle, VLMHandle):
-        raise InputError(f"Expected a VLM from 'VLM (Local)' or 'VLM (OpenAI-compatible)', got {type(handle).__name__}.")
+        raise InputError("Expected a VLM from 'VLM (Local)' or 'VLM (OpenAI-compatible)', "
+                         f"got {type(handle).__name__}.")
     progress = StageProgress(questions)
     local = handle.local
     previous = local.on_token if local is not None else None

@@ -238,8 +238,8 @@ def test_an_intervention_json_that_changes_nothing_exits_2(sdxl_folder, tmp_path
     current = next(c for c in json.loads(GRAPH.read_text())["concepts"] if c["id"] == intervention["target_concept_id"])
     path = tmp_path / "unchanged.json"
     path.write_text(json.dumps({**intervention, "new_value": current["current_value"].upper()}))
-    code = main([str(PORTRAIT), "--graph-json", str(GRAPH), "--intervention-json", str(path), "--sdxl", str(sdxl_folder),
-                 "--out", str(tmp_path / "out"), *FAST])
+    code = main([str(PORTRAIT), "--graph-json", str(GRAPH), "--intervention-json", str(path),
+                 "--sdxl", str(sdxl_folder), "--out", str(tmp_path / "out"), *FAST])
     assert code == 2 and "so this changes nothing" in capsys.readouterr().err
 
 
@@ -566,7 +566,8 @@ def hostile_plans(draw) -> Plan:
     names = draw(st.lists(named, min_size=len(ids), max_size=len(ids), unique_by=lambda t: t.strip().lower()))
     graph = CausalGraph.from_dict({
         "concepts": [{"id": cid, "name": name, "current_value": "now"} for cid, name in zip(ids, names)],
-        "relationships": [{"id": f"r{k}", "cause_id": a, "effect_id": b} for k, (a, b) in enumerate(zip(ids, ids[1:]))]})
+        "relationships": [{"id": f"r{k}", "cause_id": a, "effect_id": b}
+                          for k, (a, b) in enumerate(zip(ids, ids[1:]))]})
     interventions = []
     for _ in range(draw(st.integers(1, 3))):
         target = draw(st.integers(0, len(ids) - 1))
@@ -580,7 +581,8 @@ def hostile_plans(draw) -> Plan:
 @given(plan=hostile_plans())
 def test_the_cli_writes_every_file_inside_out_once_and_the_same_on_a_rerun(plan):
     painted = Image.new("RGB", (8, 8), "gray")
-    results = [PaintedResult(painted, painted, {c.concept_id: 40 * k for k, c in enumerate(i.edit_concepts(plan.graph))})
+    results = [PaintedResult(painted, painted,
+                             {c.concept_id: 40 * k for k, c in enumerate(i.edit_concepts(plan.graph))})
                for i in plan.interventions]
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)

@@ -56,7 +56,8 @@ def write_plans(folder: Path) -> Path:
         (folder / name).write_bytes((EXAMPLES / name).read_bytes())
     (folder / "scene_graph.json").write_text(json.dumps(load_scene("portrait")["extraction"]))
     path = folder / "plans.json"
-    path.write_text(json.dumps({"faces/1": {"graph": "portrait_graph.json", "interventions": "portrait_intervention.json"},
+    path.write_text(json.dumps({"faces/1": {"graph": "portrait_graph.json",
+                                            "interventions": "portrait_intervention.json"},
                                 "coco/102": {"graph": "scene_graph.json"}}))
     return path
 
@@ -188,7 +189,8 @@ def test_missing_image_names_the_file_and_the_fix(tmp_path):
 
 def evaluate_process(args, env_key="sk-secret-never-written", launcher=(), **env_extra):
     env = {**os.environ, "EVAL_TEST_KEY": env_key, "PYTHONPATH": str(ROOT), **env_extra}
-    return subprocess.Popen([*launcher, *(["-m", "csg.evaluate"] if launcher else [sys.executable, "-m", "csg.evaluate"]),
+    return subprocess.Popen([*launcher,
+                             *(["-m", "csg.evaluate"] if launcher else [sys.executable, "-m", "csg.evaluate"]),
                              *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -230,7 +232,8 @@ MPI_AS_ROOT = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": 
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None,
-                    reason="accelerate's --cpu launcher starts several processes through MPI: apt-get install openmpi-bin")
+                    reason="accelerate's --cpu launcher starts several processes through MPI: "
+                           "apt-get install openmpi-bin")
 def test_accelerate_shards_items_and_a_rerun_with_more_processes_does_nothing(datasets, sdxl_folder, weight_files,
                                                                               tmp_path):
     out = tmp_path / "eval"
@@ -267,7 +270,8 @@ def test_a_cpu_launch_that_started_one_of_several_processes_is_refused(datasets,
                                launcher=[*ACCELERATE, "--cpu", "--num_processes", "2"])
     _, err = process.communicate(timeout=120)
     assert process.returncode != 0, err  # csg-evaluate exits 2, accelerate's launcher then 1
-    assert "csg-evaluate: accelerate launch --cpu was asked for several processes but started one" in err and "--mpirun_hostfile" in err
+    assert ("csg-evaluate: accelerate launch --cpu was asked for several processes but started one" in err
+            and "--mpirun_hostfile" in err)
     assert not (tmp_path / "eval").exists()
 
 
@@ -280,7 +284,8 @@ def test_cli_metrics_and_step_progress(method, sdxl_folder, weight_files, tmp_pa
     out = tmp_path / "out"
     with evaluation_server() as server:
         code = cli_main([str(EXAMPLES / "portrait.png"), "--graph-json", str(EXAMPLES / "portrait_graph.json"),
-                         "--intervention-json", str(EXAMPLES / "portrait_intervention.json"), "--sdxl", str(sdxl_folder),
+                         "--intervention-json", str(EXAMPLES / "portrait_intervention.json"),
+                         "--sdxl", str(sdxl_folder),
                          "--out", str(out), "--method", method, "--metrics", "--lpips-vgg", str(weight_files[0]),
                          "--lpips-heads", str(weight_files[1]), "--vlm-url", server.base_url, "--vlm-name", "judge",
                          "--steps", "6", "--warmup", "2", "--max-side", "64", "--device", "cpu", "--dtype", "float32"])

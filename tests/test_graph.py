@@ -26,7 +26,8 @@ from csg.graph import (
 
 
 def concept(cid, name=None, value=None):
-    return {"id": cid, "name": name or f"name {cid}", "current_value": value or f"value {cid}", "description": f"about {cid}"}
+    return {"id": cid, "name": name or f"name {cid}", "current_value": value or f"value {cid}",
+            "description": f"about {cid}"}
 
 
 def graph_dict(ids, edges, summary="a scene"):
@@ -70,8 +71,10 @@ def age_intervention(**overrides) -> Intervention:
         "original_value": "young",
         "new_value": "old",
         "propagated_changes": [
-            {"concept_id": "c3", "concept_name": "Wrinkles", "original_value": "none", "new_value": "deep", "reason": "age"},
-            {"concept_id": "c2", "concept_name": "Hair colour", "original_value": "brown", "new_value": "grey", "reason": "age"},
+            {"concept_id": "c3", "concept_name": "Wrinkles", "original_value": "none", "new_value": "deep",
+             "reason": "age"},
+            {"concept_id": "c2", "concept_name": "Hair colour", "original_value": "brown", "new_value": "grey",
+             "reason": "age"},
         ],
         "final_concept_states": {"c1": "old man", "c2": "grey hair", "c3": "deep wrinkles"},
         "generation_prompt": "A portrait of an old man in an office.",
@@ -108,7 +111,8 @@ def test_graph_built_from_dataclasses_is_validated_too():
 def test_propagated_change_round_trips_and_defaults_optional_fields():
     change = PropagatedChange("c2", "Hair colour", "brown", "grey", "hair greys with age")
     assert PropagatedChange.from_dict(change.to_dict()) == change
-    assert PropagatedChange.from_dict({"concept_id": "c2", "new_value": "grey"}) == PropagatedChange("c2", "", "", "grey", "")
+    assert (PropagatedChange.from_dict({"concept_id": "c2", "new_value": "grey"})
+            == PropagatedChange("c2", "", "", "grey", ""))
 
 
 def test_numeric_fields_are_read_as_strings():
@@ -246,9 +250,12 @@ def test_wrong_types_are_graph_errors(data, fragment):
 @pytest.mark.parametrize("data, fragment", [
     (["i1"], "JSON object"),
     ({"id": "i1", "target_concept_id": "c1"}, "missing the field 'new_value'"),
-    ({"id": "i1", "target_concept_id": "c1", "new_value": "old", "final_concept_states": ["c1"]}, "final_concept_states"),
-    ({"id": "i1", "target_concept_id": "c1", "new_value": "old", "final_concept_states": {"c1": 3}}, "final_concept_states"),
-    ({"id": "i1", "target_concept_id": "c1", "new_value": "old", "propagated_changes": {}}, "'propagated_changes' must be a list"),
+    ({"id": "i1", "target_concept_id": "c1", "new_value": "old", "final_concept_states": ["c1"]},
+     "final_concept_states"),
+    ({"id": "i1", "target_concept_id": "c1", "new_value": "old", "final_concept_states": {"c1": 3}},
+     "final_concept_states"),
+    ({"id": "i1", "target_concept_id": "c1", "new_value": "old", "propagated_changes": {}},
+     "'propagated_changes' must be a list"),
     ({"id": "i1", "target_concept_id": "c1", "new_value": "old", "propagated_changes": [{"concept_id": "c2"}]},
      "missing the field 'new_value'"),
 ])
@@ -258,7 +265,8 @@ def test_intervention_wrong_types_are_graph_errors(data, fragment):
 
 
 def test_null_optional_field_reads_as_empty():
-    assert Concept.from_dict({"id": "c1", "name": "Sky", "current_value": "blue", "description": None}).description == ""
+    assert Concept.from_dict({"id": "c1", "name": "Sky", "current_value": "blue",
+                              "description": None}).description == ""
 
 
 # -- DAG queries ---------------------------------------------------------------------------------
@@ -350,7 +358,8 @@ def test_non_descendant_change_is_stripped_and_recorded():
 
 
 def test_kept_change_is_completed_from_the_graph():
-    checked = check_intervention(portrait(), age_intervention(propagated_changes=[{"concept_id": "c2", "new_value": "grey"}]))
+    checked = check_intervention(portrait(),
+                                 age_intervention(propagated_changes=[{"concept_id": "c2", "new_value": "grey"}]))
     change = checked.propagated_changes[0]
     assert change.concept_name == "Hair colour" and change.original_value == "brown"
 
@@ -360,7 +369,8 @@ def test_kept_change_is_completed_from_the_graph():
     ("c99", "not a concept in the graph"),
 ])
 def test_target_and_unknown_changes_are_stripped(cid, fragment):
-    iv = age_intervention(propagated_changes=[{"concept_id": cid, "new_value": "x"}, {"concept_id": "c3", "new_value": "deep"}],
+    iv = age_intervention(propagated_changes=[{"concept_id": cid, "new_value": "x"},
+                                              {"concept_id": "c3", "new_value": "deep"}],
                           final_concept_states={"c1": "old man", "c3": "deep wrinkles"})
     checked = check_intervention(portrait(), iv)
     assert [p.concept_id for p in checked.propagated_changes] == ["c3"]
@@ -369,7 +379,8 @@ def test_target_and_unknown_changes_are_stripped(cid, fragment):
 
 
 def test_duplicate_change_keeps_the_first():
-    iv = age_intervention(propagated_changes=[{"concept_id": "c2", "new_value": "grey"}, {"concept_id": "c2", "new_value": "white"}],
+    iv = age_intervention(propagated_changes=[{"concept_id": "c2", "new_value": "grey"},
+                                              {"concept_id": "c2", "new_value": "white"}],
                           final_concept_states={"c1": "old man", "c2": "grey hair"})
     checked = check_intervention(portrait(), iv)
     assert [(p.concept_id, p.new_value) for p in checked.propagated_changes] == [("c2", "grey")]
@@ -377,7 +388,8 @@ def test_duplicate_change_keeps_the_first():
 
 
 def test_final_state_for_an_unchanged_concept_is_stripped_and_recorded():
-    iv = age_intervention(final_concept_states={"c1": "old man", "c2": "grey hair", "c3": "deep wrinkles", "c6": "park"})
+    iv = age_intervention(final_concept_states={"c1": "old man", "c2": "grey hair", "c3": "deep wrinkles",
+                                                "c6": "park"})
     checked = check_intervention(portrait(), iv)
     assert "c6" not in checked.final_concept_states
     assert [(v.concept_id, v.new_value) for v in checked.violations] == [("c6", "park")]
@@ -416,7 +428,8 @@ def test_a_descendant_changed_only_in_final_concept_states_is_kept_as_a_propagat
                                                 "c5": "grey beard"})
     checked = check_intervention(portrait(), iv)
     assert [p.concept_id for p in checked.propagated_changes] == ["c2", "c3"]
-    assert checked.propagated_changes[1] == PropagatedChange("c3", "Wrinkles", "none", "deep wrinkles", FROM_FINAL_STATES)
+    assert checked.propagated_changes[1] == PropagatedChange("c3", "Wrinkles", "none", "deep wrinkles",
+                                                             FROM_FINAL_STATES)
     assert checked.final_concept_states == {"c1": "old man", "c2": "grey hair", "c3": "deep wrinkles"}
     assert [(v.concept_id, v.new_value) for v in checked.violations] == [("c5", "grey beard")]  # not a descendant
     assert [t.prompt for t in checked.edit_concepts(portrait())] == ["old man", "grey hair", "deep wrinkles"]
@@ -470,13 +483,15 @@ def test_too_many_concepts_or_relationships_are_refused_with_the_limit():
         make_graph(ids, [])
     make_graph(ids[:MAX_CONCEPTS], [])
     edges = [("c0", "c1")] * (MAX_RELATIONSHIPS + 1)
-    with pytest.raises(GraphError, match=f"{MAX_RELATIONSHIPS + 1} relationships, more than the {MAX_RELATIONSHIPS} allowed"):
+    with pytest.raises(GraphError, match=f"{MAX_RELATIONSHIPS + 1} relationships, "
+                                         f"more than the {MAX_RELATIONSHIPS} allowed"):
         make_graph(["c0", "c1"], edges)
     make_graph(["c0", "c1"], edges[:MAX_RELATIONSHIPS])
 
 
 @pytest.mark.parametrize("where, path", [
-    ("field 'current_value'", ("concepts", 0, "current_value")), ("field 'description'", ("concepts", 1, "description")),
+    ("field 'current_value'", ("concepts", 0, "current_value")),
+    ("field 'description'", ("concepts", 1, "description")),
     ("field 'description'", ("relationships", 0, "description")), ("field 'scene_summary'", ("scene_summary",)),
 ])
 def test_a_text_field_over_the_limit_is_refused_naming_the_field(where, path):

@@ -53,7 +53,8 @@ def weight_files(random_parts, tmp_path_factory):
     vgg = {f"features.{k}": v for k, v in features.state_dict().items()}
     vgg["classifier.6.bias"] = torch.zeros(1000)  # a full torchvision checkpoint also holds the classifier
     torch.save(vgg, folder / VGG16_FILE)
-    torch.save({f"lin{k}.model.1.weight": h.weight.detach().clone() for k, h in enumerate(heads)}, folder / LPIPS_HEADS_FILE)
+    torch.save({f"lin{k}.model.1.weight": h.weight.detach().clone() for k, h in enumerate(heads)},
+               folder / LPIPS_HEADS_FILE)
     return folder / VGG16_FILE, folder / LPIPS_HEADS_FILE
 
 
@@ -124,7 +125,8 @@ def test_batches_pair_row_by_row_and_a_single_image_broadcasts(model):
     assert batched.shape == (3,)
     assert torch.allclose(batched, one_by_one, rtol=1e-4, atol=1e-7)
     broadcast = lpips_distance(model, a[:1], b)
-    assert torch.allclose(broadcast, torch.cat([lpips_distance(model, a[0], b[i]) for i in range(3)]), rtol=1e-4, atol=1e-7)
+    assert torch.allclose(broadcast, torch.cat([lpips_distance(model, a[0], b[i]) for i in range(3)]),
+                          rtol=1e-4, atol=1e-7)
 
 
 def test_pil_images_match_tensors(model):
@@ -202,7 +204,8 @@ def test_wrong_files_are_named(tmp_path, weight_files):
 def judge(verdict, *present):
     """A judge answer in the paper's JSON shape."""
     return {"intervention_id": "i1", "verdict": verdict, "reasoning": "...",
-            "concept_checks": [{"concept_name": f"n{k}", "expected_value": "v", "present": p} for k, p in enumerate(present)]}
+            "concept_checks": [{"concept_name": f"n{k}", "expected_value": "v", "present": p}
+                               for k, p in enumerate(present)]}
 
 
 @dataclass
@@ -232,7 +235,8 @@ def test_empty_checklist_falls_back_to_the_verdict():
 
 
 def test_verdict_rates():
-    rates = verdict_rates([judge("success", "yes"), judge("Success", "yes"), judge("failure", "no"), judge("partial", "yes", "no")])
+    rates = verdict_rates([judge("success", "yes"), judge("Success", "yes"), judge("failure", "no"),
+                           judge("partial", "yes", "no")])
     assert rates == {"success": 0.5, "partial": 0.25, "failure": 0.25}
     assert sum(rates.values()) == pytest.approx(1)
 

@@ -27,7 +27,8 @@ def test_core_never_imports_comfyui_and_imports_itself_relatively():
             top = module.split(".")[0]
             assert not (level == 0 and top in {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes"}), (
                 f"{path.relative_to(ROOT)} imports ComfyUI module {module}")
-            assert not (level == 0 and top == "csg"), f"{path.relative_to(ROOT)} imports '{module}' absolutely; use a relative import"
+            assert not (level == 0 and top == "csg"), (
+                f"{path.relative_to(ROOT)} imports '{module}' absolutely; use a relative import")
 
 
 def _absolute_imports(path: Path) -> list[str]:
@@ -179,7 +180,8 @@ def test_cli_doc_documents_exactly_the_cli_options():
     options = _cli_options()
     mentioned = _flags((ROOT / "docs" / "cli.md").read_text())
     assert mentioned, "docs/cli.md mentions no options"
-    assert mentioned - options - OTHER_TOOLS_FLAGS == set(), f"docs/cli.md mentions unknown CLI options: {sorted(mentioned - options)}"
+    assert mentioned - options - OTHER_TOOLS_FLAGS == set(), (
+        f"docs/cli.md mentions unknown CLI options: {sorted(mentioned - options)}")
     undocumented = {o for o in options if o.startswith("--")} - mentioned
     assert undocumented == set(), f"docs/cli.md does not document: {sorted(undocumented)}"
 
@@ -201,7 +203,8 @@ def test_benchmark_doc_options_exist():
         options |= found
     mentioned = _flags((ROOT / "docs" / "benchmark.md").read_text()) - {"--no-deps"}  # pip's, for carrying the wheel
     assert mentioned, "docs/benchmark.md mentions no options"
-    assert mentioned - options == set(), f"docs/benchmark.md mentions unknown benchmark options: {sorted(mentioned - options)}"
+    assert mentioned - options == set(), (
+        f"docs/benchmark.md mentions unknown benchmark options: {sorted(mentioned - options)}")
 
 
 def test_readme_is_at_most_15_kib():

@@ -26,7 +26,8 @@ def colours(image):
 
 def street():
     return make_graph(6, [(0, 1), (1, 2), (0, 3), (4, 5)],
-                      names={0: "Weather", 1: "Road wetness", 2: "Reflections", 3: "Umbrellas", 4: "Time of day", 5: "Street lights"},
+                      names={0: "Weather", 1: "Road wetness", 2: "Reflections", 3: "Umbrellas", 4: "Time of day",
+                             5: "Street lights"},
                       values={0: "sunny", 1: "dry", 2: "none", 3: "none", 4: "afternoon", 5: "off"},
                       summary="A city street.")
 
@@ -167,6 +168,7 @@ def test_intervention_highlights_target_and_changed_descendants():
 
 def test_stripped_changes_are_marked_even_when_given_an_unchecked_intervention():
     clean = render_graph(street(), rain())
-    flagged = render_graph(street(), rain([{"concept_id": "c5", "new_value": "on"}, {"concept_id": "c99", "new_value": "fog"}]))
+    flagged = render_graph(street(), rain([{"concept_id": "c5", "new_value": "on"},
+                                           {"concept_id": "c99", "new_value": "fog"}]))
     assert VIOLATION in colours(flagged)
     assert flagged.height > clean.height  # the reasons are listed under the graph

@@ -245,7 +245,8 @@ def test_retry_after_seconds_is_waited_for(status, caplog):
 def test_retry_after_as_an_http_date_is_waited_for():
     def respond(request):
         if len(server.requests) == 1:  # the date is made when asked: whole seconds, so 1 to 2 s from now
-            return Reply(503, "restarting", headers={"Retry-After": email.utils.formatdate(time.time() + 2, usegmt=True)})
+            return Reply(503, "restarting",
+                         headers={"Retry-After": email.utils.formatdate(time.time() + 2, usegmt=True)})
         return completion("back")
     with VLMServer(respond) as server:
         answer, elapsed = timed_ask(OpenAICompatibleVLM(server.base_url, "m", retries=1, **FAST))

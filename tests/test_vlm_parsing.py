@@ -18,7 +18,8 @@ from csg.vlm.manipulator import parse_propagation, parse_proposals
 from csg.vlm.parsing import MAX_JSON_DEPTH, MAX_REPLY_CHARS, extract_json_object
 
 # CSG_FUZZ_EXAMPLES=5000 runs a deeper search than the quick default.
-FUZZ = settings(max_examples=int(os.environ.get("CSG_FUZZ_EXAMPLES", 200)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=int(os.environ.get("CSG_FUZZ_EXAMPLES", 200)), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 OBJ = {"concepts": [{"id": "c1", "name": "hair {color}", "current_value": "brown \"dark\""}], "n": [1, 2.5, None, True]}
 TEXT = json.dumps(OBJ)
@@ -34,7 +35,8 @@ TEXT = json.dumps(OBJ)
     f"I should list the concepts {{maybe}}... </think>\n\n{TEXT}",  # opening tag was in the prompt
     f"<THINK>draft {{\"concepts\": []}}</THINK>{TEXT}",
     f"Note [1]: braces {{ in prose }} come first. {TEXT}",
-    '{"concepts": [{"id": "c1", "name": "hair {color}", "current_value": "brown \\"dark\\"",},], "n": [1, 2.5, null, true,],}',
+    '{"concepts": [{"id": "c1", "name": "hair {color}", "current_value": "brown \\"dark\\"",},], '
+    '"n": [1, 2.5, null, true,],}',
     "{\n" + TEXT[1:-1].replace(", ", ",\n  ") + ",\n}",
 ])
 def test_finds_the_object(answer):
@@ -145,14 +147,16 @@ def test_an_answer_over_the_size_limit_is_refused_unread():
 
 
 GRAPH_TEXT = json.dumps({
-    "concepts": [{"id": "c1", "name": "age", "current_value": "young"}, {"id": "c2", "name": "hair", "current_value": "brown"}],
+    "concepts": [{"id": "c1", "name": "age", "current_value": "young"},
+                 {"id": "c2", "name": "hair", "current_value": "brown"}],
     "relationships": [{"id": "r1", "cause_id": "c1", "effect_id": "c2"}],
 }, indent=2)
 
 
 @pytest.mark.parametrize("answer, fragment", [
     (GRAPH_TEXT[:-30], "cut off"),  # used to be "The graph has no concepts" (a concept object was taken)
-    (GRAPH_TEXT.replace('"concepts": [', '"concepts": [ // people first\n'), "comments"),  # used to be "got a JSON list"
+    (GRAPH_TEXT.replace('"concepts": [', '"concepts": [ // people first\n'),
+     "comments"),  # used to be "got a JSON list"
 ])
 def test_the_stages_pass_the_diagnosis_on(answer, fragment):
     for parse in (parse_graph, parse_description, lambda a: parse_proposals(GRAPH, a),
@@ -163,8 +167,10 @@ def test_the_stages_pass_the_diagnosis_on(answer, fragment):
 
 # -- property-based ----------------------------------------------------------------------------------
 
-json_scalars = st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+json_scalars = (st.none() | st.booleans() | st.integers(-10**12, 10**12)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
+json_values = st.recursive(json_scalars, lambda inner: (st.lists(inner, max_size=4)
+                                                        | st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                            max_leaves=20)
 json_objects = st.dictionaries(st.text(max_size=8), json_values, min_size=1, max_size=5)
 prose = st.text(alphabet=st.characters(exclude_characters="{}[]`<>", exclude_categories=("Cs",)), max_size=40)
@@ -217,11 +223,14 @@ def test_fuzz_a_comment_in_an_object_is_reported_as_a_comment(obj, comment):
 
 
 # The graph validator on arbitrary JSON-like data, and on data shaped almost like a graph.
-field_values = json_scalars | st.lists(json_scalars, max_size=2) | st.dictionaries(st.text(max_size=4), json_scalars, max_size=2)
+field_values = (json_scalars | st.lists(json_scalars, max_size=2)
+                | st.dictionaries(st.text(max_size=4), json_scalars, max_size=2))
 ids = st.sampled_from(["c1", "c2", "c3", "r1", "", " ", "C1", "c1 "]) | field_values
-concept_like = st.fixed_dictionaries({}, optional={"id": ids, "name": st.sampled_from(["age", "Age", "hair"]) | field_values,
+concept_like = st.fixed_dictionaries({}, optional={"id": ids,
+                                                   "name": st.sampled_from(["age", "Age", "hair"]) | field_values,
                                                    "current_value": field_values, "description": field_values})
-relationship_like = st.fixed_dictionaries({}, optional={"id": ids, "cause_id": ids, "effect_id": ids, "description": field_values})
+relationship_like = st.fixed_dictionaries({}, optional={"id": ids, "cause_id": ids, "effect_id": ids,
+                                                        "description": field_values})
 graph_like = st.fixed_dictionaries({}, optional={
     "concepts": st.lists(concept_like | field_values, max_size=4) | field_values,
     "relationships": st.lists(relationship_like | field_values, max_size=4) | field_values,
@@ -247,12 +256,14 @@ GRAPH = CausalGraph.from_dict({
     "scene_summary": "a person in a park",
 })
 change_like = st.fixed_dictionaries({}, optional={"concept_id": ids, "concept_name": field_values,
-                                                  "original_value": field_values, "new_value": field_values, "reason": field_values})
+                                                  "original_value": field_values, "new_value": field_values,
+                                                  "reason": field_values})
 intervention_like = st.fixed_dictionaries({}, optional={
     "id": ids, "target_concept_id": ids | st.sampled_from(["age", "hair color"]), "target_concept_name": field_values,
     "new_value": field_values, "original_value": field_values, "intervention_description": field_values,
     "propagated_changes": st.lists(change_like | field_values, max_size=3) | field_values,
-    "final_concept_states": st.dictionaries(ids.filter(lambda x: isinstance(x, str)), field_values, max_size=3) | field_values,
+    "final_concept_states": (st.dictionaries(ids.filter(lambda x: isinstance(x, str)), field_values, max_size=3)
+                             | field_values),
     "generation_prompt": field_values, "violations": st.lists(field_values, max_size=2) | field_values,
 })
 
@@ -269,7 +280,8 @@ def test_fuzz_intervention_and_check_raise_only_typed_errors(data):
 
 
 @FUZZ
-@given(json_values | graph_like | intervention_like | st.fixed_dictionaries({"interventions": st.lists(intervention_like, max_size=4)}))
+@given(json_values | graph_like | intervention_like
+       | st.fixed_dictionaries({"interventions": st.lists(intervention_like, max_size=4)}))
 def test_fuzz_stage_validators_raise_only_typed_errors(data):
     answer = json.dumps(data)
     for parse in (parse_description, parse_graph, lambda a: parse_proposals(GRAPH, a),
@@ -285,7 +297,8 @@ def test_fuzz_stage_validators_raise_only_typed_errors(data):
 
 CHUNKS = st.sampled_from(["{", "[", "]", "}", '"', "\\", '\\"', "<think>", "</think>", "```", "//", "/*", ",", ":",
                           '{"a": ', "[{", "1", " ", "\n", "é", "\ud800"])
-repeated = st.lists(st.tuples(CHUNKS, st.integers(1, 3000)), max_size=5).map(lambda parts: "".join(c * k for c, k in parts))
+repeated = st.lists(st.tuples(CHUNKS, st.integers(1, 3000)), max_size=5).map(
+    lambda parts: "".join(c * k for c, k in parts))
 hostile_text = st.text(max_size=300) | repeated | st.binary(max_size=300).map(lambda b: b.decode("utf-8", "replace"))
 
 

@@ -110,7 +110,8 @@ def test_scene_end_to_end(name, tmp_path):
     assert all(r.image_urls()[0].startswith("data:image/png;base64,") for r in server.requests)
     assert {r.body["temperature"] for r in server.requests if stage_of(r) == "extraction"} == {0.1}
     assert {r.body["max_tokens"] for r in server.requests if stage_of(r) == "extraction"} == {2048}
-    assert {(r.body["temperature"], r.body["max_tokens"]) for r in server.requests if stage_of(r) == "proposals"} == {(0.2, 3072)}
+    assert {(r.body["temperature"], r.body["max_tokens"])
+            for r in server.requests if stage_of(r) == "proposals"} == {(0.2, 3072)}
 
     # M, proposals: three targets, each one different; changes outside De(target) are stripped and recorded.
     assert len(proposals) == 3 and len({p.target_concept_id for p in proposals}) == 3
@@ -132,7 +133,8 @@ def test_scene_end_to_end(name, tmp_path):
     target = graph.find_concept(user["target"])
     assert propagated.target_concept_id == target.id and propagated.new_value == user["new_value"]
     assert user["new_value"] in propagated.final_concept_states[target.id]
-    assert {v.concept_id for v in propagated.violations} == non_descendant_changes(graph, user["answer"]["interventions"][0])
+    assert ({v.concept_id for v in propagated.violations}
+            == non_descendant_changes(graph, user["answer"]["interventions"][0]))
     propagation_text = next(r for r in server.requests if stage_of(r) == "propagation").text()
     for cid in graph.descendants(target.id):
         assert f"- {cid} ({graph.concept(cid).name})" in propagation_text
@@ -144,7 +146,8 @@ def test_scene_end_to_end(name, tmp_path):
     checks = scene["judgement"]["concept_checks"]
     assert judgement.verdict == scene["judgement"]["verdict"]
     assert judgement.score == pytest.approx(sum(c["present"] == "yes" for c in checks) / len(checks))
-    assert [c.concept_name for c in judgement.concept_checks] == [t.concept_name for t in propagated.edit_concepts(graph)]
+    assert ([c.concept_name for c in judgement.concept_checks]
+            == [t.concept_name for t in propagated.edit_concepts(graph)])
 
 
 def test_the_cache_answers_the_second_run_and_rewrites_a_corrupt_entry(tmp_path):
@@ -174,7 +177,8 @@ def test_a_bad_answer_is_fed_back_and_the_retry_used(tmp_path):
         extraction = extract_graph(backend(server, tmp_path / "cache"), scene_image(scene), caption="a portrait")
         assert len(server.requests) == 2
         # The corrected answer was stored as the answer to the first question: a rerun asks nothing.
-        assert extract_graph(backend(server, tmp_path / "cache"), scene_image(scene), caption="a portrait") == extraction
+        assert extract_graph(backend(server, tmp_path / "cache"), scene_image(scene),
+                             caption="a portrait") == extraction
         assert len(server.requests) == 2
     assert extraction.graph == CausalGraph.from_dict(scene["extraction"])
     retry = server.requests[1].messages
@@ -282,7 +286,8 @@ def test_proposals_need_three_different_targets():
 
 
 def test_proposals_accept_a_bare_list_and_renumber_duplicate_ids():
-    items = [proposal("c1", "old", 1), proposal("gender", "male", 1), proposal("c9", "serious", 1), proposal("c6", "chef", 4)]
+    items = [proposal("c1", "old", 1), proposal("gender", "male", 1), proposal("c9", "serious", 1),
+             proposal("c6", "chef", 4)]
     chosen = parse_proposals(GRAPH, json.dumps(items))
     assert [c.target_concept_id for c in chosen] == ["c1", "c4", "c9"]
     assert [c.id for c in chosen] == ["intervention_1", "intervention_2", "intervention_3"]
@@ -329,7 +334,8 @@ def test_judge_matches_by_name_then_by_position_and_feeds_metrics():
 
 @pytest.mark.parametrize("answer, fragment", [
     (judge_answer([{"concept_name": "age", "present": "yes"}]), 'No answer for the checklist line "hair color'),
-    (judge_answer([{"concept_name": "age", "present": "maybe"}, {"concept_name": "hair color", "present": "no"}]), "present='maybe'"),
+    (judge_answer([{"concept_name": "age", "present": "maybe"}, {"concept_name": "hair color", "present": "no"}]),
+     "present='maybe'"),
     (judge_answer([], "great"), '"verdict" must be one of'),
     (judge_answer("yes"), '"concept_checks" must be a list'),
 ])

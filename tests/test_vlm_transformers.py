@@ -56,7 +56,8 @@ def build_tiny_qwen25_vl(folder):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=QWEN_SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(['{"concepts": [{"id": "c1", "name": "hair color"}], "description": "a photo"}'] * 4, trainer)
+    bpe.train_from_iterator(['{"concepts": [{"id": "c1", "name": "hair color"}], "description": "a photo"}'] * 4,
+                            trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         chat_template=CHAT_TEMPLATE)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}

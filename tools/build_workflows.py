@@ -111,7 +111,8 @@ class Canvas:
 
     def group(self, title: str, members: list[Node], color: str, padding: float = 20) -> None:
         left = min(n.pos[0] for n in members) - padding
-        top = min(n.pos[1] for n in members) - padding - 70  # room for the group's title, the nodes' title bars and badges
+        top = min(n.pos[1] for n in members) - padding - 70  # room for the group's title, the nodes' title bars
+                                                             # and badges
         right = max(n.pos[0] + n.size[0] for n in members) + padding
         bottom = max(n.pos[1] + n.size[1] for n in members) + padding
         self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [left, top, right - left,

@@ -138,7 +138,8 @@ def _folder_items(spec: DatasetSpec) -> list[Item]:
 
 def _coco_items(spec: DatasetSpec) -> list[Item]:
     data = _read_json(spec.path, "COCO captions file")
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
+    if (not isinstance(data, dict) or not isinstance(data.get("images"), list)
+            or not isinstance(data.get("annotations"), list)):
         raise InputError(f"{spec.path} is not a COCO captions file: it needs the lists 'images' and 'annotations'.")
     split = spec.path.stem.removeprefix("captions_")
     images = spec.images or spec.path.parent.parent / split

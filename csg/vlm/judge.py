@@ -73,7 +73,8 @@ def parse_judgement(intervention_id: str, items: list[tuple[str, str]], answer: 
         raise VLMOutputError(f'"verdict" must be one of {", ".join(VERDICTS)}, got {verdict!r:.60}.')
     checks = data.get("concept_checks")
     if not isinstance(checks, list) or not all(isinstance(c, Mapping) for c in checks):
-        raise VLMOutputError('"concept_checks" must be a list of {"concept_name", "expected_value", "present"} objects.')
+        raise VLMOutputError('"concept_checks" must be a list of '
+                             '{"concept_name", "expected_value", "present"} objects.')
     by_name = {str(c.get("concept_name", "")).strip().lower(): c for c in checks}
     results = []
     for position, (name, value) in enumerate(items):

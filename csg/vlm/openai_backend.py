@@ -88,7 +88,8 @@ def image_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def chat_messages(system: str, turns: Sequence[Turn], images: Sequence[Image.Image], max_side: int | None) -> list[dict]:
+def chat_messages(system: str, turns: Sequence[Turn], images: Sequence[Image.Image],
+                  max_side: int | None) -> list[dict]:
     """OpenAI chat messages; the images ride on the first user turn, before its text."""
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
     pictures = [{"type": "image_url", "image_url": {"url": image_data_url(prepare_image(i, max_side))}} for i in images]
@@ -264,7 +265,8 @@ class OpenAICompatibleVLM:
         key = os.environ.get(self.api_key_env, "").strip()
         if not key:
             raise InputError(f"The environment variable {self.api_key_env} that should hold the VLM server's API key "
-                             "is not set. Set it before starting, or leave api_key_env empty for servers without a key.")
+                             "is not set. Set it before starting, or leave api_key_env empty for servers "
+                             "without a key.")
         if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
             # http.client would refuse the header with a ValueError that quotes the key
             raise InputError(f"The API key in the environment variable {self.api_key_env} has characters an HTTP "
@@ -315,7 +317,8 @@ class OpenAICompatibleVLM:
                 page = quote(body.decode("utf-8", errors="replace"), BODY_QUOTE_LIMIT)
                 problem = f"answered HTTP {status} {reason}: {page}"
                 hint, final = self._status_hint(status), status not in RETRY_STATUSES
-                asked = retry_after_seconds(reply_headers.get("Retry-After")) if status in RETRY_AFTER_STATUSES else None
+                asked = (retry_after_seconds(reply_headers.get("Retry-After")) if status in RETRY_AFTER_STATUSES
+                         else None)
                 if asked is not None and asked > MAX_RETRY_AFTER:
                     problem += (f", asking to wait {asked:.0f} s before the next try "
                                 f"(this client waits at most {MAX_RETRY_AFTER:g} s)")

@@ -81,7 +81,8 @@ def check_model_folder(folder: str | Path) -> Path:
     missing = missing_model_files(path)
     if missing:
         raise WeightsMissingError(f"The VLM model folder {path} is incomplete: it lacks {', '.join(missing)}. It must "
-                                  f"hold a whole Hugging Face snapshot of the model; download it again, e.g. with: {hint}")
+                                  "hold a whole Hugging Face snapshot of the model; download it again, "
+                                  f"e.g. with: {hint}")
     return path
 
 
@@ -368,7 +369,8 @@ class TransformersVLM:
                                                                 dtype=self.dtype)
         except (OSError, ValueError, KeyError) as exc:
             raise VLMError(f"transformers could not load the VLM in {folder}: {exc}. It needs a Qwen3-VL or Qwen2.5-VL "
-                           "instruct model and a transformers version that knows it (Qwen3-VL needs transformers >= 4.57).") from exc
+                           "instruct model and a transformers version that knows it "
+                           "(Qwen3-VL needs transformers >= 4.57).") from exc
         model.eval()
         return model, load_processor(folder, model)
 

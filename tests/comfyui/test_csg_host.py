@@ -298,7 +298,8 @@ def test_post_cfg_functions_are_replayed_after_csg(small, modules, inversion, st
     seen = []
 
     def observe(args):
-        seen.append((args["cond_scale"], tuple(args["uncond_denoised"].shape), args["cond_denoised"] is args["denoised"]))
+        seen.append((args["cond_scale"], tuple(args["uncond_denoised"].shape),
+                     args["cond_denoised"] is args["denoised"]))
         return args["denoised"]
 
     observed = small.model.clone()

@@ -45,7 +45,8 @@ def test_the_report_shows_every_image_offline_without_errors(sdxl_folder, weight
         assert len(images) == expected_images and all(i["ok"] for i in images), images
         for record in records:
             assert page.locator(f"text={record['item_id']}").count() == 1
-        order = lambda: page.evaluate("() => [...document.querySelectorAll('#items > .item h3')].map(h => h.textContent)")  # noqa: E731
+        order = lambda: page.evaluate("() => [...document.querySelectorAll('#items > .item h3')]"  # noqa: E731
+                                      ".map(h => h.textContent)")
         scores = {r["item_id"]: sum(e["lpips"] for e in r["methods"]["csg"] + r["methods"]["ddpm"])
                   / (2 * len(r["interventions"])) for r in records}
         page.get_by_role("button", name="best LPIPS").click()

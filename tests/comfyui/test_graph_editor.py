@@ -33,7 +33,8 @@ from tests.comfyui.browser import (  # noqa: F401
 expect = pytest.importorskip("playwright.sync_api", reason="the frontend tests drive Chromium with Playwright").expect
 
 HAND_WRITTEN = json.loads((ROOT / "workflows" / "hand_written_graph.json").read_text())
-EDITOR, INTERVENTION, REPORT = 4, 6, 7  # in hand_written_graph: Causal Graph From JSON, Intervention From JSON, Preview Any
+EDITOR, INTERVENTION, REPORT = 4, 6, 7  # in hand_written_graph: Causal Graph From JSON, Intervention From JSON,
+                                        # Preview Any
 PORTRAIT = json.loads(next(n for n in HAND_WRITTEN["nodes"] if n["id"] == EDITOR)["widgets_values"][0])
 
 
@@ -63,7 +64,8 @@ def graph_in(page, node_id):
 
 
 def add_manual_intervention(page):
-    """A Manual Intervention (no VLM) on the hand-written graph, its report into a Preview Any: (its id, the preview's)."""
+    """A Manual Intervention (no VLM) on the hand-written graph, its report into a Preview Any: \
+(its id, the preview's)."""
     return page.evaluate("""([editor]) => {
         const manual = LiteGraph.createNode("CSGManualIntervention");
         manual.pos = [1200, 0];
@@ -79,7 +81,8 @@ def add_manual_intervention(page):
 
 def roles(graph):
     graph.locator(".csg-concept").first.wait_for()
-    return {c.get_attribute("data-concept-id"): c.get_attribute("data-role") for c in graph.locator(".csg-concept").all()}
+    return {c.get_attribute("data-concept-id"): c.get_attribute("data-role")
+            for c in graph.locator(".csg-concept").all()}
 
 
 def widget(page, node_id, name):
@@ -151,7 +154,8 @@ def test_the_nodes_draw_the_graph_and_the_intervention_after_a_run(server, page)
         assert graph.locator('[data-concept-id="c2"] .csg-value').text_content() == "light brown → gray"
         assert [item.get_attribute("data-role") for item in graph.locator(".csg-legend-item").all()] == [
             "target", "changed", "unchanged", "stripped"]
-        assert "How old the woman in the portrait looks." in graph.locator('[data-concept-id="c1"] > title').text_content()
+        assert ("How old the woman in the portrait looks."
+                in graph.locator('[data-concept-id="c1"] > title').text_content())
         assert "Hair turns gray with age." in graph.locator('[data-edge-id="r1"] > title').text_content()
     editor = graph_in(page, EDITOR)
     assert set(roles(editor).values()) == {"plain"} and len(roles(editor)) == len(PORTRAIT["concepts"])
@@ -198,7 +202,8 @@ def test_clicking_a_concept_and_typing_a_value_is_the_intervention_that_runs(ser
     load(page, graph_part(HAND_WRITTEN))
     manual, report = add_manual_intervention(page)
     graph = graph_in(page, manual)
-    assert set(roles(graph)) == {c["id"] for c in PORTRAIT["concepts"]}  # drawn from the upstream widget, before any run
+    assert set(roles(graph)) == {c["id"] for c in PORTRAIT["concepts"]}  # drawn from the upstream widget,
+                                                                         # before any run
     click_concept(graph, "c1")
     assert roles(graph) == {"c1": "target", "c2": "may-change", "c3": "may-change", "c4": "unchanged",
                             "c5": "unchanged", "c6": "unchanged"}
@@ -225,7 +230,8 @@ def test_the_graph_is_edited_in_the_node_and_an_edge_that_closes_a_cycle_is_refu
     graph.get_by_role("button", name="+ Effect…").click()
     click_concept(graph, "c1")
     message = graph.locator(".csg-message")
-    expect(message).to_have_text(re.compile(r"hair color → age refused: .*cycle: c1 -> c2 -> c1"))  # the server's answer
+    # the server's answer
+    expect(message).to_have_text(re.compile(r"hair color → age refused: .*cycle: c1 -> c2 -> c1"))
     assert message.get_attribute("data-kind") == "error"
     assert widget(page, EDITOR, "graph_json") == before
     assert graph.locator(".csg-edge").count() == 2

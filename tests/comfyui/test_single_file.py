@@ -20,7 +20,8 @@ from tests.comfyui.csg_fixtures import VAE_CONFIG, pack_module
 SIZE = 64
 DIFFUSERS_UNET = dict(  # the test checkpoint's UNet (tests/comfyui/sdxl_checkpoint.py) in diffusers' terms
     _class_name="UNet2DConditionModel", sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=[320, 320, 320], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    block_out_channels=[320, 320, 320],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 2, 10],
     attention_head_dim=[5, 5, 5], cross_attention_dim=2048, use_linear_projection=True,
     addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
