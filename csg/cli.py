@@ -24,7 +24,7 @@ sub-folder ``intervention_1/``, ``intervention_2/`` ..., all from one inversion.
 ever named after an id a model or a file chose.
 ``graph.json`` and ``intervention.json`` are written first, before SDXL loads, so an interrupted
 or failed edit keeps the VLM's work: rerun with ``--graph-json`` / ``--intervention-json``.
-Ctrl-C exits with code 130 and says so. No API key is ever written or printed; \
+Ctrl-C exits with code 130 and says so. No API key is ever written or printed;
 ``--api-key-env`` names the variable that holds it.
 
 Weights are only looked up locally, never downloaded:

@@ -1,7 +1,7 @@
 """``csg-evaluate``: Table 1 on whole datasets, resumable, one process or many.
 
-    csg-evaluate --dataset celeba=celebahq:CelebAMask-HQ/celeba-caption \
---dataset coco=coco:annotations/captions_val2017.json
+    csg-evaluate --dataset celeba=celebahq:CelebAMask-HQ/celeba-caption
+                 --dataset coco=coco:annotations/captions_val2017.json
                  --per-dataset 75 --seed 0 --vlm-url http://127.0.0.1:8000/v1 --vlm-name Qwen/Qwen3-VL-30B-A3B-Instruct
                  --sdxl PATH --lpips-vgg vgg16-397923af.pth --lpips-heads vgg.pth --out eval/
     accelerate launch --num_processes 8 -m csg.evaluate ...      # the same, sharded over 8 processes

@@ -120,11 +120,16 @@ def _score(value) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-STYLE = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #ccc;
-padding:4px 6px;font-size:13px;vertical-align:top}img{max-width:192px;image-rendering:pixelated}\
-.item{border-top:2px solid
-#444;margin-top:1em;padding-top:.5em}.row{display:flex;gap:8px;flex-wrap:wrap;align-items:flex-start}figure{margin:0}
-figcaption{font-size:12px}.graph img{max-width:360px}button{margin-right:4px}"""
+STYLE = """body{font-family:sans-serif;margin:1.5em}
+table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:4px 6px;font-size:13px;vertical-align:top}
+img{max-width:192px;image-rendering:pixelated}
+.item{border-top:2px solid #444;margin-top:1em;padding-top:.5em}
+.row{display:flex;gap:8px;flex-wrap:wrap;align-items:flex-start}
+figure{margin:0}
+figcaption{font-size:12px}
+.graph img{max-width:360px}
+button{margin-right:4px}"""
 # data-vlmeffectiveness etc.: attribute names without hyphens read back unchanged from element.dataset
 SCRIPT = """function sortBy(key,dir){const box=document.getElementById('items');const items=[...box.children];
 items.sort((a,b)=>{const x=parseFloat(a.dataset[key]),y=parseFloat(b.dataset[key]);

@@ -2,8 +2,8 @@
 
     VLM (Local)                models/LLM/<name>                            -> CSG_VLM
     VLM (OpenAI-compatible)    base URL, model, API-key variable            -> CSG_VLM
-    Concept Extractor          CSG_VLM, IMAGE (+ caption)                   -> CSG_CAUSAL_GRAPH, preview, JSON, \
-base prompt
+    Concept Extractor          CSG_VLM, IMAGE (+ caption)                   -> CSG_CAUSAL_GRAPH, preview, JSON,
+                                                                               base prompt
     Intervention Proposer      CSG_VLM, IMAGE, CSG_CAUSAL_GRAPH             -> CSG_INTERVENTIONS (3), JSON
     Manual Intervention        CSG_CAUSAL_GRAPH, target, value (+ CSG_VLM)  -> CSG_INTERVENTION, JSON, report, preview
 

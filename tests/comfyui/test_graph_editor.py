@@ -64,8 +64,8 @@ def graph_in(page, node_id):
 
 
 def add_manual_intervention(page):
-    """A Manual Intervention (no VLM) on the hand-written graph, its report into a Preview Any: \
-(its id, the preview's)."""
+    """A Manual Intervention (no VLM) on the hand-written graph, its report into a Preview Any:
+    (its id, the preview's)."""
     return page.evaluate("""([editor]) => {
         const manual = LiteGraph.createNode("CSGManualIntervention");
         manual.pos = [1200, 0];
