@@ -112,16 +112,17 @@ def file_id(path: str | None) -> str | None:
 
 
 def check_launch(environ: Mapping[str, str]) -> None:
-    """Refuse a multi-process CPU launch that started one process. ``accelerate launch --cpu`` starts
-    several processes only through MPI (``--mpirun_hostfile``); asked for several without it, it
-    starts one, with MASTER_ADDR set for a process group that never forms."""
+    """Refuse an ``accelerate launch`` asked for several processes that started one. Its single-process
+    launcher (no ``--multi_gpu``, or ``--cpu`` without ``--mpirun_hostfile``) then still sets
+    MASTER_ADDR, for a process group that never forms; without this check the one process would
+    quietly do every item."""
     launched_as_group = any(k in environ for k in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
                                                    "MV2_COMM_WORLD_SIZE"))
-    if environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in environ and not launched_as_group:
-        raise InputError("accelerate launch --cpu was asked for several processes but started one: accelerate runs "
-                         "several CPU processes only through MPI. Add --mpirun_hostfile FILE (a line 'localhost "
-                         "slots=N'; needs Open MPI, e.g. apt-get install openmpi-bin), or launch with --multi_gpu "
-                         "--num_processes N and pass --device cpu to csg-evaluate. See docs/evaluation.md.")
+    if "ACCELERATE_USE_CPU" in environ and "MASTER_ADDR" in environ and not launched_as_group:
+        raise InputError("accelerate launch was asked for several processes but started one. It starts several "
+                         "with --multi_gpu (one per GPU; on a machine without GPUs pass --device cpu to csg-evaluate), "
+                         "or with --cpu through MPI: add --mpirun_hostfile FILE (a line 'localhost slots=N'; needs "
+                         "Open MPI, e.g. apt-get install openmpi-bin). See docs/evaluation.md.")
 
 
 def log(rank: int, message: str) -> None:

@@ -264,14 +264,16 @@ def test_accelerate_shards_items_and_a_rerun_with_more_processes_does_nothing(da
     assert [r["item_id"] for r in load_results(out).records] == ids
 
 
-def test_a_cpu_launch_that_started_one_of_several_processes_is_refused(datasets, tmp_path):
-    """Without MPI, accelerate's --cpu launcher starts one process however many were asked for."""
-    process = evaluate_process(["--dataset", datasets[0], "--out", str(tmp_path / "eval"), "--vlm-url", "http://127.0.0.1:9"],
-                               launcher=[*ACCELERATE, "--cpu", "--num_processes", "2"])
+@pytest.mark.parametrize("cpu_flag", [["--cpu"], []], ids=["cpu-without-mpi", "no-multi-gpu"])
+def test_a_launch_that_started_one_of_several_processes_is_refused(datasets, tmp_path, cpu_flag):
+    """Without MPI, accelerate's --cpu launcher starts one process however many were asked for; so does its
+    plain launcher without --multi_gpu (here: no GPU)."""
+    args = ["--dataset", datasets[0], "--out", str(tmp_path / "eval"), "--vlm-url", "http://127.0.0.1:9"]
+    process = evaluate_process(args, launcher=[*ACCELERATE, *cpu_flag, "--num_processes", "2"])
     _, err = process.communicate(timeout=120)
     assert process.returncode != 0, err  # csg-evaluate exits 2, accelerate's launcher then 1
-    assert ("csg-evaluate: accelerate launch --cpu was asked for several processes but started one" in err
-            and "--mpirun_hostfile" in err)
+    assert "csg-evaluate: accelerate launch was asked for several processes but started one" in err
+    assert "--mpirun_hostfile" in err and "--multi_gpu" in err
     assert not (tmp_path / "eval").exists()
 
 
