@@ -21,9 +21,9 @@ is installed on the latent/4 attn2 layers for the host's lifetime (it reproduces
 SDPA output exactly), and a capture request enters as tensors (row indices and a 0/1 column
 selector). With no request the processor skips the capture, so each input shape has at most two
 graphs, "with" and "without" capture. An edit loop uses two: its unguided steps (warm-up) call
-the base rows without capture, its guided steps all rows with capture.
-Per step there is no ``.item()``, no host copy and no branch on tensor
-values. ``use_compiled_unet(None)`` goes back to eager and restores the layers' processors.
+the base rows without capture, its guided steps all rows with capture. Per step there is no
+``.item()``, no host copy and no branch on tensor values. ``use_compiled_unet(None)`` goes back to
+eager and restores the layers' processors.
 
 GPU memory: the UNet's fp16 weights (4.8 GiB) are the floor; the text encoders (1.5 GiB) are only
 needed for a moment per ``encode_prompts`` and SDXL's VAE decodes at full resolution. So
