@@ -41,7 +41,14 @@ from .cli import (
 )
 from .errors import CSGError, GraphError, InputError, WeightsMissingError
 from .evaluation.datasets import DatasetSpec, select
-from .evaluation.results import ResultsWriter, check_settings, load_results, results_path, settings_id
+from .evaluation.results import (
+    ResultsWriter,
+    check_inputs,
+    check_settings,
+    load_results,
+    results_path,
+    settings_id,
+)
 from .evaluation.runner import METHODS
 
 
@@ -175,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     if loaded.torn:
         log(rank, f"unreadable lines in the results, their items are done again: {', '.join(loaded.torn)}")
     check_settings(loaded, settings, out, args.allow_mixed_settings)
+    check_inputs(loaded, items, sid, out)
     finished = loaded.finished(sid)
     remaining = [item for item in items if item.id not in finished]
     mine = [item for item in remaining if item.shard(world) == rank]

@@ -128,8 +128,16 @@ def test_three_layouts_end_to_end(datasets, sdxl_folder, weight_files, tmp_path,
         assert main(command(datasets, out, server, sdxl_folder, weight_files, *plans)) == 0
         assert server.requests == []
         assert main(command(datasets, out, server, sdxl_folder, weight_files, *plans, "--scale", "5")) == 2
+        err = capsys.readouterr().err
+        assert "params.scale (8.0 -> 5.0)" in err and "--allow-mixed-settings" in err
+        # An edited hand-written plan is not skipped as done: the rerun stops and names the item.
+        graph_file = tmp_path / "plans" / "portrait_graph.json"
+        graph_file.write_text(graph_file.read_text().replace('How old', 'How old, roughly,'))
+        assert main(command(datasets, out, server, sdxl_folder, weight_files, *plans)) == 2
+        assert server.requests == []
     err = capsys.readouterr().err
-    assert "params.scale (8.0 -> 5.0)" in err and "--allow-mixed-settings" in err
+    assert "1 finished item(s)" in err and "now have another caption or hand-written graph" in err
+    assert "faces/1." in err and "Use another --out folder, or delete their lines" in err
 
 
 def test_layouts_and_seeded_sampling(tmp_path):

@@ -29,9 +29,10 @@ import json
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, some
 
 KINDS = ("folder", "coco", "celebahq")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -45,6 +46,16 @@ class Item:
     caption: str
     graph: Path | None = None  # hand-written graph JSON, replaces the VLM's extraction
     interventions: Path | None = None  # hand-written interventions JSON, replaces the VLM's proposals
+
+    @cached_property
+    def inputs_id(self) -> str:
+        """A digest of what the item's result depends on besides the run's settings: its caption and the
+        bytes of its hand-written graph and interventions, read once. (The image is not read: hashing a
+        whole dataset's pixels on every rerun would cost more than it protects.)"""
+        digest = hashlib.sha256(self.caption.encode())
+        for path in (self.graph, self.interventions):
+            digest.update(b"\0" + (path.read_bytes() if path else b""))
+        return digest.hexdigest()[:12]
 
     def shard(self, num_shards: int) -> int:
         """The process this item belongs to: a stable hash of its id (the same on every machine)."""
@@ -214,7 +225,7 @@ def load_plans(path: Path) -> dict[str, dict[str, Path]]:
     plans = {item: _hand_written(record, path.parent, f"{path}, item {item}") for item, record in records.items()}
     empty = [item for item, files in plans.items() if not files]
     if empty:
-        raise InputError(f"{path}: the items {', '.join(empty[:8])} name no graph file; give one or drop them.")
+        raise InputError(f"{path}: the items {some(empty)} name no graph file; give one or drop them.")
     return plans
 
 
@@ -223,12 +234,11 @@ def with_plans(items: Sequence[Item], plans: dict[str, dict[str, Path]], source:
     by_id = {item.id: item for item in items}
     unknown = sorted(set(plans) - set(by_id))
     if unknown:
-        more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
-        raise InputError(f"{source} names items no --dataset has: {', '.join(unknown[:8])}{more}. Item ids are "
+        raise InputError(f"{source} names items no --dataset has: {some(unknown)}. Item ids are "
                          "NAME/<image stem> (NAME/<image id> for COCO), NAME as in --dataset NAME=KIND:PATH.")
     twice = sorted(i for i in plans if by_id[i].graph is not None)
     if twice:
-        raise InputError(f"The items {', '.join(twice[:8])} have hand-written files both in their captions file "
+        raise InputError(f"The items {some(twice)} have hand-written files both in their captions file "
                          f"and in {source}; keep one.")
     return [replace(item, **plans[item.id]) if item.id in plans else item
             for item in items]

@@ -9,7 +9,9 @@ so the torn text stays on a line of its own and never glues onto the next record
 Every line carries the settings that produced it (``settings``: editing parameters, methods,
 model ids, library versions) and their digest ``settings_id``. A rerun whose settings differ from
 those already in the folder is refused unless mixing is allowed explicitly; the report then
-keeps the settings apart.
+keeps the settings apart. Every line also carries ``inputs_id``, a digest of the item's caption and
+hand-written plan, and a rerun in which a finished item's inputs changed is refused
+(``check_inputs``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, some
+from .datasets import Item
 
 RESULTS_GLOB = "results.*.jsonl"
 
@@ -90,6 +93,19 @@ def check_settings(loaded: Loaded, settings: Mapping[str, Any], out: Path, allow
         raise InputError(f"{out} holds results made with other settings ({old_id}); this run differs in: {changed}. "
                          "Use another --out folder, rerun with the same settings, or pass --allow-mixed-settings to "
                          "add these results beside them (the report keeps each settings apart).")
+
+
+def check_inputs(loaded: Loaded, items: Iterable[Item], settings: str, out: Path) -> None:
+    """Refuse a rerun in which finished items have another caption or hand-written plan than when they
+    were done: it would skip them as finished, and their results would quietly describe the old inputs."""
+    recorded = {r["item_id"]: r.get("inputs_id") for r in loaded.records
+                if "error" not in r and r.get("settings_id") == settings}
+    changed = sorted(item.id for item in items if recorded.get(item.id) not in (None, item.inputs_id))
+    if changed:
+        raise InputError(f"{len(changed):,} finished item(s) in {out} now have another caption or hand-written "
+                         f"graph or interventions: {some(changed)}. Their results describe the old ones, and this "
+                         "run would skip them as done. Use another --out folder, or delete their lines from "
+                         f"{out / RESULTS_GLOB} to have them done again.")
 
 
 class ResultsWriter:

@@ -188,8 +188,8 @@ class Runner:
 
     def base_record(self, item: Item) -> dict:
         return {"item_id": item.id, "dataset": item.dataset, "image": str(item.image), "caption": item.caption,
-                "settings_id": self.settings_id, "settings": self.settings, "rank": self.rank,
-                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "inputs_id": item.inputs_id, "settings_id": self.settings_id, "settings": self.settings,
+                "rank": self.rank, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
     def edit(self, pool: ThreadPoolExecutor, item: Item, plan: Plan, waited: float) -> None:
         """Every method's counterfactuals of one item, their images and image scores; the judge's questions go
