@@ -240,8 +240,7 @@ def with_plans(items: Sequence[Item], plans: dict[str, dict[str, Path]], source:
     if twice:
         raise InputError(f"The items {some(twice)} have hand-written files both in their captions file "
                          f"and in {source}; keep one.")
-    return [replace(item, **plans[item.id]) if item.id in plans else item
-            for item in items]
+    return [replace(item, **plans[item.id]) if item.id in plans else item for item in items]
 
 
 def select(specs: Iterable[DatasetSpec], per_dataset: int | None, seed: int,
