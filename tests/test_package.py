@@ -186,6 +186,14 @@ def test_cli_doc_documents_exactly_the_cli_options():
     assert undocumented == set(), f"docs/cli.md does not document: {sorted(undocumented)}"
 
 
+def test_evaluation_doc_documents_every_csg_evaluate_option():
+    from csg.evaluate import build_parser
+
+    options = {flag for action in build_parser()._actions for flag in action.option_strings if flag.startswith("--")}
+    undocumented = options - {"--help"} - _flags((ROOT / "docs" / "evaluation.md").read_text())
+    assert undocumented == set(), f"docs/evaluation.md does not document: {sorted(undocumented)}"
+
+
 def test_readme_mentions_only_existing_cli_options():
     mentioned = _flags((ROOT / "README.md").read_text())
     unknown = mentioned - _cli_options() - OTHER_TOOLS_FLAGS
