@@ -64,6 +64,12 @@ VLM_FAMILIES = ("qwen3-vl", "qwen2.5-vl", "qwen2_5-vl", "qwen2_5_vl")  # folder-
 EXIT_USAGE = 2  # missing weights and bad input, like argparse's own usage errors
 EXIT_FAILURE = 1  # the run itself failed (e.g. the VLM answered unusably)
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+
+
+def report_error(program: str, exc: CSGError) -> int:
+    """Print one of our errors for the user and return its exit code (csg-counterfactual and csg-evaluate)."""
+    print(f"{program}: {exc}", file=sys.stderr)
+    return EXIT_USAGE if isinstance(exc, (WeightsMissingError, InputError, GraphError)) else EXIT_FAILURE
 MAX_JSON_BYTES = 2**20  # a graph or intervention file is a few kB; a bigger one is the wrong file
 MAX_VLM_TIMEOUT, MAX_VLM_RETRIES = 3600.0, 10  # the ComfyUI server node's limits
 
@@ -789,12 +795,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("csg-counterfactual: interrupted before anything was saved.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (WeightsMissingError, InputError, GraphError) as exc:
-        print(f"csg-counterfactual: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except CSGError as exc:
-        print(f"csg-counterfactual: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return report_error("csg-counterfactual", exc)
 
 
 if __name__ == "__main__":

@@ -365,8 +365,9 @@ class DiffusersSDXLHost:
         changing them.
         """
         prompts = list(prompts)
-        rows = {p: self._prompt_cache[p] for p in dict.fromkeys(prompts) if p in self._prompt_cache}
-        missing = [p for p in dict.fromkeys(prompts) if p not in rows]
+        distinct = list(dict.fromkeys(prompts))
+        rows = {p: self._prompt_cache[p] for p in distinct if p in self._prompt_cache}
+        missing = [p for p in distinct if p not in rows]
         if missing:
             hidden: dict[str, list[torch.Tensor]] = {p: [] for p in missing}
             pooled: dict[str, torch.Tensor] = {}

@@ -32,14 +32,14 @@ from . import __version__
 from .cli import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
-    EXIT_USAGE,
     comfyui_root,
     find_sdxl,
     load_host,
     make_vlm,
+    report_error,
     resolve_device,
 )
-from .errors import CSGError, GraphError, InputError, WeightsMissingError
+from .errors import CSGError, InputError
 from .evaluation.datasets import DatasetSpec, select
 from .evaluation.results import (
     ResultsWriter,
@@ -213,12 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("csg-evaluate: interrupted; finished items are saved, rerun the same command to continue.",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (WeightsMissingError, InputError, GraphError) as exc:
-        print(f"csg-evaluate: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except CSGError as exc:
-        print(f"csg-evaluate: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return report_error("csg-evaluate", exc)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ class DiffusionHost(Protocol):
     def encode_prompts(self, prompts: Sequence[str]) -> object:
         """Conditioning for a batch of rows, one per prompt; "" is the unconditional row.
 
-        The result is opaque to the core: it is only passed back to ``predict_noise``.
+        The result is opaque to the core: it is only passed back to ``predict_noise``. A prompt's row
+        must not depend on the other prompts of the batch (encode each distinct prompt on its own):
+        exact mode gives back x0 only when an edit's source row is the inversion's, bit for bit.
         """
 
     def token_indices(self, prompt: str) -> list[int]:
