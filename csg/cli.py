@@ -5,7 +5,8 @@ Internal: not part of the public API (``csg.__all__``), so it may change without
     csg-counterfactual IMAGE [--do "concept=value" | --intervention-json FILE] [--pick N | --pick all]
                        [--caption TEXT] [--graph-json FILE [--target-only]]
                        [--vlm-model PATH | --vlm-url URL --vlm-name NAME [--api-key-env VAR]
-                        [--vlm-timeout SECONDS] [--vlm-retries N]] [--vlm-cache DIR]
+                        [--vlm-timeout SECONDS] [--vlm-retries N]] [--vlm-structured auto|schema|json|off]
+                       [--vlm-cache DIR]
                        [--sdxl PATH [--sdxl-config DIR]] [--comfyui-root DIR] [--method csg|ddpm|ddim]
                        [--steps 100] [--skip 0.15] [--source-guidance 3.5] [--scale 8] [--threshold 0.7]
                        [--warmup 10] [--mask-mode intersect] [--protect-non-descendants] [--exact]
@@ -251,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     vlm.add_argument("--vlm-name", metavar="NAME", help="the model name the server expects")
     vlm.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the server's API key")
     vlm.add_argument("--vlm-cache", metavar="DIR", help="keep the VLM's answers here and reuse them on reruns")
+    vlm.add_argument("--vlm-structured", default="auto", metavar="MODE",
+                     help="hold each answer to its stage's JSON Schema while it is decoded: auto (the schema, else a "
+                          "JSON object, else plain text, as the server allows; default), schema or json (only that), "
+                          "off (plain text, repaired and re-asked)")
     vlm.add_argument("--vlm-timeout", type=float, metavar="SECONDS",
                      help=f"how long to wait for one answer of the --vlm-url server (default 300, at most "
                           f"{MAX_VLM_TIMEOUT:.0f})")
@@ -403,13 +408,14 @@ def make_vlm(args: argparse.Namespace, comfy: Path | None, device):
 
         waiting = {name: value for name, value in (("timeout", args.vlm_timeout), ("retries", args.vlm_retries))
                    if value is not None}  # the backend's defaults otherwise
-        backend = OpenAICompatibleVLM(args.vlm_url, args.vlm_name, api_key_env=args.api_key_env, **waiting)
+        backend = OpenAICompatibleVLM(args.vlm_url, args.vlm_name, api_key_env=args.api_key_env,
+                                      structured=args.vlm_structured, **waiting)
         name = f"{backend.url} ({backend.model})"
     else:
         folder = find_vlm(args.vlm_model, comfy)
         from .vlm import TransformersVLM
 
-        backend, name = TransformersVLM(folder, device=device), str(folder)
+        backend, name = TransformersVLM(folder, device=device, structured=args.vlm_structured), str(folder)
     if args.vlm_cache:
         from .vlm import CachedVLM
 

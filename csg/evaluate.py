@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     vlm.add_argument("--vlm-cache", metavar="DIR", help="keep the VLM's answers here and reuse them on reruns")
     vlm.add_argument("--vlm-timeout", type=float, metavar="SECONDS")
     vlm.add_argument("--vlm-retries", type=int, metavar="N")
+    vlm.add_argument("--vlm-structured", default="auto", metavar="MODE",
+                     help="auto (default), schema, json or off: as in csg-counterfactual")
     vlm.add_argument("--vlm-concurrency", type=int, default=4, metavar="N",
                      help="VLM requests in flight per process; also how many items are planned ahead (default 4)")
     models = p.add_argument_group("models")

@@ -46,6 +46,7 @@ from ..csg.vlm import (
     propose_interventions,
 )
 from ..csg.vlm.openai_backend import MAX_RETRY_AFTER
+from ..csg.vlm.schemas import STRUCTURED_MODES, Schema, check_mode
 from ..csg.vlm.transformers_backend import GIB, WORKING_MEMORY_BASE, check_fits, memory_needed, resolve_device_dtype
 from .csg_common import CATEGORY, CausalGraphType, Interventions, InterventionType
 from .graph_nodes import (
@@ -119,23 +120,25 @@ class _Watched:
         return self.backend.identity
 
     def generate(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *, temperature: float,
-                 max_tokens: int) -> str:
+                 max_tokens: int, schema: Schema | None = None) -> str:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        answer = self.backend.generate(system, turns, images, temperature=temperature, max_tokens=max_tokens)
+        answer = self.backend.generate(system, turns, images, temperature=temperature, max_tokens=max_tokens,
+                                       schema=schema)
         self.progress.on_answer()
         return answer
 
     def forget(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *, temperature: float,
-               max_tokens: int) -> None:
+               max_tokens: int, schema: Schema | None = None) -> None:
         forget = getattr(self.backend, "forget", None)  # the answer cache drops answers the stage rejected
         if forget is not None:
-            forget(system, turns, images, temperature=temperature, max_tokens=max_tokens)
+            forget(system, turns, images, temperature=temperature, max_tokens=max_tokens, schema=schema)
 
     def remember(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *, temperature: float,
-                 max_tokens: int, answer: str) -> None:
+                 max_tokens: int, answer: str, schema: Schema | None = None) -> None:
         remember = getattr(self.backend, "remember", None)  # the answer cache keeps a corrected answer it accepted
         if remember is not None:
-            remember(system, turns, images, temperature=temperature, max_tokens=max_tokens, answer=answer)
+            remember(system, turns, images, temperature=temperature, max_tokens=max_tokens, answer=answer,
+                     schema=schema)
 
 
 @contextmanager
@@ -231,6 +234,14 @@ def cache_input() -> io.Boolean.Input:
                                     "the same question, image and model, so re-runs cost nothing.")
 
 
+def structured_input() -> io.Combo.Input:
+    return io.Combo.Input("structured", options=list(STRUCTURED_MODES), default="auto",
+                          tooltip="How each answer is held to its stage's JSON Schema while it is decoded. auto: the "
+                                  "schema where the backend can (falls back to a JSON object, then plain text, when "
+                                  "a server refuses it); schema or json: only that (a refusal is an error); off: "
+                                  "plain text, repaired and re-asked when it does not fit.")
+
+
 def attempts_input() -> io.Int.Input:
     return io.Int.Input("max_attempts", default=DEFAULT_ATTEMPTS, min=1, max=10,
                         tooltip="Questions per stage: an unusable answer is sent back with the problem named, up to "
@@ -263,17 +274,20 @@ class LocalVLM(io.ComfyNode):
                                  tooltip="Free the VLM's memory after each node that used it, so SDXL gets the VRAM; "
                                          "the next use loads it again. Off: ComfyUI keeps it loaded and moves it to "
                                          "system memory when another model needs the room."),
+                structured_input(),
                 cache_input(),
             ],
             outputs=[VLMType.Output(display_name="vlm")],
         )
 
     @classmethod
-    def execute(cls, model: str, device: str, dtype: str, unload_after_use: bool, cache_answers: bool) -> io.NodeOutput:
+    def execute(cls, model: str, device: str, dtype: str, unload_after_use: bool, cache_answers: bool,
+                structured: str = "auto") -> io.NodeOutput:
         if model == NO_LOCAL_MODEL:
             raise WeightsMissingError(f"models/LLM holds no VLM folder. {PUT_A_MODEL_THERE} Or use "
                                       "'VLM (OpenAI-compatible)' with a server.")
         local = shared_local_model(local_model_folder(model), device, dtype)
+        local.structured = check_mode(structured)  # the shared model answers in the mode of the node that ran last
         return io.NodeOutput(VLMHandle(cached(local, cache_answers), local, unload_after_use))
 
 
@@ -302,6 +316,7 @@ class OpenAICompatibleVLMNode(io.ComfyNode):
                 io.Int.Input("retries", default=2, min=0, max=10,
                              tooltip="Extra tries after a refused or broken connection, a timeout or a busy server "
                                      f"(whose Retry-After is honoured up to {MAX_RETRY_AFTER:g} s)."),
+                structured_input(),
                 cache_input(),
             ],
             outputs=[VLMType.Output(display_name="vlm")],
@@ -309,14 +324,15 @@ class OpenAICompatibleVLMNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, base_url: str, model: str, api_key_env: str, timeout: float, retries: int,
-                cache_answers: bool) -> io.NodeOutput:
+                cache_answers: bool, structured: str = "auto") -> io.NodeOutput:
         variable = api_key_env.strip()
         if variable and not ENV_NAME.fullmatch(variable):
             # never echo the field: it may be a pasted key
             raise InputError("api_key_env must be the name of an environment variable (letters, digits and _), "
                              "not the key itself. Put the key in an environment variable, write its name here, "
                              "and do not share this workflow with the key in it.")
-        backend = OpenAICompatibleVLM(base_url, model, api_key_env=variable or None, timeout=timeout, retries=retries)
+        backend = OpenAICompatibleVLM(base_url, model, api_key_env=variable or None, timeout=timeout, retries=retries,
+                                      structured=structured)
         return io.NodeOutput(VLMHandle(cached(backend, cache_answers)))
 
 

@@ -3,11 +3,15 @@
 Nothing is downloaded: the tokenizer is a small byte-level BPE trained here, carrying Qwen's
 special tokens and a Qwen-style chat template; the image processor and the model come from their
 transformers config classes. The model talks nonsense, which is exactly what exercises the
-retry-then-error path.
+retry-then-error path when it decodes freely, and shows the grammar's work when its decoding is held to
+a stage's JSON Schema.
 """
 
 import inspect
+import json
 
+import jsonschema
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,6 +26,7 @@ from csg.vlm import (
     describe_scene,
     extract_graph,
     memory_needed,
+    prompts,
 )
 from csg.vlm.transformers_backend import (
     GIB,
@@ -114,7 +119,8 @@ def test_greedy_generation_is_deterministic_and_decodes_only_new_tokens(vlm):
     assert isinstance(second, str)
 
 
-def test_nonsense_ends_in_the_retry_then_error_path(vlm):
+def test_nonsense_ends_in_the_retry_then_error_path(qwen_folder):
+    vlm = TransformersVLM(qwen_folder, device="cpu", structured="off")  # free decoding: the random model rambles
     with pytest.raises(VLMOutputError) as caught:
         describe_scene(vlm, PHOTO, max_attempts=2)
     error = caught.value
@@ -273,3 +279,77 @@ def test_a_model_that_fits_passes_and_one_that_cannot_names_what_would_fit():
         check_fits(in_float32, 24 * GIB, "cpu", "Qwen3-VL-30B-A3B-Instruct")
     message = str(refused.value)
     assert "dtype bfloat16, which halves the weights" in message and "device cpu" not in message  # it is on the cpu
+
+
+# -- answers held to the stage's JSON Schema (llguidance) ---------------------------------------------------
+
+SCHEMA_STAGES = [prompts.EXTRACT, prompts.PROPOSE, prompts.PROPAGATE, prompts.JUDGE]
+SEEDS = range(20)
+
+
+def noise_photo(seed: int) -> Image.Image:
+    """A different picture per seed, so each seed is a different question to the random model."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+def fits(answer: str, schema) -> bool:
+    try:
+        jsonschema.validate(json.loads(answer), schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def ask_stage(vlm, stage, seed: int, max_tokens: int | None = None) -> tuple[str, int]:
+    """The answer of one stage's question at its own temperature, and how many tokens it took."""
+    torch.manual_seed(seed)
+    answer = vlm.generate(stage.system, [Turn("user", "Answer about this picture.")], [noise_photo(seed)],
+                          temperature=stage.temperature, max_tokens=max_tokens or stage.max_tokens,
+                          schema=stage.schema)
+    return answer, len(vlm._processor.tokenizer(answer)["input_ids"])
+
+
+@pytest.mark.parametrize("stage", SCHEMA_STAGES, ids=lambda stage: stage.name)
+def test_the_grammar_makes_the_random_model_fit_the_schema_and_free_decoding_does_not(qwen_folder, stage):
+    """Constrained, the random model's answers fit the stage's schema, or stop at the token budget (its strings
+    may run to their maximum length, which a real model never does); asked freely, with the tokens the
+    constrained answer took, it rarely writes even JSON: the grammar does the work."""
+    held = TransformersVLM(qwen_folder, device="cpu")
+    free = TransformersVLM(qwen_folder, device="cpu", structured="off")
+    constrained_fits, cut_off, free_fits = 0, 0, 0
+    for seed in SEEDS:
+        answer, tokens = ask_stage(held, stage, seed)
+        if fits(answer, stage.schema):
+            constrained_fits += 1
+        else:
+            assert tokens >= stage.max_tokens - 2, f"seed {seed}: {tokens} tokens, not schema-valid: {answer[:300]!r}"
+            cut_off += 1
+        free_fits += fits(ask_stage(free, stage, seed, max_tokens=tokens)[0], stage.schema)
+    print(f"{stage.name}: constrained {constrained_fits}/{len(SEEDS)} fit, {cut_off} cut off; free {free_fits} fit")
+    assert constrained_fits > len(SEEDS) / 2 > free_fits
+
+
+def test_json_mode_holds_to_any_object_and_the_grammar_is_compiled_once_per_schema(qwen_folder):
+    vlm = TransformersVLM(qwen_folder, device="cpu", structured="json")
+    answer, _ = ask_stage(vlm, prompts.JUDGE, 0, max_tokens=200)
+    assert isinstance(json.loads(answer), dict)
+    held = TransformersVLM(qwen_folder, device="cpu")
+    for seed in range(2):
+        ask_stage(held, prompts.JUDGE, seed)
+    grammars = held.grammars()
+    assert len(grammars._compiled) == 1  # the second answer reused the compiled grammar
+    held.unload()
+    assert held._grammars is None  # a reloaded tokenizer gets its grammars anew
+
+
+def test_an_answer_cut_off_by_max_tokens_is_left_to_the_parser(qwen_folder):
+    vlm = TransformersVLM(qwen_folder, device="cpu")
+    answer, tokens = ask_stage(vlm, prompts.EXTRACT, 0, max_tokens=8)
+    assert tokens <= 8 and answer.startswith('{"concepts": [') and not fits(answer, prompts.EXTRACT.schema)
+    with pytest.raises(VLMOutputError, match="concept extraction"):
+        extract_graph(vlm, PHOTO, caption="a blue square", max_attempts=1)
+
+
+def test_an_unknown_mode_is_refused(qwen_folder):
+    with pytest.raises(InputError, match="structured-output mode 'grammar'.*auto, schema, json, off"):
+        TransformersVLM(qwen_folder, structured="grammar")

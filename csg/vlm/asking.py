@@ -34,7 +34,9 @@ def ask_until_valid(vlm: VLM, stage: Stage, user: str, images: Sequence[Image.Im
                     validate: Callable[[str], T], *, max_attempts: int = DEFAULT_ATTEMPTS) -> T:
     """The first answer that ``validate`` accepts, after at most ``max_attempts`` questions.
 
-    ``validate`` turns the answer text into a result or raises ``VLMOutputError``/``GraphError``.
+    ``validate`` turns the answer text into a result or raises ``VLMOutputError``/``GraphError``. The
+    stage's JSON Schema goes with every question; a backend that constrains its decoding to it answers
+    in that shape at once, and ``validate`` still checks what no schema can say.
     After a rejected answer the conversation grows by that answer and a user turn naming the
     problem, so the model can correct itself. Errors of the backend itself (server down, weights
     missing) are not retried here; they propagate at once.
@@ -50,7 +52,8 @@ def ask_until_valid(vlm: VLM, stage: Stage, user: str, images: Sequence[Image.Im
     turns = question
     problem, answer = "", ""
     for attempt in range(1, max_attempts + 1):
-        answer = vlm.generate(stage.system, turns, pictures, temperature=stage.temperature, max_tokens=stage.max_tokens)
+        answer = vlm.generate(stage.system, turns, pictures, temperature=stage.temperature, max_tokens=stage.max_tokens,
+                              schema=stage.schema)
         try:
             result = validate(answer)
         except (VLMOutputError, GraphError) as exc:
@@ -58,13 +61,14 @@ def ask_until_valid(vlm: VLM, stage: Stage, user: str, images: Sequence[Image.Im
             log.warning("%s: attempt %d of %d unusable: %s", stage.name, attempt, max_attempts, problem)
             forget = getattr(vlm, "forget", None)
             if forget is not None:  # a cache must not replay an answer we rejected
-                forget(stage.system, turns, pictures, temperature=stage.temperature, max_tokens=stage.max_tokens)
+                forget(stage.system, turns, pictures, temperature=stage.temperature, max_tokens=stage.max_tokens,
+                       schema=stage.schema)
             turns = [*turns, Turn("assistant", replayed_answer(answer)), Turn("user", correction_user(problem))]
             continue
         remember = getattr(vlm, "remember", None)
         if attempt > 1 and remember is not None:  # a rerun of the question gets the accepted answer at once
             remember(stage.system, question, pictures, temperature=stage.temperature, max_tokens=stage.max_tokens,
-                     answer=answer)
+                     schema=stage.schema, answer=answer)
         return result
     raise VLMOutputError(
         f"The VLM gave no usable {stage.name} answer in {max_attempts} attempt(s). Last problem: {problem} "

@@ -1,8 +1,10 @@
 """A disk cache of VLM answers, so re-running a workflow does not ask the model again.
 
 The key is the sha256 of everything that shapes an answer: the backend's identity (kind and
-model), the system prompt, the conversation, the images' pixel hashes, the temperature and the
-token budget. An entry is one small JSON file written atomically (temp file + ``os.replace``);
+model), the system prompt, the conversation, the images' pixel hashes, the temperature, the
+token budget, and the JSON Schema the answer was held to with the backend's structured-output mode
+(an answer decoded under a schema is not the answer to the same question asked freely). An entry is
+one small JSON file written atomically (temp file + ``os.replace``);
 an entry that cannot be read is ignored and rewritten. Identities never hold secrets (the
 backends guarantee it) and the files hold only the key, the identity and the answer.
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from .protocol import VLM, Turn, image_fingerprint
+from .schemas import Schema
 
 log = logging.getLogger("csg.vlm")
 
@@ -31,7 +34,7 @@ CACHE_FORMAT = 1
 
 
 def answer_key(identity: str, system: str, turns: Sequence[Turn], images: Sequence[Image.Image],
-               temperature: float, max_tokens: int) -> str:
+               temperature: float, max_tokens: int, schema: Schema | None = None, structured: str = "off") -> str:
     record = {
         "format": CACHE_FORMAT,
         "identity": identity,
@@ -41,6 +44,8 @@ def answer_key(identity: str, system: str, turns: Sequence[Turn], images: Sequen
         "temperature": float(temperature),
         "max_tokens": int(max_tokens),
     }
+    if schema is not None and structured != "off":  # answers asked freely keep the keys they always had
+        record.update(schema=schema, structured=structured)
     return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
@@ -98,33 +103,35 @@ class CachedVLM:
             log.warning("could not write the VLM cache entry %s: %s", path, exc)
 
     def _entry(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], temperature: float,
-               max_tokens: int) -> tuple[str, Path]:
-        key = answer_key(self.identity, system, turns, images, temperature, max_tokens)
+               max_tokens: int, schema: Schema | None) -> tuple[str, Path]:
+        key = answer_key(self.identity, system, turns, images, temperature, max_tokens, schema,
+                         getattr(self.backend, "structured", "off"))
         return key, self.entry_path(key)
 
     def generate(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *,
-                 temperature: float, max_tokens: int) -> str:
-        key, path = self._entry(system, turns, images, temperature, max_tokens)
+                 temperature: float, max_tokens: int, schema: Schema | None = None) -> str:
+        key, path = self._entry(system, turns, images, temperature, max_tokens, schema)
         cached = self._read(path, key)
         if cached is not None:
             log.debug("VLM cache hit %s", key[:12])
             return cached
-        answer = self.backend.generate(system, turns, images, temperature=temperature, max_tokens=max_tokens)
+        answer = self.backend.generate(system, turns, images, temperature=temperature, max_tokens=max_tokens,
+                                       schema=schema)
         self._write(path, key, answer)
         return answer
 
     def forget(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *,
-               temperature: float, max_tokens: int) -> None:
+               temperature: float, max_tokens: int, schema: Schema | None = None) -> None:
         """Drop a stored answer (the stages call this for answers they rejected, so they are asked anew)."""
-        _, path = self._entry(system, turns, images, temperature, max_tokens)
+        _, path = self._entry(system, turns, images, temperature, max_tokens, schema)
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("could not remove the VLM cache entry %s: %s", path, exc)
 
     def remember(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *,
-                 temperature: float, max_tokens: int, answer: str) -> None:
+                 temperature: float, max_tokens: int, answer: str, schema: Schema | None = None) -> None:
         """Store ``answer`` as the answer to this question (the stages call this with the corrected answer
         they accepted, under their first question, so a rerun needs no correction round)."""
-        key, path = self._entry(system, turns, images, temperature, max_tokens)
+        key, path = self._entry(system, turns, images, temperature, max_tokens, schema)
         self._write(path, key, answer)

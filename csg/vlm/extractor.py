@@ -14,10 +14,10 @@ from . import prompts
 from .asking import DEFAULT_ATTEMPTS, ask_until_valid
 from .parsing import VLMOutputError, extract_json_object
 from .protocol import VLM
+from .schemas import MAX_DESCRIPTION_CHARS
 
 # Concepts the paper keeps out of the graph: they are nuisances of the photo, not of the scene.
 FORBIDDEN_CONCEPT_WORDS = ("lighting", "illumination", "posture", "pose")
-MAX_DESCRIPTION_CHARS = 600
 
 
 class Extraction(NamedTuple):

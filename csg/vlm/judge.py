@@ -18,8 +18,7 @@ from . import prompts
 from .asking import DEFAULT_ATTEMPTS, ask_until_valid
 from .parsing import VLMOutputError, extract_json_object
 from .protocol import VLM
-
-VERDICTS = ("success", "partial", "failure")
+from .schemas import VERDICTS
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,7 @@ from . import prompts
 from .asking import DEFAULT_ATTEMPTS, ask_until_valid
 from .parsing import VLMOutputError, extract_json
 from .protocol import VLM
-
-PROPOSALS = 3  # the paper's "three diverse interventions"
+from .schemas import PROPOSALS
 
 
 def _intervention_items(answer: str) -> list:

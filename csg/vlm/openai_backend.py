@@ -13,6 +13,19 @@ headers), so everything the server sends is masked here, at the boundary, before
 log line, cache entry or stage sees it: the key and the URL's query values (where some providers
 put theirs) become ``***``. Values shorter than ``SHORTEST_SECRET`` are placeholders, not secrets
 ("EMPTY", "ollama"), and are left alone: masking such common words would garble answers.
+
+Structured answers: with a stage's JSON Schema, the request carries ``response_format`` of type
+``json_schema`` (``strict`` where the schema fits OpenAI's strict subset, see ``schemas.strict_form``).
+A server that refuses it, with an error that names the field, is asked again at once with
+``json_object``, and then with plain text; each refusal is final for that form, so it is never
+retried as a failure. What worked is remembered per endpoint, model and mode for the life of the
+process (``accepted_form``), so only the first question pays for a refusal. A server that ignores
+the field (older Ollama does) answers freely, and the stage's parser and re-asking take over.
+
+Reasoning models put their thoughts in ``reasoning_content`` (vLLM, SGLang), ``reasoning``
+(Ollama's OpenAI endpoint, newer vLLM) or ``thinking`` (Ollama), and the answer in ``content``;
+thoughts in ``<think>`` tags inside the content are left to the parser. A reply whose content is
+empty because the token budget went to reasoning gets its own error.
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ from PIL import Image
 from ..errors import InputError, VLMError
 from .parsing import quote
 from .protocol import MAX_IMAGE_SIDE, Turn, prepare_image
+from .schemas import STRUCTURED_MODES, Schema, check_mode, strict_form
 
 log = logging.getLogger("csg.vlm")
 
@@ -49,6 +63,32 @@ MAX_RETRY_AFTER = 60.0  # seconds; a server asking for a longer wait gets a fina
 BODY_QUOTE_LIMIT = 400
 SHORTEST_SECRET = 8  # characters; shorter keys are placeholders, see the module docstring
 SERVER_LOG_HINT = "The server may have crashed or restarted; look at its log."
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
+ALL_REASONING = "raise max_tokens or use an instruct model"
+
+# The answer forms to try, tightest first: "schema" (response_format json_schema), "json" (json_object),
+# "off" (no response_format). A refused form is never asked for again under the same endpoint, model and mode.
+FORMS = {"auto": ("schema", "json", "off"), "schema": ("schema",), "json": ("json",), "off": ("off",)}
+assert set(FORMS) == set(STRUCTURED_MODES)
+REFUSAL_STATUSES = frozenset({400, 422, 500, 501})  # llama.cpp before its json_schema support answered 500
+REFUSAL_WORDS = ("response_format", "json_schema", "json_object", "schema")
+_ACCEPTED: dict[tuple[str, str, str], str] = {}  # (endpoint, model, mode) -> the form that server took
+_ACCEPTED_LOCK = threading.Lock()
+
+
+def response_format(form: str, schema: Schema) -> dict[str, Any] | None:
+    """The ``response_format`` of a request in ``form``, holding the answer to ``schema``."""
+    if form == "off":
+        return None
+    if form == "json":
+        return {"type": "json_object"}
+    strict = strict_form(schema)
+    return {"type": "json_schema",
+            "json_schema": {"name": "csg_answer", "schema": strict or schema, "strict": strict is not None}}
+
+
+class FormRefused(VLMError):
+    """The server refused a ``response_format`` (an error status whose body names it)."""
 
 
 def chat_completions_url(base_url: str) -> str:
@@ -229,6 +269,8 @@ class OpenAICompatibleVLM:
         retries: further tries after a failed exchange.
         backoff: the first wait between tries, in seconds.
         max_image_side: longer side images are downscaled to before sending; None: never.
+        structured: "auto" (the schema, else a JSON object, else plain text, as the server allows),
+            "schema" or "json" (that form only: a refusal is an error), "off" (plain text).
 
     Raises:
         InputError: an unusable URL, timeout, retries or backoff.
@@ -236,7 +278,8 @@ class OpenAICompatibleVLM:
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, timeout: float = 300.0,
-                 retries: int = 2, backoff: float = 1.0, max_image_side: int | None = MAX_IMAGE_SIDE):
+                 retries: int = 2, backoff: float = 1.0, max_image_side: int | None = MAX_IMAGE_SIDE,
+                 structured: str = "auto"):
         if not isinstance(model, str) or not model.strip():
             raise InputError("The VLM model name is empty. Give the name the server serves (see its /v1/models).")
         if timeout <= 0 or retries < 0 or backoff < 0:
@@ -249,6 +292,7 @@ class OpenAICompatibleVLM:
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.max_image_side = max_image_side
+        self.structured = check_mode(structured)
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleVLM(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
@@ -284,9 +328,14 @@ class OpenAICompatibleVLM:
 
     # -- the request ------------------------------------------------------------------------------
 
+    @property
+    def accepted_form(self) -> str | None:
+        """The answer form this server took last under this model and mode, None before the first answer."""
+        return _ACCEPTED.get((self._endpoint, self.model, self.structured))
+
     def generate(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *,
-                 temperature: float, max_tokens: int) -> str:
-        payload = {
+                 temperature: float, max_tokens: int, schema: Schema | None = None) -> str:
+        payload: dict[str, Any] = {
             "model": self.model,
             "messages": chat_messages(system, turns, images, self.max_image_side),
             "temperature": float(temperature),
@@ -297,13 +346,34 @@ class OpenAICompatibleVLM:
         key = self._key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        log.debug("POST %s model=%s images=%d temperature=%s max_tokens=%d", self.url, self.model, len(images),
-                  temperature, max_tokens)
-        body = self._post(json.dumps(payload).encode("utf-8"), headers)
-        return self._answer_text(body)
+        if schema is None:
+            return self._ask(payload, headers, "off", len(images))
+        key = (self._endpoint, self.model, self.structured)
+        forms = FORMS[self.structured]
+        forms = forms[forms.index(_ACCEPTED.get(key, forms[0])):]
+        for form in forms:
+            fmt = response_format(form, schema)
+            try:
+                answer = self._ask({**payload, "response_format": fmt} if fmt else payload, headers, form, len(images))
+            except FormRefused as refusal:
+                if form == forms[-1]:
+                    raise VLMError(f"{refusal} Choose structured 'auto' (or 'off') so that the answer is asked for "
+                                   "in a form the server takes.") from None
+                log.warning("%s; asking again for the answer as %s", refusal, forms[forms.index(form) + 1])
+                continue
+            with _ACCEPTED_LOCK:
+                _ACCEPTED[key] = form
+            return answer
+        raise AssertionError("unreachable")  # the last form returns or raises
 
-    def _post(self, data: bytes, headers: dict[str, str]) -> bytes:
-        """POST with bounded retries; returns the 2xx body or raises VLMError."""
+    def _ask(self, payload: dict[str, Any], headers: dict[str, str], form: str, images: int) -> str:
+        log.debug("POST %s model=%s images=%d temperature=%s max_tokens=%d form=%s", self.url, self.model, images,
+                  payload["temperature"], payload["max_tokens"], form)
+        return self._answer_text(self._post(json.dumps(payload).encode("utf-8"), headers, form))
+
+    def _post(self, data: bytes, headers: dict[str, str], form: str = "off") -> bytes:
+        """POST with bounded retries; returns the 2xx body or raises VLMError (``FormRefused`` when the
+        server refuses the request's ``response_format``, which no retry would change)."""
         for attempt in range(self.retries + 1):
             wait = self.backoff * 2 ** attempt
             deadline = Deadline(self.timeout)
@@ -314,8 +384,13 @@ class OpenAICompatibleVLM:
             else:
                 if 200 <= status < 300:
                     return body
-                page = quote(body.decode("utf-8", errors="replace"), BODY_QUOTE_LIMIT)
+                text = body.decode("utf-8", errors="replace")
+                page = quote(text, BODY_QUOTE_LIMIT)
                 problem = f"answered HTTP {status} {reason}: {page}"
+                if form != "off" and status in REFUSAL_STATUSES and any(w in text.lower() for w in REFUSAL_WORDS):
+                    raise FormRefused(self._redact(f"The VLM server at {self.url} refused the response_format "
+                                                   f"{'json_schema' if form == 'schema' else 'json_object'}: "
+                                                   f"HTTP {status} {reason}: {page}"))
                 hint, final = self._status_hint(status), status not in RETRY_STATUSES
                 asked = (retry_after_seconds(reply_headers.get("Retry-After")) if status in RETRY_AFTER_STATUSES
                          else None)
@@ -390,13 +465,21 @@ class OpenAICompatibleVLM:
                            "Check that the URL points at an OpenAI-compatible API.") from None
         try:
             choice = data["choices"][0]
-            content = choice["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise VLMError(f"{malformed} (no choices[0].message.content): {quote(text, BODY_QUOTE_LIMIT)}.") from None
+            message = choice["message"]
+            content = message.get("content")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise VLMError(f"{malformed} (no choices[0].message): {quote(text, BODY_QUOTE_LIMIT)}.") from None
         if isinstance(content, list):  # some servers return content parts
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
         if not isinstance(content, str) or not content.strip():
             finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+            reasoning = next((message[f] for f in REASONING_FIELDS if isinstance(message.get(f), str)
+                              and message[f].strip()), "")
+            if reasoning:
+                raise VLMError(f"The VLM server at {self.url} returned only reasoning ({len(reasoning):,} characters "
+                               f"in the thoughts, none in the answer; finish_reason={finish!r}): the stage's token "
+                               f"budget went to thinking. To fix it, {ALL_REASONING}, or turn the server's "
+                               "thinking switch off.")
             raise VLMError(f"The VLM server at {self.url} returned no text (finish_reason={finish!r}). "
                            "If it is a reasoning model, turn its thinking mode off (e.g. a non-thinking "
                            "variant or the server's reasoning switch): each stage has a fixed token budget that "

@@ -239,8 +239,8 @@ def extract_json(text: str) -> Any:
     answer_start = reasoning_end(text)
     if answer_start is None:
         raise VLMOutputError(
-            "The answer holds only reasoning (<think>) and no JSON; it was probably cut off by the token limit. "
-            "Raise max_tokens or turn the model's thinking mode off.", output=text)
+            "The answer holds only reasoning (<think>) and no JSON: the token budget went to thinking. To fix it, "
+            "raise max_tokens or use an instruct model (or turn the model's thinking mode off).", output=text)
     search = _Search(text, answer_start)
     for fence in _FENCE.finditer(text):
         found = search.first(_spans(text, fence.start(1), fence.end(1)))

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from ..graph import CausalGraph, Concept
+from . import schemas
+from .schemas import Schema
 
 MAX_PROMPT_CHARS = 60_000  # about 15,000 tokens; a graph of 20 concepts and 30 relationships needs 9,000
 
@@ -35,12 +37,14 @@ _SHORTER_GRAPH = "Use fewer concepts and relationships, or shorter descriptions,
 
 @dataclass(frozen=True)
 class Stage:
-    """One question to the VLM: its name (for errors), system prompt and sampling settings."""
+    """One question to the VLM: its name (for errors), system prompt, sampling settings, and the JSON Schema
+    a backend that can constrain its decoding holds the answer to."""
 
     name: str
     system: str
     temperature: float
     max_tokens: int
+    schema: Schema | None = None
 
 
 JSON_ONLY = (
@@ -55,6 +59,7 @@ DESCRIBE = Stage(
     system="You write captions for a text-to-image model. " + JSON_ONLY,
     temperature=0.1,
     max_tokens=256,
+    schema=schemas.DESCRIPTION,
 )
 
 
@@ -77,6 +82,7 @@ EXTRACT = Stage(
     ),
     temperature=0.1,
     max_tokens=2048,
+    schema=schemas.GRAPH,
 )
 
 GRAPH_SCHEMA = """{
@@ -120,7 +126,8 @@ MANIPULATOR_SYSTEM = (
     "what else in the picture must change when one concept is set to a new value. " + JSON_ONLY
 )
 
-PROPOSE = Stage(name="intervention proposal", system=MANIPULATOR_SYSTEM, temperature=0.2, max_tokens=3072)
+PROPOSE = Stage(name="intervention proposal", system=MANIPULATOR_SYSTEM, temperature=0.2, max_tokens=3072,
+                schema=schemas.PROPOSAL)
 
 INTERVENTION_SCHEMA = """{
   "interventions": [
@@ -181,7 +188,8 @@ Return exactly this JSON object with three interventions:
 
 # -- 4. a user-named intervention: the VLM only propagates it ----------------------------------------
 
-PROPAGATE = Stage(name="intervention propagation", system=MANIPULATOR_SYSTEM, temperature=0.2, max_tokens=3072)
+PROPAGATE = Stage(name="intervention propagation", system=MANIPULATOR_SYSTEM, temperature=0.2, max_tokens=3072,
+                  schema=schemas.PROPAGATION)
 
 
 def _concept_lines(concepts: Sequence[Concept]) -> str:
@@ -224,6 +232,7 @@ JUDGE = Stage(
     system="You inspect images and answer plain questions about what they show. " + JSON_ONLY,
     temperature=0.1,
     max_tokens=1024,
+    schema=schemas.JUDGEMENT,
 )
 
 JUDGE_SCHEMA = """{

@@ -13,6 +13,7 @@ from typing import Literal, Protocol, runtime_checkable
 from PIL import Image
 
 from ..errors import InputError
+from .schemas import Schema
 
 MAX_IMAGE_SIDE = 1536  # larger images only cost tokens; the Qwen-VL processors shrink them anyway
 
@@ -32,13 +33,18 @@ class VLM(Protocol):
     ``identity`` names the backend kind and model (e.g. ``"openai:http://host:8000/v1:qwen3-vl"``);
     it keys the answer cache, so it must change when the model does and never contain a secret.
     A cache adds the optional ``forget`` and ``remember`` that ``ask_until_valid`` calls.
+
+    ``schema`` is the JSON Schema the stage's answer must fit (``csg.vlm.schemas``), or None for free
+    text. A backend that can constrain its decoding holds the answer to it; one that cannot ignores it
+    (the stage parses and re-asks either way). ``structured`` (optional) names how the backend does it,
+    one of ``schemas.STRUCTURED_MODES``; the answer cache keys on it.
     """
 
     @property
     def identity(self) -> str: ...
 
     def generate(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *,
-                 temperature: float, max_tokens: int) -> str: ...
+                 temperature: float, max_tokens: int, schema: Schema | None = None) -> str: ...
 
 
 def prepare_image(image: Image.Image, max_side: int | None = MAX_IMAGE_SIDE) -> Image.Image:

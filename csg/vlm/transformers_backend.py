@@ -7,6 +7,11 @@ the manager for room first. ``memory_needed`` tells from the checkpoint's header
 it, how much memory the model will take, and ``check_fits`` refuses a device too small for it.
 ``on_token(done, budget)`` is called after every generated token; a host shows progress with it and
 cancels by raising from it (any exception stops generation and propagates unchanged).
+
+Given a stage's JSON Schema, decoding is constrained to it with llguidance: before each token, the
+tokens that cannot continue a schema-valid answer are masked out, so the answer parses and fits
+the schema on the first try (unless ``max_tokens`` cuts it off). The grammar for each schema is
+compiled once per model and copied for each answer.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from PIL import Image
 
 from ..errors import InputError, VLMError, WeightsMissingError
 from .protocol import MAX_IMAGE_SIDE, Turn, prepare_image
+from .schemas import ANY_OBJECT, Schema, check_mode
 
 log = logging.getLogger("csg.vlm")
 
@@ -274,6 +280,56 @@ def _token_callback(on_token: TokenCallback, prompt_length: int, budget: int):
     return StoppingCriteriaList([ReportEachToken()])
 
 
+# JSON as models write it (", " and ": "), and no other whitespace: a weak model could pad forever.
+JSON_LAYOUT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+_BIT = torch.arange(8, dtype=torch.uint8)
+
+
+class Grammars:
+    """The llguidance grammar of each schema, compiled once for one tokenizer; ``matcher`` gives a fresh copy."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: list[int]):
+        import llguidance.hf
+
+        self.vocab_size = vocab_size
+        self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos_token_ids)
+        self._compiled: dict[str, Any] = {}
+
+    def matcher(self, schema: Schema) -> Any:
+        import llguidance
+
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._compiled:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+            compiled = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
+            if compiled.is_error():
+                raise VLMError(f"llguidance cannot compile the answer's JSON Schema: {compiled.get_error()}")
+            self._compiled[key] = compiled
+        return self._compiled[key].deep_copy()
+
+    def allowed(self, matcher: Any) -> torch.Tensor:
+        """The tokens that may come next, as a boolean mask over the vocabulary."""
+        words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.uint8)
+        return ((words.unsqueeze(-1) >> _BIT) & 1).bool().flatten()[:self.vocab_size]
+
+
+def _constraint(grammars: Grammars, schema: Schema, prompt_length: int):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    matcher = grammars.matcher(schema)
+
+    class FollowSchema(LogitsProcessor):
+        """Masks every token that would leave the schema; runs before temperature and top-k/top-p."""
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            if input_ids.shape[-1] > prompt_length and not matcher.consume_token(int(input_ids[0, -1])):
+                raise VLMError(f"The constrained decoder left the JSON Schema: {matcher.get_error()}")
+            allowed = grammars.allowed(matcher).to(scores.device)
+            return scores.masked_fill(~allowed[:scores.shape[-1]], float("-inf"))
+
+    return LogitsProcessorList([FollowSchema()])
+
+
 def qwen_messages(system: str, turns: Sequence[Turn], image_count: int) -> list[dict]:
     """Chat messages in the content-part form Qwen-VL chat templates read; images lead the first user turn."""
     messages = [{"role": "system", "content": [{"type": "text", "text": system}]}]
@@ -321,6 +377,8 @@ class TransformersVLM:
         on_token: called per generated token (progress).
         max_image_side: longer side images are downscaled to before asking; None: never.
         placement: how the weights are placed (``MoveToDevice`` by default).
+        structured: how answers are held to their stage's JSON Schema: "auto" and "schema" constrain
+            decoding to it, "json" to any JSON object, "off" not at all.
 
     Raises:
         WeightsMissingError: ``folder`` is not a model folder (the message says how to download one).
@@ -329,14 +387,16 @@ class TransformersVLM:
 
     def __init__(self, folder: str | Path, *, device: Any = "auto", dtype: Any = "auto",
                  on_token: TokenCallback | None = None, max_image_side: int | None = MAX_IMAGE_SIDE,
-                 placement: Placement | None = None):
+                 placement: Placement | None = None, structured: str = "auto"):
         self.folder = Path(folder).expanduser()
+        self.structured = check_mode(structured)
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         self.on_token = on_token
         self.max_image_side = max_image_side
         self.placement = placement or MoveToDevice(self.device)
         self._model: Any = None
         self._processor: Any = None
+        self._grammars: Grammars | None = None
 
     def __repr__(self) -> str:
         state = "loaded" if self.loaded else "not loaded"
@@ -379,12 +439,23 @@ class TransformersVLM:
         self.placement.release()
         self._model = None
         self._processor = None
+        self._grammars = None
         gc.collect()
         if self.device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def grammars(self) -> Grammars:
+        """The compiled grammars of the loaded model's tokenizer (built on first use)."""
+        self.load()
+        if self._grammars is None:
+            tokenizer = getattr(self._processor, "tokenizer", self._processor)
+            eos = self._model.generation_config.eos_token_id
+            eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+            self._grammars = Grammars(tokenizer, self._model.config.get_text_config().vocab_size, eos)
+        return self._grammars
+
     def generate(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *,
-                 temperature: float, max_tokens: int) -> str:
+                 temperature: float, max_tokens: int, schema: Schema | None = None) -> str:
         self.load()
         pictures = [prepare_image(image, self.max_image_side) for image in images]
         prompt = self._processor.apply_chat_template(qwen_messages(system, turns, len(pictures)), tokenize=False,
@@ -398,6 +469,9 @@ class TransformersVLM:
             options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if self.on_token is not None:
             options["stopping_criteria"] = _token_callback(self.on_token, prompt_length, int(max_tokens))
+        if schema is not None and self.structured != "off":
+            held_to = ANY_OBJECT if self.structured == "json" else schema
+            options["logits_processor"] = _constraint(self.grammars(), held_to, prompt_length)
         tokenizer = getattr(self._processor, "tokenizer", None)
         if getattr(tokenizer, "pad_token_id", None) is not None:
             options["pad_token_id"] = tokenizer.pad_token_id
