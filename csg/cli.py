@@ -54,8 +54,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CSGError, GraphError, InputError, WeightsMissingError
+from .errors import CSGError, GraphError, InputError, OutputError, WeightsMissingError
 from .graph import parse_json
+from .output import make_folder, save_image, write_text
 
 SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 VLM_REPOS = ("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-30B-A3B-Instruct",
@@ -70,7 +71,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 def report_error(program: str, exc: CSGError) -> int:
     """Print one of our errors for the user and return its exit code (csg-counterfactual and csg-evaluate)."""
     print(f"{program}: {exc}", file=sys.stderr)
-    return EXIT_USAGE if isinstance(exc, (WeightsMissingError, InputError, GraphError)) else EXIT_FAILURE
+    return EXIT_USAGE if isinstance(exc, (WeightsMissingError, InputError, GraphError, OutputError)) else EXIT_FAILURE
 MAX_JSON_BYTES = 2**20  # a graph or intervention file is a few kB; a bigger one is the wrong file
 MAX_VLM_TIMEOUT, MAX_VLM_RETRIES = 3600.0, 10  # the ComfyUI server node's limits
 
@@ -631,20 +632,17 @@ class Interrupted(Exception):
 def write_json(path: Path, text: str) -> None:
     # A lone surrogate (which a model can write as "\ud800") has no UTF-8 form; written back as that same
     # escape, the file stays valid JSON and reads back identically.
-    path.write_text(text, encoding="utf-8", errors="backslashreplace")
+    write_text(path, text, errors="backslashreplace")
 
 
 def save_plan(layout: OutputLayout, plan: Plan) -> None:
     """The graph and each intervention as JSON, before SDXL runs: an interrupted or failed edit keeps
     the VLM's work, and ``--graph-json`` / ``--intervention-json`` replay it without a VLM."""
-    try:
-        layout.graph_json.parent.mkdir(parents=True, exist_ok=True)
-        write_json(layout.graph_json, plan.graph.to_json())
-        for files, intervention in zip(layout.items, plan.interventions):
-            files.folder.mkdir(parents=True, exist_ok=True)
-            write_json(files.intervention, intervention.to_json())
-    except OSError as exc:  # e.g. a disk that filled up; nothing slow has run yet
-        raise InputError(f"Could not write {exc.filename} ({exc.strerror}). Choose another --out folder.") from None
+    make_folder(layout.graph_json.parent)
+    write_json(layout.graph_json, plan.graph.to_json())
+    for files, intervention in zip(layout.items, plan.interventions):
+        make_folder(files.folder)
+        write_json(files.intervention, intervention.to_json())
 
 
 def save_item(files: ItemFiles, result, graph, intervention) -> dict:
@@ -652,12 +650,12 @@ def save_item(files: ItemFiles, result, graph, intervention) -> dict:
     record of where they went."""
     from .render import render_graph
 
-    result.image.save(files.counterfactual)
-    render_graph(graph, intervention).save(files.graph)
+    save_image(result.image, files.counterfactual)
+    save_image(render_graph(graph, intervention), files.graph)
     masks = [(concept_id, path) for concept_id, path in files.masks
              if concept_id in getattr(result, "masks", {})]  # the baselines have no masks
     for concept_id, path in masks:
-        result.mask_image(concept_id).save(path)
+        save_image(result.mask_image(concept_id), path)
     return {"folder": str(files.folder), "intervention": str(files.intervention),
             "counterfactual": str(files.counterfactual), "graph": str(files.graph),
             "masks": [{"concept_id": concept_id, "file": str(path)} for concept_id, path in masks]}
@@ -665,7 +663,7 @@ def save_item(files: ItemFiles, result, graph, intervention) -> dict:
 
 def write_outputs(layout: OutputLayout, plan: Plan, results: list, report_fields: dict) -> Path:
     """Images, masks and graph per intervention (a sub-folder each when there are several), and the report."""
-    results[0].source_image.save(layout.original)
+    save_image(results[0].source_image, layout.original)
     entries = []
     for files, intervention, result in zip(layout.items, plan.interventions, results):
         entries.append({
@@ -730,9 +728,14 @@ def run(args: argparse.Namespace) -> int:
             score_and_report(args, plan, report, results, lpips, comfy, device)
         return 0
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted. The graph and the intervention(s) are saved in {out}; rerun with "
-                          f"--graph-json {layout.graph_json} --intervention-json {layout.items[0].intervention} "
-                          "(each intervention has its own file) to skip the VLM.") from None
+        raise Interrupted(f"interrupted. {replay_hint(out, layout)}") from None
+    except OutputError as exc:  # e.g. the disk filled up while the images were written
+        raise OutputError(f"{exc} {replay_hint(out, layout)}") from None
+
+
+def replay_hint(out: Path, layout: OutputLayout) -> str:
+    return (f"The graph and the intervention(s) are saved in {out}; rerun with --graph-json {layout.graph_json} "
+            f"--intervention-json {layout.items[0].intervention} (each intervention has its own file) to skip the VLM.")
 
 
 def edit_and_write(args: argparse.Namespace, plan: Plan, image, params, sdxl: SDXLWeights, device, dtype,

@@ -18,6 +18,11 @@ class VLMError(CSGError):
     """A vision-language model backend failed or answered unusably."""
 
 
+class OutputError(CSGError):
+    """A file or folder could not be written (a full disk, a read-only or vanished folder), or another process
+    holds the output folder (``csg.output``)."""
+
+
 class InputError(CSGError, ValueError):
     """An image, prompt or parameter cannot be used as given."""
 

@@ -25,6 +25,7 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from importlib import metadata
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from . import __version__
 from .cli import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
+    check_out_folder,
     comfyui_root,
     find_sdxl,
     load_host,
@@ -39,7 +41,7 @@ from .cli import (
     report_error,
     resolve_device,
 )
-from .errors import CSGError, InputError
+from .errors import CSGError, InputError, OutputError
 from .evaluation.datasets import DatasetSpec, select
 from .evaluation.results import (
     ResultsWriter,
@@ -50,6 +52,7 @@ from .evaluation.results import (
     settings_id,
 )
 from .evaluation.runner import METHODS
+from .output import hold_folder, make_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +141,29 @@ def log(rank: int, message: str) -> None:
     print(f"csg-evaluate[{rank}]: {message}", file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace) -> int:
+def claim_out_folder(state, out: Path, held: ExitStack) -> None:
+    """Make ``out`` this launch's own until ``held`` closes: process 0 locks it, and every process learns
+    whether it did, so a second launch (or plain run) stops whole, before any weights load.
+
+    One lock per launch rather than per results file: each launch shards the items it finds unfinished
+    over its own processes, so two launches of any sizes would do the same items twice."""
+    refusal = None
+    if state.is_main_process:
+        try:
+            check_out_folder(out)
+            held.enter_context(hold_folder(make_folder(out), "csg-evaluate"))
+        except CSGError as exc:
+            refusal = exc
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise refusal
+
+
+def run(args: argparse.Namespace, held: ExitStack) -> int:
+    """The evaluation; ``held`` keeps the output folder's lock until the caller closes it."""
     from accelerate import PartialState
 
     from .counterfactual import CSGParams
@@ -169,11 +194,11 @@ def run(args: argparse.Namespace) -> int:
     state = PartialState(cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()))
     rank, world = state.process_index, state.num_processes
     device, dtype = resolve_device(str(state.device) if args.device == "auto" else args.device, args.dtype)
-    lpips = load_lpips_vgg(args.lpips_vgg, args.lpips_heads, device=device)
     comfy = comfyui_root(args.comfyui_root)
     sdxl = find_sdxl(args.sdxl, args.sdxl_config, comfy)
     out = Path(args.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    claim_out_folder(state, out, held)  # before the first weights load
+    lpips = load_lpips_vgg(args.lpips_vgg, args.lpips_heads, device=device)
     settings = {"params": params.to_dict(), "methods": methods, "guidance_scale": args.guidance_scale,
                 "dtype": str(dtype).removeprefix("torch."),
                 "models": {"sdxl": Path(sdxl.path).name, "vlm": args.vlm_name or Path(args.vlm_model).name,
@@ -202,7 +227,12 @@ def run(args: argparse.Namespace) -> int:
     if state.is_main_process and not args.no_report:
         from .report import write_report
 
-        for path in write_report(out).values():
+        try:
+            paths = write_report(out)
+        except OutputError as exc:
+            raise OutputError(f"{exc} The results are saved: rerun the same command, or python -m csg.report "
+                              f"{out}, to write the report.") from None
+        for path in paths.values():
             log(rank, f"wrote {path}")
     return EXIT_FAILURE if failed else 0
 
@@ -210,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        with ExitStack() as held:
+            return run(args, held)
     except KeyboardInterrupt:
         print("csg-evaluate: interrupted; finished items are saved, rerun the same command to continue.",
               file=sys.stderr)

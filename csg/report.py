@@ -19,13 +19,16 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .errors import OutputError
 from .evaluation.results import load_results, records_by_settings
+from .output import write_text
 
 METRICS = (  # key, column title, higher is better
     ("vlm_effectiveness", "VLM-Eff.", True),
@@ -191,13 +194,14 @@ def write_report(out: Path) -> dict[str, Path]:
         tables[sid] = markdown_table(columns, methods, cells)
         rows += csv_table(columns, methods, cells, sid)
     paths = {"markdown": out / "table.md", "csv": out / "table.csv", "html": out / "report.html"}
-    paths["markdown"].write_text("".join(f"## Settings {sid} ({len(groups[sid])} items)\n\n{tables[sid]}\n"
-                                         for sid in groups), encoding="utf-8")
-    with paths["csv"].open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["settings_id", "method", "dataset", "metric", "mean", "ci_low", "ci_high", "n"])
-        writer.writerows(rows)
-    paths["html"].write_text(html_report(out, groups, tables, loaded.torn), encoding="utf-8")
+    write_text(paths["markdown"], "".join(f"## Settings {sid} ({len(groups[sid])} items)\n\n{tables[sid]}\n"
+                                          for sid in groups))
+    table_csv = io.StringIO()
+    writer = csv.writer(table_csv)
+    writer.writerow(["settings_id", "method", "dataset", "metric", "mean", "ci_low", "ci_high", "n"])
+    writer.writerows(rows)
+    write_text(paths["csv"], table_csv.getvalue())
+    write_text(paths["html"], html_report(out, groups, tables, loaded.torn))
     return paths
 
 
@@ -206,7 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 1 or not Path(args[0]).is_dir():
         print("usage: python -m csg.report OUT   (an evaluation folder holding results.*.jsonl)", file=sys.stderr)
         return 2
-    for path in write_report(Path(args[0])).values():
+    try:
+        paths = write_report(Path(args[0]))
+    except OutputError as exc:
+        print(f"csg.report: {exc}", file=sys.stderr)
+        return 2
+    for path in paths.values():
         print(f"wrote {path}")
     return 0
 

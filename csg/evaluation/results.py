@@ -4,7 +4,8 @@ Each process appends to its own ``results.<rank>.jsonl`` in the output folder. A
 with a single ``os.write`` of the whole line and its newline on an ``O_APPEND`` descriptor and then
 ``fsync``ed, so a killed process leaves either the whole line or, at worst, a torn last line. A
 torn line is reported and its item is done again; before appending after one, a newline is written
-so the torn text stays on a line of its own and never glues onto the next record.
+so the torn text stays on a line of its own and never glues onto the next record. A write that
+fails (a full disk) is an ``OutputError``; the line it may have torn is redone by the next run.
 
 Every line carries the settings that produced it (``settings``: editing parameters, methods,
 model ids, library versions) and their digest ``settings_id``. A rerun whose settings differ from
@@ -16,6 +17,7 @@ hand-written plan, and a rerun in which a finished item's inputs changed is refu
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, some
+from ..output import cannot_write, make_folder
 from .datasets import Item
 
 RESULTS_GLOB = "results.*.jsonl"
@@ -112,9 +115,12 @@ class ResultsWriter:
     """Appends one fsync'ed line per item to ``results.<rank>.jsonl``."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise cannot_write(path, exc) from None
         size = os.fstat(self._fd).st_size
         if size:
             with open(path, "rb") as existing:
@@ -123,10 +129,13 @@ class ResultsWriter:
                     self._write(b"\n")
 
     def _write(self, data: bytes) -> None:
-        written = os.write(self._fd, data)
-        if written != len(data):
-            raise OSError(f"Only {written} of {len(data)} bytes reached {self.path}; the disk may be full.")
-        os.fsync(self._fd)
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"only {written} of {len(data)} bytes were written")
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise cannot_write(self.path, exc) from None
 
     def append(self, record: Mapping[str, Any]) -> None:
         self._write(json.dumps(record, ensure_ascii=False, allow_nan=False).encode() + b"\n")

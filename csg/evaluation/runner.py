@@ -34,8 +34,10 @@ import torch
 from PIL import Image
 
 from ..counterfactual import CSGParams, baseline_counterfactuals, counterfactuals, load_image
+from ..errors import OutputError
 from ..graph import CausalGraph, Intervention, check_intervention
 from ..metrics import LPIPS
+from ..output import make_folder, save_image
 from ..render import render_graph
 from .datasets import Item
 from .results import ResultsWriter
@@ -174,6 +176,8 @@ class Runner:
                 waited = time.monotonic() - started
                 refill()
                 self.edit(pool, item, plan, waited)
+            except OutputError:  # a full disk or a lost folder: every next item would fail the same way
+                raise
             except Exception as exc:  # one bad item must not end a run of hundreds: record it, go on
                 self._judging.release()
                 refill()
@@ -196,7 +200,7 @@ class Runner:
         to the pool, and the item's line is written when its last answer arrives (``judged``)."""
         started = time.monotonic()
         folder = self.out / "items" / safe_name(item.id)
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
         rel = lambda path: str(path.relative_to(self.out))  # noqa: E731
         image = load_image(item.image)
         timings = {"plan": plan.seconds, "wait for VLM": waited}
@@ -213,7 +217,7 @@ class Runner:
             timings[method] = time.monotonic() - t0
         t0 = time.monotonic()
         source = next(iter(outputs.values()))[0].source_image
-        source.save(folder / "original.png")
+        save_image(source, folder / "original.png")
         record = self.base_record(item) | {
             "graph": plan.graph.to_dict(), "source_prompt": plan.source_prompt,
             "interventions": [i.to_dict() for i in plan.interventions],
@@ -221,12 +225,12 @@ class Runner:
         regions = []
         for k, intervention in enumerate(plan.interventions):
             graph_png = folder / f"graph_{k + 1}.png"
-            render_graph(plan.graph, intervention).save(graph_png)
+            save_image(render_graph(plan.graph, intervention), graph_png)
             record["files"]["graphs"].append(rel(graph_png))
             region = edit_region(outputs["csg"][k].masks, source.size) if "csg" in outputs else None
             if region is not None:
                 mask_png = folder / f"mask_{k + 1}.png"
-                Image.fromarray((region * 255).round().to(torch.uint8).cpu().numpy()).save(mask_png)
+                save_image(Image.fromarray((region * 255).round().to(torch.uint8).cpu().numpy()), mask_png)
                 record["files"]["masks"].append(rel(mask_png))
             regions.append(region)
         judgements = []
@@ -234,7 +238,7 @@ class Runner:
             entries = record["methods"][method] = []
             for k, (intervention, result) in enumerate(zip(plan.interventions, results)):
                 path = folder / f"{method}_{k + 1}.png"
-                result.image.save(path)
+                save_image(result.image, path)
                 entry = {"intervention_id": intervention.id, "image": rel(path),
                          **image_scores(self.lpips, source, result.image, regions[k])}
                 entries.append(entry)

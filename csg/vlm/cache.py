@@ -4,7 +4,7 @@ The key is the sha256 of everything that shapes an answer: the backend's identit
 model), the system prompt, the conversation, the images' pixel hashes, the temperature, the
 token budget, and the JSON Schema the answer was held to with the backend's structured-output mode
 (an answer decoded under a schema is not the answer to the same question asked freely). An entry is
-one small JSON file written atomically (temp file + ``os.replace``);
+one small JSON file written whole or not at all (``csg.output``);
 an entry that cannot be read is ignored and rewritten. Identities never hold secrets (the
 backends guarantee it) and the files hold only the key, the identity and the answer.
 
@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
 
+from ..errors import OutputError
+from ..output import make_folder, write_text
 from .protocol import VLM, Turn, image_fingerprint
 from .schemas import Schema
 
@@ -90,16 +90,10 @@ class CachedVLM:
     def _write(self, path: Path, key: str, answer: str) -> None:
         entry = {"key": key, "identity": self.identity, "answer": answer}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-            try:
-                with os.fdopen(handle, "w", encoding="utf-8") as file:
-                    json.dump(entry, file, ensure_ascii=False)
-                os.replace(temp, path)
-            except BaseException:
-                Path(temp).unlink(missing_ok=True)
-                raise
-        except OSError as exc:  # a cache that cannot be written only costs time, never the answer
+            make_folder(path.parent)
+            # a lone surrogate in an answer is written as its JSON escape, which reads back the same
+            write_text(path, json.dumps(entry, ensure_ascii=False), errors="backslashreplace")
+        except OutputError as exc:  # a cache that cannot be written only costs time, never the answer
             log.warning("could not write the VLM cache entry %s: %s", path, exc)
 
     def _entry(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], temperature: float,
