@@ -42,20 +42,17 @@ it. Other bad input (unreadable image, malformed JSON, unknown concept) also exi
 from __future__ import annotations
 
 import argparse
-import codecs
 import json
 import math
 import os
 import re
-import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import CSGError, GraphError, InputError, OutputError, WeightsMissingError
-from .graph import parse_json
+from .files import check_caption, read_graph, read_interventions
 from .output import make_folder, save_image, write_text
 
 SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -72,7 +69,6 @@ def report_error(program: str, exc: CSGError) -> int:
     """Print one of our errors for the user and return its exit code (csg-counterfactual and csg-evaluate)."""
     print(f"{program}: {exc}", file=sys.stderr)
     return EXIT_USAGE if isinstance(exc, (WeightsMissingError, InputError, GraphError, OutputError)) else EXIT_FAILURE
-MAX_JSON_BYTES = 2**20  # a graph or intervention file is a few kB; a bigger one is the wrong file
 MAX_VLM_TIMEOUT, MAX_VLM_RETRIES = 3600.0, 10  # the ComfyUI server node's limits
 
 
@@ -332,52 +328,6 @@ def check_vlm_options(args: argparse.Namespace) -> None:
         raise InputError(f"--vlm-retries must be a whole number from 0 to {MAX_VLM_RETRIES}, got {args.vlm_retries}.")
 
 
-def load_json_file(path: str, what: str) -> Any:
-    """The parsed content of a graph or intervention file; any problem with the file is an InputError that
-    names it and says what to do. A UTF-8 byte-order mark (as Windows editors write) is accepted."""
-    file = Path(path).expanduser()
-    too_big = (f"The {what} file {file} is larger than {MAX_JSON_BYTES // 2**20} MiB, far more than any {what} needs; "
-               "is it the right file?")
-    try:
-        status = file.stat()
-        if stat.S_ISDIR(status.st_mode):
-            raise InputError(f"The {what} file {file} is a folder. Give the JSON file itself.")
-        if not stat.S_ISREG(status.st_mode):
-            raise InputError(f"The {what} file {file} is not a regular file (a pipe or device?). Save the JSON to a "
-                             "file.")
-        if status.st_size > MAX_JSON_BYTES:
-            raise InputError(too_big)
-        with file.open("rb") as handle:
-            raw = handle.read(MAX_JSON_BYTES + 1)  # the size may change between stat and read
-    except FileNotFoundError:
-        raise InputError(f"The {what} file {file} does not exist.") from None
-    except OSError as exc:
-        raise InputError(f"The {what} file {file} cannot be read ({exc.strerror}). Check its path and "
-                         "permissions.") from None
-    if len(raw) > MAX_JSON_BYTES:
-        raise InputError(too_big)
-    text = utf8_text(raw, file, what)
-    try:
-        return parse_json(text, what)
-    except GraphError as exc:
-        raise InputError(f"The {what} file {file}: {exc}") from None
-
-
-def utf8_text(raw: bytes, file: Path, what: str) -> str:
-    """``raw`` as text, a UTF-8 byte-order mark dropped; anything else is an InputError saying what it looks like."""
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        looks = "it starts with a UTF-16 byte-order mark, as Windows Notepad and PowerShell write"
-    elif b"\0" in raw:  # JSON text never holds a NUL byte: UTF-16 without a byte-order mark, or binary
-        looks = "it holds NUL bytes, as UTF-16 text or a binary file does"
-    else:
-        try:
-            return raw.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            looks = f"byte {exc.start} is 0x{raw[exc.start]:02x}, as in Latin-1 or a binary file"
-    raise InputError(f"The {what} file {file} is not UTF-8 text ({looks}). Save it as UTF-8 (e.g. with your "
-                     "editor's \"Save with encoding\").")
-
-
 def resolve_device(name: str, dtype_name: str):
     import torch
 
@@ -467,13 +417,13 @@ class Request:
 
 
 def read_request(args: argparse.Namespace) -> Request:
-    from .graph import CausalGraph, check_intervention
+    from .graph import check_intervention
 
     if args.pick is not None and args.do:
         raise InputError("--pick chooses among the VLM's proposals or the interventions of an --intervention-json "
                          "file, and --do is an intervention of your own: give one of them.")
     pick = parse_pick(args.pick or "1")
-    graph = CausalGraph.from_dict(load_json_file(args.graph_json, "graph")) if args.graph_json else None
+    graph = read_graph(args.graph_json) if args.graph_json else None
     given = None
     if args.intervention_json:
         in_file = read_interventions(args.intervention_json)
@@ -494,25 +444,6 @@ def read_request(args: argparse.Namespace) -> Request:
     if given is not None and graph is not None:
         given = [check_intervention(graph, i) for i in given]  # an unknown target fails now, before any weights
     return Request(graph, given, do, pick)
-
-
-def read_interventions(path: str) -> list:
-    """The interventions in an --intervention-json file: one intervention object, or the proposal stage's
-    ``{"interventions": [...]}``."""
-    from .graph import Intervention
-
-    data = load_json_file(path, "intervention")
-    if isinstance(data, dict) and "interventions" in data:
-        items = data["interventions"]
-        if not isinstance(items, list) or not items:
-            raise InputError(f'In the intervention file {path}, "interventions" must be a non-empty list of '
-                             "intervention objects.")
-        return [Intervention.from_dict(item) for item in items]
-    if isinstance(data, dict):
-        return [Intervention.from_dict(data)]
-    raise InputError(f"The intervention file {path} holds a JSON {type(data).__name__}; expected one intervention "
-                     '({"id": ..., "target_concept_id": ..., "new_value": ...}) or {"interventions": [...]} '
-                     "(see csg/examples/portrait_intervention.json).")
 
 
 def pick_interventions(items: list, pick: int | None, source: str) -> list:
@@ -693,6 +624,8 @@ def run(args: argparse.Namespace) -> int:
     check_vlm_options(args)
     out = Path(args.out).expanduser()
     check_out_folder(out)
+    if args.caption is not None:
+        check_caption(args.caption, "--caption")
     image = load_image(args.image)
     params = CSGParams(num_steps=args.steps, skip=args.skip, source_guidance=args.source_guidance, scale=args.scale,
                        threshold=args.threshold, warmup=args.warmup, cooldown=args.cooldown,

@@ -31,6 +31,11 @@ class WeightsMissingError(CSGError, FileNotFoundError):
     """Model weights are not where we looked for them."""
 
 
+class WeightsError(InputError):
+    """Model weights or their configs are there but cannot be used: corrupt, cut off, pickled, or of a
+    model the pack does not run."""
+
+
 def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
     """Text shortened for an error message: its head and tail around an ellipsis, each in quotes."""
     text = text if isinstance(text, str) else repr(text)

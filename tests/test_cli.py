@@ -2,6 +2,7 @@
 discovery on real folder layouts, the missing-weights message, and the benchmark's smoke mode."""
 
 import json
+import os
 import re
 import runpy
 import tempfile
@@ -15,12 +16,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from csg.cli import (
-    MAX_JSON_BYTES,
     SDXL_REPO,
     Plan,
     find_sdxl,
     find_vlm,
-    load_json_file,
     main,
     output_layout,
     plan_layout,
@@ -28,6 +27,7 @@ from csg.cli import (
     write_outputs,
 )
 from csg.errors import WeightsMissingError
+from csg.files import MAX_JSON_BYTES, read_json
 from csg.graph import MAX_TEXT_CHARS, CausalGraph, Intervention, check_intervention
 from tests.test_vlm_stages import load_scene, scene_server
 from tests.vlm_server import Reply, VLMServer
@@ -432,14 +432,14 @@ def test_json_files_that_cannot_be_read_exit_2(tmp_path, monkeypatch, capsys):
         handle.truncate(MAX_JSON_BYTES + 1)  # sparse: nothing is really written
     locked = tmp_path / "locked.json"
     locked.write_text(INTERVENTION.read_text())
-    real_open = Path.open
+    real_open = os.open
 
-    def refuse_locked(self, *args, **kwargs):  # chmod does not stop root, who runs the CI
-        if self == locked:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_open(self, *args, **kwargs)
+    def refuse_locked(path, *args, **kwargs):  # chmod does not stop root, who runs the CI
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "open", refuse_locked)
+    monkeypatch.setattr(os, "open", refuse_locked)
     for path, message in [(tmp_path, "is a folder"), (tmp_path / "missing.json", "does not exist"),
                           (huge, "larger than 1 MiB"), (locked, "cannot be read (Permission denied)")]:
         assert main([str(PORTRAIT), "--graph-json", str(GRAPH), "--intervention-json", str(path)]) == 2
@@ -599,7 +599,7 @@ def test_the_cli_writes_every_file_inside_out_once_and_the_same_on_a_rerun(plan)
         assert set(written) == set(written_paths(plan_layout(out, plan)))  # one file per item, none shared
         report = json.loads((out / "report.json").read_text(encoding="utf-8"))
         for entry, intervention in zip(report["interventions"], plan.interventions):
-            replayed = load_json_file(entry["files"]["intervention"], "intervention")  # --intervention-json FILE
+            replayed = read_json(entry["files"]["intervention"], "intervention file")  # --intervention-json FILE
             assert replayed == intervention.to_dict() == entry["intervention"]
             assert [m["concept_id"] for m in entry["files"]["masks"]] == [c.concept_id for c in
                                                                            intervention.edit_concepts(plan.graph)]

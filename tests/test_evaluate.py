@@ -152,7 +152,9 @@ def test_layouts_and_seeded_sampling(tmp_path):
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ("nokind", "NAME=KIND:PATH"), ("x=imagenet:/a", "unknown kind"), ("a/b=coco:/a", "may not contain"),
+    ("nokind", "NAME=KIND:PATH"), ("x=imagenet:/a", "unknown kind"), ("a/b=coco:/a", "may hold letters"),
+    ("a|b=coco:/a", "may hold letters"), ("a\nb=coco:/a", "may hold letters"),  # they would break table.md
+    ("x" * 61 + "=coco:/a", "at most 60"),
 ])
 def test_bad_dataset_options_say_how_to_write_them(text, fragment):
     with pytest.raises(Exception, match=fragment):
@@ -173,7 +175,7 @@ def test_plans_name_real_items_and_do_not_clash_with_the_captions_file(tmp_path)
     assert first.graph is None and second.graph == tmp_path / "plans" / "portrait_graph.json"
     assert second.interventions is None
     plans.write_text(json.dumps({"coco/101": {"graph": "missing.json"}}))
-    with pytest.raises(InputError, match="item coco/101: the hand-written file .*missing.json does not exist"):
+    with pytest.raises(InputError, match="item coco/101: The graph file .*missing.json does not exist"):
         select([DatasetSpec.parse(coco)], None, 0, plans)
 
 

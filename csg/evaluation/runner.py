@@ -39,7 +39,7 @@ from ..graph import CausalGraph, Intervention, check_intervention
 from ..metrics import LPIPS
 from ..output import make_folder, save_image
 from ..render import render_graph
-from .datasets import Item
+from .datasets import Item, read_hand_written
 from .results import ResultsWriter
 from .scoring import edit_region, image_scores, judge_scores
 
@@ -99,20 +99,12 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
-def hand_written(item: Item) -> tuple[CausalGraph | None, list[Intervention] | None]:
-    from ..cli import load_json_file, read_interventions
-
-    graph = CausalGraph.from_dict(load_json_file(str(item.graph), "graph")) if item.graph else None
-    interventions = read_interventions(str(item.interventions)) if item.interventions else None
-    return graph, interventions
-
-
 def plan_item(vlm, item: Item) -> Plan:
     """The graph and interventions of one item: hand-written, or from the VLM (extract, then propose)."""
     from .. import vlm as stages
 
     started = time.monotonic()
-    graph, interventions = hand_written(item)
+    graph, interventions = read_hand_written(item.graph, item.interventions)
     image = load_image(item.image)
     caption = item.caption
     if graph is None:
