@@ -18,7 +18,9 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from scipy.optimize import isotonic_regression
 
 from .errors import InputError
 from .graph import CausalGraph, CausalViolation, Intervention, check_intervention
@@ -93,109 +95,127 @@ def _layout(graph: CausalGraph) -> _Layout:
         for w in waypoints:
             rows[w[2]].append(w)
         routes.append([cause, *waypoints, effect])
-    links = [(u, v) for route in routes for u, v in zip(route, route[1:])]  # each joins adjacent rows
-    rows = _reduce_crossings(rows, links)
-    return _Layout(rows, _assign_x(rows, links), routes)
+    layers = _Layers.of(rows, routes)
+    order = _reduce_crossings(layers)
+    rows = [[rows[r][i] for i in row] for r, row in enumerate(order)]
+    x = _assign_x(layers.reordered(order))
+    return _Layout(rows, {node: float(x[r][i]) for r, row in enumerate(rows) for i, node in enumerate(row)}, routes)
 
 
-def _neighbours(links: list[tuple[Node, Node]]) -> tuple[dict[Node, list[Node]], dict[Node, list[Node]]]:
-    above: dict[Node, list[Node]] = {}
-    below: dict[Node, list[Node]] = {}
-    for u, v in links:
-        below.setdefault(u, []).append(v)
-        above.setdefault(v, []).append(u)
-    return above, below
+@dataclass(frozen=True)
+class _Layers:
+    """The rows and the links between adjacent rows as arrays, so each sweep over a row is a few numpy calls.
+
+    Long edges make most of the nodes: the largest graph the limits allow has about 32,000 waypoints, and a
+    Python loop over them in every sweep took seconds.
+    """
+
+    widths: list[np.ndarray]  # widths[r][i]: the width of the i-th node on row r
+    upper: list[np.ndarray]  # upper[r][k]: the index on row r of link k between rows r and r + 1
+    lower: list[np.ndarray]  # lower[r][k]: the index on row r + 1 of that link
+
+    @classmethod
+    def of(cls, rows: list[list[Node]], routes: list[list[Node]]) -> _Layers:
+        index = {node: i for row in rows for i, node in enumerate(row)}
+        row_of = {node: r for r, row in enumerate(rows) for node in row}
+        pairs: list[list[tuple[int, int]]] = [[] for _ in rows[1:]]
+        for route in routes:  # each link joins adjacent rows
+            for u, v in zip(route, route[1:]):
+                pairs[row_of[u]].append((index[u], index[v]))
+        links = [np.array(p, dtype=np.int64).reshape(-1, 2) for p in pairs]
+        return cls([np.array([_width(n) for n in row]) for row in rows],
+                   [p[:, 0] for p in links], [p[:, 1] for p in links])
+
+    def reordered(self, order: list[np.ndarray]) -> _Layers:
+        """The same layers with row r's nodes in the order ``order[r]`` (old indices, left to right)."""
+        slot = [np.argsort(o) for o in order]  # slot[r][old index] = new index
+        return _Layers([w[o] for w, o in zip(self.widths, order)],
+                       [slot[r][u] for r, u in enumerate(self.upper)],
+                       [slot[r + 1][v] for r, v in enumerate(self.lower)])
+
+    def neighbours(self, r: int, from_above: bool) -> tuple[np.ndarray, int, np.ndarray]:
+        """The links between row r and the fixed row above or below it: (index on row r, that row, index on it)."""
+        if from_above:
+            return self.lower[r - 1], r - 1, self.upper[r - 1]
+        return self.upper[r], r + 1, self.lower[r]
 
 
-def _count_crossings(rows: list[list[Node]], links: list[tuple[Node, Node]]) -> int:
-    position = {node: i for row in rows for i, node in enumerate(row)}
-    row_of = {node: r for r, row in enumerate(rows) for node in row}
-    by_row: dict[int, list[tuple[int, int]]] = {}
-    for u, v in links:
-        by_row.setdefault(row_of[u], []).append((position[u], position[v]))
-    return sum(
-        1
-        for pairs in by_row.values()
-        for i, (a1, b1) in enumerate(pairs)
-        for a2, b2 in pairs[i + 1:]
-        if (a1 - a2) * (b1 - b2) < 0
-    )
+def _mean_by(index: np.ndarray, values: np.ndarray, size: int, fallback: np.ndarray) -> np.ndarray:
+    """For each of ``size`` slots, the mean of the ``values`` whose ``index`` is that slot; ``fallback`` where none."""
+    counts = np.bincount(index, minlength=size)
+    sums = np.bincount(index, weights=values, minlength=size)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), fallback)
 
 
-def _by_barycenter(row: list[Node], fixed: list[Node], neighbours: dict[Node, list[Node]]) -> list[Node]:
-    """Sort a row by the mean position of each node's neighbours in the fixed row next to it."""
-    position = {node: i for i, node in enumerate(fixed)}
-
-    def key(item: tuple[int, Node]) -> float:
-        index, node = item
-        linked = [position[n] for n in neighbours.get(node, ()) if n in position]
-        return sum(linked) / len(linked) if linked else index  # unlinked nodes hold their place
-
-    return [node for _, node in sorted(enumerate(row), key=key)]
+def _count_crossings(layers: _Layers, position: list[np.ndarray]) -> int:
+    """Pairs of links between the same two rows that cross, with each node at ``position[r][index]``."""
+    total = 0
+    for r, (u, v) in enumerate(zip(layers.upper, layers.lower)):
+        a, b = position[r][u], position[r + 1][v]
+        lower_ends = b[np.lexsort((b, a))]  # sorted by upper end, then lower end: a crossing is an inversion here
+        total += int(np.count_nonzero(np.triu(lower_ends[:, None] > lower_ends[None, :], 1)))
+    return total
 
 
-def _reduce_crossings(rows: list[list[Node]], links: list[tuple[Node, Node]], sweeps: int = 4) -> list[list[Node]]:
-    above, below = _neighbours(links)
-    best, best_crossings = rows, _count_crossings(rows, links)
-    current = [list(row) for row in rows]
+def _reduce_crossings(layers: _Layers, sweeps: int = 4) -> list[np.ndarray]:
+    """Each row's order (old indices, left to right), by barycenter sweeps down and up; the fewest crossings win.
+
+    A node moves to the mean position of its neighbours on the fixed row next to it; one without
+    neighbours there holds its place.
+    """
+    position = [np.arange(len(w)) for w in layers.widths]  # position[r][index]: where that node stands now
+
+    def sort_row(r: int, from_above: bool) -> None:
+        moving, fixed_row, fixed = layers.neighbours(r, from_above)
+        here = position[r]
+        key = _mean_by(here[moving], position[fixed_row][fixed], len(here), fallback=np.arange(len(here)))
+        standing = np.argsort(here)  # standing[p]: the node at position p
+        here[standing[np.argsort(key, kind="stable")]] = np.arange(len(here))
+
+    best, best_crossings = [p.copy() for p in position], _count_crossings(layers, position)
     for _ in range(sweeps):
         if best_crossings == 0:
             break
-        for r in range(1, len(current)):
-            current[r] = _by_barycenter(current[r], current[r - 1], above)
-        for r in range(len(current) - 2, -1, -1):
-            current[r] = _by_barycenter(current[r], current[r + 1], below)
-        crossings = _count_crossings(current, links)
+        for r in range(1, len(position)):
+            sort_row(r, from_above=True)
+        for r in range(len(position) - 2, -1, -1):
+            sort_row(r, from_above=False)
+        crossings = _count_crossings(layers, position)
         if crossings < best_crossings:
-            best, best_crossings = [list(row) for row in current], crossings
-    return best
+            best, best_crossings = [p.copy() for p in position], crossings
+    return [np.argsort(p) for p in best]
 
 
 def _width(node: Node) -> float:
     return 1.0 if isinstance(node, str) else WAYPOINT_WIDTH
 
 
-def _pack(desired: Sequence[float], gaps: Sequence[float]) -> list[float]:
+def _pack(desired: np.ndarray, gaps: np.ndarray) -> np.ndarray:
     """The positions closest (least squares) to ``desired`` that keep each neighbour ``gaps`` apart.
 
     Subtracting the cumulative gaps turns the spacing constraints into "non-decreasing", which
-    is isotonic regression, solved exactly by pooling adjacent violators.
+    is isotonic regression (scipy's pool-adjacent-violators).
     """
-    offsets = [0.0]
-    for gap in gaps:
-        offsets.append(offsets[-1] + gap)
-    blocks: list[tuple[float, int]] = []  # (mean, count)
-    for target in (d - o for d, o in zip(desired, offsets)):
-        blocks.append((target, 1))
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
-            blocks.append(((m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2))
-    fitted = [mean for mean, count in blocks for _ in range(count)]
-    return [y + o for y, o in zip(fitted, offsets)]
+    offsets = np.concatenate([[0.0], np.cumsum(gaps)])
+    return isotonic_regression(desired - offsets).x + offsets
 
 
-def _assign_x(rows: list[list[Node]], links: list[tuple[Node, Node]], sweeps: int = 6) -> dict[Node, float]:
-    above, below = _neighbours(links)
-    gaps = [[(_width(a) + _width(b)) / 2 + COLUMN_GAP for a, b in zip(row, row[1:])] for row in rows]
-    x: dict[Node, float] = {}
-    for row, row_gaps in zip(rows, gaps):
-        start = -sum(row_gaps) / 2
-        x.update(zip(row, _pack([start] * len(row), row_gaps)))
+def _assign_x(layers: _Layers, sweeps: int = 6) -> list[np.ndarray]:
+    """Each row's horizontal centres (rows in their final order), in box widths from the left edge."""
+    gaps = [(w[:-1] + w[1:]) / 2 + COLUMN_GAP for w in layers.widths]
+    x = [_pack(np.full(len(g) + 1, -g.sum() / 2), g) for g in gaps]
 
-    def settle(r: int, neighbours: dict[Node, list[Node]]) -> None:
-        desired = []
-        for node in rows[r]:
-            linked = [x[n] for n in neighbours.get(node, ())]
-            desired.append(sum(linked) / len(linked) if linked else x[node])
-        x.update(zip(rows[r], _pack(desired, gaps[r])))
+    def settle(r: int, from_above: bool) -> None:
+        moving, fixed_row, fixed = layers.neighbours(r, from_above)
+        x[r] = _pack(_mean_by(moving, x[fixed_row][fixed], len(x[r]), fallback=x[r]), gaps[r])
 
     for _ in range(sweeps):
-        for r in range(1, len(rows)):
-            settle(r, above)
-        for r in range(len(rows) - 2, -1, -1):
-            settle(r, below)
-    left = min(x[n] - _width(n) / 2 for n in x)
-    return {n: v - left for n, v in x.items()}
+        for r in range(1, len(x)):
+            settle(r, from_above=True)
+        for r in range(len(x) - 2, -1, -1):
+            settle(r, from_above=False)
+    left = min(float((row - w / 2).min()) for row, w in zip(x, layers.widths))
+    return [row - left for row in x]
 
 
 def layout_graph(graph: CausalGraph) -> dict[str, tuple[float, float]]:

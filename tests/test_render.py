@@ -6,8 +6,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from csg.errors import InputError
-from csg.graph import CausalGraph, Intervention
-from csg.render import CHANGED, COLUMN_GAP, TARGET, VIOLATION, layout_graph, render_graph
+from csg.graph import MAX_CONCEPTS, MAX_RELATIONSHIPS, CausalGraph, Intervention
+from csg.render import (
+    CHANGED,
+    COLUMN_GAP,
+    TARGET,
+    VIOLATION,
+    WAYPOINT_WIDTH,
+    layout_graph,
+    layout_with_routes,
+    render_graph,
+)
 
 
 def make_graph(n, edges, names=None, values=None, summary=""):
@@ -18,6 +27,14 @@ def make_graph(n, edges, names=None, values=None, summary=""):
         "relationships": [{"id": f"r{k}", "cause_id": f"c{a}", "effect_id": f"c{b}"} for k, (a, b) in enumerate(edges)],
         "scene_summary": summary,
     })
+
+
+def largest_graph():
+    """The most layout work the limits allow: a chain through every concept, so each sits on a row of its own, and
+    the longest skip edges that fit in the rest, so the edges bend through as many waypoints as they can (32,125)."""
+    chain = [(i, i + 1) for i in range(MAX_CONCEPTS - 1)]
+    skips = sorted(((a, b) for a in range(MAX_CONCEPTS) for b in range(a + 2, MAX_CONCEPTS)), key=lambda e: e[0] - e[1])
+    return make_graph(MAX_CONCEPTS, chain + skips[:MAX_RELATIONSHIPS - len(chain)])
 
 
 def colours(image):
@@ -119,6 +136,27 @@ def random_dag(draw):
 @given(random_dag())
 def test_layout_is_sound_for_random_dags(graph):
     assert_sound_layout(graph)
+
+
+def test_the_largest_graph_the_limits_allow_is_laid_out_whole():
+    graph = largest_graph()
+    positions, routes = layout_with_routes(graph)
+    assert_sound_layout(graph)
+    assert {cid: row for cid, (_, row) in positions.items()} == {f"c{i}": i for i in range(MAX_CONCEPTS)}
+    assert [(e["cause_id"], e["effect_id"]) for e in routes] == [(r.cause_id, r.effect_id) for r in graph.relationships]
+    on_row = {}
+    for route in routes:  # one waypoint on each row an edge skips, and none on the rows of its ends
+        rows = [row for _, row in route["waypoints"]]
+        assert rows == list(range(int(positions[route["cause_id"]][1]) + 1, int(positions[route["effect_id"]][1])))
+        for x, row in route["waypoints"]:
+            on_row.setdefault(row, []).append((x, WAYPOINT_WIDTH))
+    assert sum(map(len, on_row.values())) == 32_125
+    for x, row in positions.values():
+        on_row.setdefault(row, []).append((x, 1.0))
+    for row, items in on_row.items():  # boxes and the edges passing them keep their gaps: no edge runs through a box
+        items.sort()
+        for (left, left_width), (right, right_width) in zip(items, items[1:]):
+            assert right - left >= (left_width + right_width) / 2 + COLUMN_GAP - 1e-9, f"row {row} overlaps"
 
 
 # -- rendering ----------------------------------------------------------------------------------------
