@@ -48,12 +48,13 @@ transformers).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -120,6 +121,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         + " (default: none reduce-overhead on CUDA, none elsewhere)")
     parser.add_argument("--rows", default=",".join(ROWS),
                         help="comma-separated subset of " + ",".join(ROWS) + " (default: all)")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
+                        help="also write every row's seconds and peak, the sync counts and the setup to FILE")
     args = parser.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - set(ROWS))
@@ -206,7 +209,14 @@ def count_syncs(run: Callable[[], object], device: torch.device) -> int:
 class OursResult:
     rows: dict[str, Timing]  # titled rows, floors included
     warmup_seconds: float
-    syncs: str | None  # on CUDA: the sync counts at two step counts
+    syncs: dict[str, list[int]] | None  # on CUDA: run -> its host syncs at WARMUP_STEPS and twice as many steps
+
+
+def format_syncs(syncs: dict[str, list[int]]) -> str:
+    counts = ", ".join(f"{run} {short} / {long}" for run, (short, long) in syncs.items())
+    equal = all(short == long for short, long in syncs.values())
+    return (f"host syncs per run at {WARMUP_STEPS} / {2 * WARMUP_STEPS} steps: {counts}"
+            + (" (equal: no per-step sync)" if equal else " (they grow with the steps: a per-step sync)"))
 
 
 def time_ours(host: DiffusersSDXLHost, image: Image.Image, s: Settings, device: torch.device,
@@ -236,17 +246,13 @@ def time_ours(host: DiffusersSDXLHost, image: Image.Image, s: Settings, device: 
     syncs = None
     if device.type == "cuda":
         probe = next((r for r in ("edit-3", "edit-1", "batched", "separate") if r in edit_rows), None)
-        counts = []
+        syncs = {"inversion": []} | ({f"{probe} edit": []} if probe else {})
         for steps in (WARMUP_STEPS, 2 * WARMUP_STEPS):
             inverted = inversion(short(s, steps))
-            counts.append(count_syncs(lambda: inversion(short(s, steps)), device))
+            syncs["inversion"].append(count_syncs(lambda: inversion(short(s, steps)), device))
             if probe:
-                counts.append(count_syncs(lambda: edit(host, inverted, row_specs(probe, short(s, steps))[0], params),
-                                          device))
-        syncs = (f"host syncs per run at {WARMUP_STEPS} / {2 * WARMUP_STEPS} steps: inversion {counts[0]} / "
-                 f"{counts[len(counts) // 2]}" + (f", {probe} edit {counts[1]} / {counts[3]}" if probe else "")
-                 + (" (equal: no per-step sync)" if counts[:len(counts) // 2] == counts[len(counts) // 2:]
-                    else " (they grow with the steps: a per-step sync)"))
+                syncs[f"{probe} edit"].append(count_syncs(
+                    lambda: edit(host, inverted, row_specs(probe, short(s, steps))[0], params), device))
 
     timings: dict[str, Timing] = {}
     inverted = inversion()
@@ -408,16 +414,19 @@ def main(argv: list[str] | None = None) -> int:
     components = build_sdxl_components(args.size, seed=args.seed, device=device, dtype=dtype)
     side = IMAGE_SIDE[args.size]
     image = benchmark_image(side)
-    print(f"SDXL {args.size} (random weights), {args.dtype}, VAE {str(components.vae.dtype).split('.')[-1]}, "
-          f"{side}x{side} on {device} "
-          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), torch {torch.__version__}; "
-          f"built in {time.perf_counter() - started:.1f} s")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    vae_dtype = str(components.vae.dtype).removeprefix("torch.")
+    print(f"SDXL {args.size} (random weights), {args.dtype}, VAE {vae_dtype}, {side}x{side} on {device} "
+          f"({device_name}), torch {torch.__version__}; built in {time.perf_counter() - started:.1f} s")
     print(f"steps {settings.steps}, skip {settings.skip}, source guidance {settings.source_guidance}, "
           f"scale {settings.scale}, threshold {settings.threshold}, warm-up {settings.warmup}, intersect masks; "
           f"ours: {', '.join(variants)}; rows: {','.join(args.rows)}", flush=True)
     reference = None
     if not args.skip_reference and set(args.rows) - {"floor"}:
         reference = time_reference(components, image, settings, device, args.repeats, args.rows)
+    report = dict(device=device_name, torch=torch.__version__, size=args.size, dtype=args.dtype, vae_dtype=vae_dtype,
+                  side=side, settings=asdict(settings), rows=list(args.rows),
+                  reference={title: asdict(t) for title, t in (reference or {}).items()}, ours={})
     for variant in variants:
         host = make_host(components, variant)
         try:
@@ -427,12 +436,16 @@ def main(argv: list[str] | None = None) -> int:
             torch._dynamo.reset()  # frees compiled graphs and CUDA-graph pools before the next variant
         print(f"\nours [{variant}] (warm-up {result.warmup_seconds:.1f} s)")
         if result.syncs:
-            print(result.syncs)
+            print(format_syncs(result.syncs))
         print(format_table(result.rows, reference))
         if reference is not None or device.type == "cuda":
             print(format_targets(variant, result.rows, reference), flush=True)
+        report["ours"][variant] = dict(warmup_seconds=result.warmup_seconds, syncs=result.syncs,
+                                       rows={title: asdict(t) for title, t in result.rows.items()})
     if reference is None:
         print("(reference skipped)")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
     print(f"total {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -4,7 +4,10 @@
     ... --size 128 --steps 10 --warmup 2 --repeats 2 --profile
 
 The model is the random-weight SDXL test checkpoint (``tests/comfyui/sdxl_checkpoint.py``, built into
-~/.cache/csg-tests on first use), loaded as CheckpointLoaderSimple loads it. The example portrait is
+~/.cache/csg-tests on first use), loaded as CheckpointLoaderSimple loads it; ``--model full`` builds
+the full SDXL UNet instead (in memory, random weights, in the dtype ComfyUI picks for the device, fp16
+on a GPU) and ``--model tiny`` the tests' narrow one (``tests/comfyui/csg_fixtures.py``), both with
+SDXL's text encoders and VAE, for a GPU run and a CPU dry run. The example portrait is
 inverted once with the Causal Inversion node (the paper's skip 0.15 and source guidance 3.5, fewer
 steps). Then two things are timed, each after one untimed run, their runs interleaved:
 
@@ -42,13 +45,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from tests.comfyui.csg_fixtures import node_output, pack_module  # noqa: E402
-from tests.comfyui.sdxl_checkpoint import ensure_checkpoint  # noqa: E402
+from tests.comfyui.csg_fixtures import UNET_CONFIG, build_comfy_sdxl, node_output, pack_module  # noqa: E402
+from tests.comfyui.sdxl_checkpoint import SMALL_SDXL_UNET, ensure_checkpoint  # noqa: E402
 from tools.comfyui_harness import import_comfy_like_main  # noqa: E402
 
 EXAMPLES = ROOT / "csg" / "examples"
 SOURCE_PROMPT = "a portrait photo of a smiling woman astronaut with short brown hair"
 TARGET_RATIO = 1.15
+MODELS = ("test-checkpoint", "full", "tiny")
+FULL_SDXL_UNET = dict(SMALL_SDXL_UNET, channel_mult=[1, 2, 4])  # SDXL base's UNet (model_detection.py's SDXL)
 
 # Where the time goes: (label, cProfile function name, file fragment), cumulative times.
 PROFILE_PARTS = (
@@ -71,7 +76,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared CPU, more threads than free cores thrash)")
     parser.add_argument("--profile", action="store_true", help="also profile one run of each")
+    parser.add_argument("--model", choices=MODELS, default="test-checkpoint",
+                        help="the cached test checkpoint, or full / tiny SDXL UNets built in memory")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
+                        help="also write the runs' seconds, the ratio and the setup to FILE")
     return parser.parse_args(argv)
+
+
+def load_model(name: str) -> tuple[object, object, object, str]:
+    """MODEL, CLIP and VAE, as ComfyUI objects, and what they are."""
+    import comfy.model_management
+    import comfy.sd
+    import comfy.supported_models
+
+    if name == "test-checkpoint":
+        checkpoint = ensure_checkpoint()
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True,
+                                                                 output_clip=True)[:3]
+        return model, clip, vae, f"checkpoint {checkpoint.name}"
+    unet = FULL_SDXL_UNET if name == "full" else UNET_CONFIG
+    dtype = comfy.model_management.unet_dtype(supported_dtypes=comfy.supported_models.SDXL.supported_inference_dtypes)
+    built = build_comfy_sdxl(0, dict(unet, dtype=dtype))
+    return built.model, built.clip, built.vae, f"{name} SDXL UNet built in memory, {str(dtype).removeprefix('torch.')}"
 
 
 def timed(runs: tuple[Callable[[], object], ...], repeats: int) -> list[list[float]]:
@@ -107,7 +133,6 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     import_comfy_like_main()
     import comfy.samplers
-    import comfy.sd
     from comfy_extras.nodes_custom_sampler import Noise_EmptyNoise, Noise_RandomNoise, SamplerCustomAdvanced
 
     import nodes as comfy_nodes
@@ -115,9 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     csg_nodes, sampling, graph_module = (pack_module(m) for m in ("nodes.csg_nodes", "nodes.comfy_sampling",
                                                                    "csg.graph"))
     started = time.perf_counter()
-    checkpoint = ensure_checkpoint()
-    model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True, output_clip=True)[:3]
-    print(f"checkpoint {checkpoint.name} loaded in {time.perf_counter() - started:.1f} s; torch "
+    model, clip, vae, what = load_model(args.model)
+    print(f"{what} loaded in {time.perf_counter() - started:.1f} s; torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, device {model.load_device}")
 
     graph = graph_module.CausalGraph.from_dict(json.loads((EXAMPLES / "portrait_graph.json").read_text()))
@@ -165,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{'  ' + ', '.join(f'{s:.2f}' for s in floor_s):>22}")
     verdict = "PASS" if ratio <= TARGET_RATIO else "FAIL"
     print(f"ours / floor: {ratio:.3f}x (target <= {TARGET_RATIO}x) {verdict}")
+    report = dict(model=what, device=str(model.load_device), torch=torch.__version__, side=args.size,
+                  steps=args.steps, warmup=args.warmup, unet_rows=rows, ours_s=ours_s, floor_s=floor_s,
+                  ratio=ratio, target=TARGET_RATIO)
 
     if args.profile:
         print("\nprofile (cProfile, one run each; cumulative seconds, nested parts indented):")
@@ -178,6 +205,10 @@ def main(argv: list[str] | None = None) -> None:
         rest = [total - sum(parts[label] for label in top) for total, parts in ((ours_total, ours_parts),
                                                                             (floor_total, floor_parts))]
         print(f"{'everything else':48}{rest[0]:8.2f}{rest[1]:8.2f}")
+        report["profile"] = dict(ours=dict(total=ours_total, **ours_parts), floor=dict(total=floor_total,
+                                                                                      **floor_parts))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

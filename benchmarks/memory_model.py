@@ -20,10 +20,11 @@ that ``offload_text_encoders`` lends real CPU weights to the meta device, as it 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the text encoders on the GPU (no offload_text_encoders)")
     parser.add_argument("--steps", type=int, default=4,
                         help="denoising steps to model (memory does not grow with them)")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
+                        help="also write the resident and per-row GiB to FILE")
     args = parser.parse_args(argv)
     resident, rows = model_memory(args.size, getattr(torch, args.dtype), getattr(torch, args.vae_dtype),
                                   not args.keep_text_encoders, args.steps)
@@ -169,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     peak = max(row.peak_gib for row in rows.values())
     print(f"peak {peak:.2f} GiB ({'<=' if peak <= TARGET_GIB else '>'} the {TARGET_GIB} GiB target, "
           "before kernel workspaces and fragmentation)")
+    if args.json:
+        report = dict(size=args.size, dtype=args.dtype, vae_dtype=args.vae_dtype,
+                      text_encoders_offloaded=not args.keep_text_encoders, resident_gib=resident, peak_gib=peak,
+                      rows={title: asdict(row) for title, row in rows.items()})
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 
