@@ -473,7 +473,8 @@ def check_out_folder(out: Path) -> None:
     except OSError as exc:  # e.g. a name too long for the file system
         raise InputError(f"--out {out} cannot be a folder here ({exc.strerror}). Choose another folder.") from None
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: cannot create or write there ({existing} is not a writable folder). "
+        problem = "is not writable" if existing.is_dir() else "is a file"  # os.access knows read-only mounts
+        raise InputError(f"--out {out}: cannot create or write there ({existing} {problem}). "
                          "Choose a folder you can write to.")
 
 
