@@ -322,7 +322,8 @@ def test_the_grammar_makes_the_random_model_fit_the_schema_and_free_decoding_doe
         if fits(answer, stage.schema):
             constrained_fits += 1
         else:
-            assert tokens >= stage.max_tokens - 2, f"seed {seed}: {tokens} tokens, not schema-valid: {answer[:300]!r}"
+            # re-tokenizing the decoded text counts a few percent fewer tokens than the grammar forced
+            assert tokens >= 0.95 * stage.max_tokens, f"seed {seed}: {tokens} tokens, no fit: {answer[:300]!r}"
             cut_off += 1
         free_fits += fits(ask_stage(free, stage, seed, max_tokens=tokens)[0], stage.schema)
     print(f"{stage.name}: constrained {constrained_fits}/{len(SEEDS)} fit, {cut_off} cut off; free {free_fits} fit")
