@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import CSGError, GraphError, InputError, OutputError, WeightsMissingError
-from .files import check_caption, read_graph, read_interventions
+from .files import check_caption, check_sdxl_checkpoint, check_sdxl_folder, read_graph, read_interventions
 from .output import make_folder, save_image, write_text
 
 SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -120,17 +120,27 @@ class SDXLWeights:
     path: Path  # a diffusers folder or a single checkpoint file
     config: Path | None = None  # the diffusers config folder a single file needs
 
+    def check(self) -> SDXLWeights:
+        """These weights, once their configs parse and their safetensors headers read (a single file: that it
+        is SDXL base): a broken download is named before minutes of loading."""
+        if self.config is None:
+            check_sdxl_folder(self.path)
+        else:
+            check_sdxl_checkpoint(self.path)
+            check_sdxl_folder(self.config)
+        return self
+
 
 def sdxl_get_message(comfy: Path | None) -> str:
     cache = hf_hub_cache()
     lines = [
         "SDXL base 1.0 weights were not found on this machine (nothing is downloaded automatically). Either:",
-        f"  * download the diffusers folder: huggingface-cli download {SDXL_REPO}   (lands in {cache}), "
+        f"  * download the diffusers folder: hf download {SDXL_REPO}   (lands in {cache}), "
         "or pass its folder with --sdxl DIR;",
         "  * or use a single checkpoint, e.g. sd_xl_base_1.0.safetensors from the same repository: "
         + (f"put it in {comfy / 'models' / 'checkpoints'}" if comfy else "pass it with --sdxl FILE, or put it in "
            "<ComfyUI>/models/checkpoints and pass --comfyui-root <ComfyUI> (or set COMFYUI_PATH)")
-        + ". A single file also needs SDXL's configs and tokenizers (no weights): huggingface-cli download "
+        + ". A single file also needs SDXL's configs and tokenizers (no weights): hf download "
         f"{SDXL_REPO} --include '*.json' '*.txt'   (or pass such a folder with --sdxl-config DIR).",
     ]
     return "\n".join(lines)
@@ -143,14 +153,14 @@ def config_folder_for_single_file(explicit: str | None) -> Path:
             raise WeightsMissingError(
                 f"--sdxl-config {folder} is not an SDXL diffusers config folder (it needs model_index.json, "
                 "unet/, vae/, text_encoder/, text_encoder_2/ configs and tokenizer/, tokenizer_2/). Get one with "
-                f"huggingface-cli download {SDXL_REPO} --include '*.json' '*.txt' --local-dir {folder}")
+                f"hf download {SDXL_REPO} --include '*.json' '*.txt' --local-dir {folder}")
         return folder
     for snapshot in hf_snapshots(SDXL_REPO):
         if is_sdxl_config_folder(snapshot):
             return snapshot
     raise WeightsMissingError(
         "A single-file SDXL checkpoint needs SDXL's configs and tokenizers (about 3 MB, no weights), which were "
-        f"not found in {hf_hub_cache()}. Get them with: huggingface-cli download {SDXL_REPO} "
+        f"not found in {hf_hub_cache()}. Get them with: hf download {SDXL_REPO} "
         "--include '*.json' '*.txt'   or pass such a folder with --sdxl-config DIR.")
 
 
@@ -195,7 +205,7 @@ def vlm_get_message(comfy: Path | None) -> str:
     return (
         "This run needs a vision-language model (to extract the graph, propose or propagate the intervention), "
         "and none was found locally (nothing is downloaded automatically). Either:\n"
-        f"  * download one: huggingface-cli download {VLM_REPOS[0]}   (lands in {hf_hub_cache()}), or put it in "
+        f"  * download one: hf download {VLM_REPOS[0]}   (lands in {hf_hub_cache()}), or put it in "
         f"{where}, or pass its folder with --vlm-model DIR;\n"
         "  * or use an OpenAI-compatible server: --vlm-url http://host:port/v1 --vlm-name MODEL "
         "[--api-key-env VAR];\n"
@@ -288,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="out", metavar="DIR")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
     run.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=seed_number, default=0)
     scores = p.add_argument_group("metrics (--metrics)")
     scores.add_argument("--metrics", action="store_true",
                         help="score each counterfactual: LPIPS(VGG), masked LPIPS (csg), and with the VLM as judge "
@@ -297,6 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torchvision's vgg16-397923af.pth (default: under TORCH_HOME)")
     scores.add_argument("--lpips-heads", metavar="FILE", help="the lpips package's weights/v0.1/vgg.pth")
     return p
+
+
+def seed_number(text: str) -> int:
+    """An argparse type: a seed torch accepts (0 to 2**63 - 1), refused with a usage error (exit 2) otherwise."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"{seed} is outside 0 to 2**63 - 1") from None
+    return seed
 
 
 def parse_do(text: str) -> tuple[str, str]:
@@ -643,7 +664,7 @@ def run(args: argparse.Namespace) -> int:
         check_settings(request.graph, request.interventions, params)  # no VLM: all is known before the weights
     device, dtype = resolve_device(args.device, args.dtype)
     comfy = comfyui_root(args.comfyui_root)
-    sdxl = find_sdxl(args.sdxl, args.sdxl_config, comfy)  # before any slow work: fail fast on missing weights
+    sdxl = find_sdxl(args.sdxl, args.sdxl_config, comfy).check()  # before any slow work: fail fast on missing weights
     lpips = None
     if args.metrics:  # the metrics' weights too: the judge's VLM and LPIPS
         from .metrics import load_lpips_vgg

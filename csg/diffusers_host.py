@@ -55,7 +55,7 @@ from .host import AttentionRequest
 
 SDXL_DOWNLOAD_HINT = (
     "Download the SDXL base 1.0 model in diffusers format, e.g. "
-    "`huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0 --local-dir {folder}`"
+    "`hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir {folder}`"
 )
 SDXL_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
@@ -335,7 +335,7 @@ class DiffusersSDXLHost:
         if missing:
             raise WeightsMissingError(
                 f"The SDXL config folder {config_folder} lacks {', '.join(missing)}. Get the configs and tokenizers "
-                "(no weights needed) with `huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0 "
+                "(no weights needed) with `hf download stabilityai/stable-diffusion-xl-base-1.0 "
                 f"--include '*.json' '*.txt' --local-dir {config_folder}`."
             )
         from diffusers import StableDiffusionXLPipeline  # only this path needs the pipeline's converters

@@ -40,6 +40,7 @@ from .cli import (
     make_vlm,
     report_error,
     resolve_device,
+    seed_number,
 )
 from .errors import CSGError, InputError, OutputError
 from .evaluation.datasets import DatasetSpec, select
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="KIND: folder (a captions .json/.csv), coco (captions_*.json), celebahq (a folder of "
                            "caption .txt files); IMAGES: the image folder when it is not the default")
     data.add_argument("--per-dataset", type=int, metavar="N", help="items sampled per dataset (default: all)")
-    data.add_argument("--seed", type=int, default=0, help="sampling seed, and the inversions' noise seed")
+    data.add_argument("--seed", type=seed_number, default=0, help="sampling seed, and the inversions' noise seed")
     data.add_argument("--plans", metavar="FILE",
                       help="hand-written graphs and interventions by item id, for items of any dataset (JSON or CSV, "
                            "see docs/evaluation.md); they replace the VLM's extraction and proposals")
@@ -195,7 +196,8 @@ def run(args: argparse.Namespace, held: ExitStack) -> int:
     rank, world = state.process_index, state.num_processes
     device, dtype = resolve_device(str(state.device) if args.device == "auto" else args.device, args.dtype)
     comfy = comfyui_root(args.comfyui_root)
-    sdxl = find_sdxl(args.sdxl, args.sdxl_config, comfy)
+    sdxl = find_sdxl(args.sdxl, args.sdxl_config, comfy).check()  # before any weights load
+    lpips = load_lpips_vgg(args.lpips_vgg, args.lpips_heads, device=device)
     out = Path(args.out).expanduser()
     claim_out_folder(state, out, held)  # before the first weights load
     lpips = load_lpips_vgg(args.lpips_vgg, args.lpips_heads, device=device)

@@ -74,7 +74,11 @@ def read_bytes(path: str | Path, what: str, limit: int, error: type[InputError] 
             _refuse_special(status.st_mode, path, what, error)
             if status.st_size > limit:
                 raise _too_big(path, what, limit, error)
-            raw = handle.read(limit + 1)  # the size may change between fstat and read
+            # sized to the file, not the bound (a read of limit + 1 allocates that much at once); a file that grew
+            # since fstat is read on, to the bound
+            raw = handle.read(status.st_size + 1)
+            if len(raw) > status.st_size:
+                raw += handle.read(limit + 1 - len(raw))
     except FileNotFoundError as exc:
         raise error(f"The {what} {path} does not exist.") from exc
     except OSError as exc:
@@ -279,3 +283,38 @@ def read_interventions(path: str | Path) -> list:
     raise InputError(f"The intervention file {path} holds a JSON {type(data).__name__}; expected one intervention "
                      '({"id": ..., "target_concept_id": ..., "new_value": ...}) or {"interventions": [...]} '
                      "(see csg/examples/portrait_intervention.json).")
+
+
+SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def check_sdxl_folder(folder: str | Path) -> None:
+    """Every JSON config of an SDXL diffusers folder (or config folder) parses, and every safetensors weight
+    file's header reads: a broken one is named now, before minutes of loading."""
+    folder = Path(folder).expanduser()
+    for path in [folder / "model_index.json", *(p for part in SDXL_PARTS for p in sorted((folder / part).glob("*")))]:
+        if path.suffix == ".json" and path.exists():
+            read_json(path, "SDXL config file", MAX_CONFIG_BYTES, WeightsError)
+        elif path.suffix == ".safetensors":
+            tensor_shapes(path, "SDXL weight file")
+
+
+def check_sdxl_checkpoint(path: str | Path) -> None:
+    """A single-file checkpoint (``--sdxl FILE``) is a readable safetensors file holding an SDXL base model,
+    told from its tensor names before anything loads: SDXL's UNet has the size-conditioning embedding
+    ``label_emb`` and a second text encoder (``conditioner.embedders.1``), which SD 1.x/2.x lack."""
+    names = tensor_shapes(path, "SDXL checkpoint")
+    unet = any(name.startswith("model.diffusion_model.") for name in names)
+    sdxl = "model.diffusion_model.label_emb.0.0.weight" in names and any(
+        name.startswith("conditioner.embedders.1.") for name in names)
+    if sdxl:
+        return
+    if any(name.startswith("cond_stage_model.") for name in names):
+        looks = "a Stable Diffusion 1.x/2.x checkpoint (one text encoder, no size conditioning)"
+    elif unet:
+        looks = "a UNet without SDXL's size conditioning and second text encoder (an SDXL refiner, or SD 1.x/2.x)"
+    else:
+        looks = f"not a Stable Diffusion checkpoint ({len(names)} tensors, none under model.diffusion_model.)"
+    raise WeightsError(f"The SDXL checkpoint {Path(path).expanduser()} is {looks}. The pack runs SDXL base 1.0 (or a "
+                       "fine-tune of it): use sd_xl_base_1.0.safetensors from "
+                       "stabilityai/stable-diffusion-xl-base-1.0.")

@@ -64,7 +64,7 @@ VLMType = io.Custom("CSG_VLM")  # nodes.vlm_nodes.VLMHandle
 LLM_FOLDER = "LLM"
 NO_LOCAL_MODEL = "(no model folder in models/LLM)"
 CACHE_FOLDER = "csg_vlm_cache"  # under ComfyUI's user directory
-PUT_A_MODEL_THERE = ("Put a Qwen3-VL (or Qwen2.5-VL) instruct model there, e.g. huggingface-cli download "
+PUT_A_MODEL_THERE = ("Put a Qwen3-VL (or Qwen2.5-VL) instruct model there, e.g. hf download "
                      "Qwen/Qwen3-VL-8B-Instruct --local-dir <ComfyUI>/models/LLM/Qwen3-VL-8B-Instruct, then refresh "
                      "the page.")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -173,7 +173,7 @@ def test_missing_sdxl_names_what_to_get_and_exits_2(tmp_path, capsys):
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"huggingface-cli download {SDXL_REPO}" in err and "models/checkpoints" in err
+    assert f"hf download {SDXL_REPO}" in err and "models/checkpoints" in err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()  # it stopped before doing anything
 

@@ -249,7 +249,7 @@ def test_from_pretrained_loads_local_files(tiny_components, tiny_host, tmp_path)
 
 def test_missing_weights_name_what_to_get_and_where(tmp_path):
     (tmp_path / "unet").mkdir()
-    with pytest.raises(WeightsMissingError, match=r"vae/.*text_encoder/.*huggingface-cli download"):
+    with pytest.raises(WeightsMissingError, match=r"vae/.*text_encoder/.*hf download"):
         DiffusersSDXLHost.from_pretrained(tmp_path)
     with pytest.raises(WeightsMissingError, match="sd_xl_base_1.0.safetensors"):
         DiffusersSDXLHost.from_single_file(tmp_path / "sdxl.safetensors", tmp_path)

@@ -173,7 +173,7 @@ def _cli_options() -> set[str]:
     return {flag for action in build_parser()._actions for flag in action.option_strings}
 
 
-OTHER_TOOLS_FLAGS = {"--include", "--local-dir"}  # huggingface-cli, quoted in the weights instructions
+OTHER_TOOLS_FLAGS = {"--include", "--local-dir"}  # hf, quoted in the weights instructions
 
 
 def test_cli_doc_documents_exactly_the_cli_options():

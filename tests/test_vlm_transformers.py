@@ -160,7 +160,7 @@ def test_unload_frees_and_the_next_call_reloads(qwen_folder):
 
 
 def test_missing_or_incomplete_folders_say_what_to_put_there(tmp_path, qwen_folder):
-    with pytest.raises(WeightsMissingError, match="no VLM model folder.*huggingface-cli download"):
+    with pytest.raises(WeightsMissingError, match="no VLM model folder.*hf download"):
         TransformersVLM(tmp_path / "nowhere", device="cpu").load()
     partial = tmp_path / "partial"
     partial.mkdir()

@@ -36,7 +36,7 @@ from .schemas import ANY_OBJECT, Schema, check_mode
 log = logging.getLogger("csg.vlm")
 
 GREEDY_BELOW = 1e-3  # temperatures under this mean "no sampling": argmax decoding
-DOWNLOAD_HINT = "huggingface-cli download Qwen/Qwen3-VL-8B-Instruct --local-dir {folder}"
+DOWNLOAD_HINT = "hf download Qwen/Qwen3-VL-8B-Instruct --local-dir {folder}"
 
 TokenCallback = Callable[[int, int], None]
 

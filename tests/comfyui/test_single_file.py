@@ -3,7 +3,7 @@
 ``DiffusersSDXLHost.from_single_file`` is what ``csg-counterfactual --sdxl model.safetensors`` uses.
 Here it reads the random-weight test checkpoint, which ComfyUI wrote with ``save_checkpoint`` and
 so has exactly the key layout of a real SDXL file, next to a diffusers config folder describing the
-same architecture (as ``huggingface-cli download ... --include '*.json' '*.txt'`` gives for the real
+same architecture (as ``hf download ... --include '*.json' '*.txt'`` gives for the real
 model). It must predict what ComfyUI predicts after CheckpointLoaderSimple loaded the same file.
 """
 

@@ -266,7 +266,7 @@ def test_without_a_local_model_the_loader_says_where_to_put_one(comfyui, portrai
     vlm_nodes = comfyui.pack_module("nodes.vlm_nodes")
     options = comfyui.input_types("CSGLocalVLM")["required"]["model"][1]["options"]
     assert options == [vlm_nodes.NO_LOCAL_MODEL]
-    with pytest.raises(WorkflowFailed, match="models/LLM holds no VLM folder.*huggingface-cli download") as failed:
+    with pytest.raises(WorkflowFailed, match="models/LLM holds no VLM folder.*hf download") as failed:
         comfyui.run(local_prompt(portrait, vlm_nodes.NO_LOCAL_MODEL, True), outputs=["3"], fresh=True)
     assert failed.value.error["exception_type"].endswith("WeightsMissingError")
 
