@@ -12,7 +12,11 @@
 //                            draw what their last run sent (the UI output "causal_graph", csg/view.py).
 //
 // Edits only write the nodes' own widgets, so saving, queueing, undo and redo go through ComfyUI as for any
-// widget change. Nothing is fetched from outside the ComfyUI server.
+// widget change. Nothing is fetched from outside the ComfyUI server. Broken JSON typed into Causal Graph From JSON
+// leaves the last valid drawing in place, with where the error is and a button that brings that graph back.
+//
+// Both of the frontend's renderers draw the graph: the classic canvas, and Vue nodes ("Nodes 2.0") in frontends
+// whose Vue nodes show an extension's DOM widgets. Where they do not, a warning says so once.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -30,7 +34,24 @@ const GRAPH_NODE_TYPES = new Set([GRAPH_EDITOR, INTERVENTION_PICKER, "CSGConcept
                                   "CSGCausalGraphPreview"]);
 const WIDGET_NAME = "causal_graph_view";
 const WIDGET_MIN_HEIGHT = 300;
-const NODE_MIN_WIDTH = 460;
+const NODE_MIN_WIDTH = 480;
+const GRAPH_KEYS = ["scene_summary", "concepts", "relationships"]; // graph_json's order unless the user's differs
+const CONTEXT_CHARACTERS = 24; // of the JSON shown either side of a syntax error
+const RENDER_CHECK_MS = 2000; // a node drawn by Vue nodes without its graph this long after loading cannot show it
+let warnedNotShown = false;
+
+// Vue nodes ("Nodes 2.0") in older frontends (1.27) draw a node without an extension's DOM widgets: the graph is
+// missing without a word. Say so once, with the way out.
+function warnIfNotShown(node, element) {
+  if (warnedNotShown || element.isConnected || !window.LiteGraph?.vueNodesMode) return;
+  if (!document.querySelector(`.lg-node[data-node-id="${node.id}"]`)) return; // not drawn (yet): nothing to judge
+  warnedNotShown = true;
+  const detail = "This ComfyUI frontend's Vue nodes (Nodes 2.0) cannot show the causal graph inside the nodes. " +
+    "Turn Vue nodes off (Settings, or the canvas menu) to see and edit it, or update ComfyUI's frontend " +
+    "(comfyui-frontend-package): newer ones show it in both modes. The nodes still run.";
+  console.warn(`causal counterfactuals: ${detail}`);
+  app.extensionManager?.toast?.add({ severity: "warn", summary: "Causal graph not shown", detail, life: 0 });
+}
 const TYPING_PAUSE_MS = 400; // redraw after the user stops typing JSON, not on every key
 
 const stylesheet = document.createElement("link");
@@ -74,6 +95,40 @@ function downstreamNodes(node) {
     .filter(Boolean);
 }
 
+// The graph as graph_json text, its top-level keys in the order the user's text had them (an edit moves nothing).
+function graphText(graph, previousText) {
+  let order = GRAPH_KEYS;
+  try {
+    order = [...new Set([...Object.keys(JSON.parse(previousText)), ...GRAPH_KEYS])];
+  } catch {
+    // the previous text was no JSON object: the default order
+  }
+  const ordered = Object.fromEntries(order.filter((key) => key in graph).map((key) => [key, graph[key]]));
+  return JSON.stringify({ ...ordered, ...graph }, null, 2);
+}
+
+// Where in the text a JSON syntax error that the server placed at "line L, column C" lies, in words:
+// the concept or relationship it is in, and the text around it.
+function whereInJson(text, error) {
+  const found = error.match(/line (\d+), column (\d+)/);
+  if (!found) return "";
+  const lines = text.split("\n");
+  const [line, column] = [Number(found[1]), Number(found[2])];
+  const offset = lines.slice(0, line - 1).reduce((sum, l) => sum + l.length + 1, 0) + column - 1;
+  const ids = [...text.slice(0, offset).matchAll(/"id"\s*:\s*"([^"]*)"/g)];
+  const inside = ids.length ? ` It is in or just after the entry with id "${ids.at(-1)[1]}".` : "";
+  const before = text.slice(Math.max(0, offset - CONTEXT_CHARACTERS), offset).replace(/\s+/g, " ");
+  const after = text.slice(offset, offset + CONTEXT_CHARACTERS).replace(/\s+/g, " ");
+  return `${inside} The text there: …${before.trimEnd()} ⟶ here ⟵ ${after.trimStart()}…`;
+}
+
+// The server's cycle message with each id written as its concept's name.
+function namedCycle(error, graph) {
+  const names = new Map(graph.concepts.map((c) => [c.id, c.name]));
+  return error.replace(/cycle: (.+?)\. /, (_, path) =>
+    `cycle: ${path.split(" -> ").map((id) => names.get(id) ?? id).join(" → ")}. `);
+}
+
 function doText(graph, targetId, newValue) {
   return `do(${graph.concepts.find((c) => c.id === targetId).name} = ${newValue || "?"})`;
 }
@@ -85,6 +140,7 @@ class GraphNodeController {
     this.type = node.comfyClass;
     this.executedView = null; // what the last run sent; not saved with the workflow
     this.shownView = null; // the view drawn now
+    this.lastValidJson = null; // Causal Graph From JSON: the graph_json text of the last graph drawn
     this.selectedConceptId = null;
     this.selectedEdgeId = null;
     this.pickingEffectFor = null; // the cause, while "add an edge" waits for its effect
@@ -97,6 +153,11 @@ class GraphNodeController {
     });
     if (this.type === GRAPH_EDITOR) {
       this.view.addButton("+ Concept", () => this.addConcept(), "Add a concept, then name it below");
+    }
+    if (this.type === GRAPH_EDITOR) {
+      this.view.restoreButton = this.view.addButton("Restore last valid graph", () => this.restoreLastValid(),
+                                                    "Put the last graph drawn back into graph_json");
+      this.view.restoreButton.hidden = true;
     }
     const widget = node.addDOMWidget(WIDGET_NAME, "causal-graph", this.view.element, {
       getMinHeight: () => WIDGET_MIN_HEIGHT,
@@ -157,13 +218,36 @@ class GraphNodeController {
     const number = ++this.requestNumber;
     const found = await this.currentView();
     if (number !== this.requestNumber) return;
+    if (found.error && this.type === GRAPH_EDITOR && this.shownView) {
+      // keep the last valid drawing; say what is wrong and where, and offer it back
+      const text = widgetNamed(this.node, "graph_json").value;
+      this.view.restoreButton.hidden = false;
+      this.view.showMessage(`graph_json is not a valid graph, so the drawing shows the last valid one. ${found.error}`
+                            + whereInJson(text, found.error), "error");
+      return;
+    }
     if (found.error) {
       this.shownView = null;
       this.view.showPlaceholder(found.error);
       return;
     }
     this.shownView = found.view;
+    if (this.type === GRAPH_EDITOR) {
+      this.lastValidJson = widgetNamed(this.node, "graph_json").value;
+      this.view.restoreButton.hidden = true;
+      if (this.view.message.dataset.kind === "error") this.view.showMessage("");
+    }
     this.draw();
+  }
+
+  restoreLastValid() {
+    this.writeWidget("graph_json", this.lastValidJson);
+    this.widgetsChanged();
+  }
+
+  // Whether a VLM is connected to carry an intervention on to the target's descendants (Manual Intervention).
+  propagates() {
+    return Boolean(this.node.inputs?.find((slot) => slot.name === "vlm")?.link != null);
   }
 
   // {view} to draw, or {error: what to show instead}.
@@ -191,7 +275,7 @@ class GraphNodeController {
         // The last run is what the widgets say: show what it changed, with the VLM's propagation.
         this.view.show({ ...view, intervention: ran }, { ...options, header: doText(view.graph, target.id, newValue) });
       } else if (target) {
-        this.view.show(view, { ...options, pending: { targetId: target.id, newValue },
+        this.view.show(view, { ...options, pending: { targetId: target.id, newValue, propagates: this.propagates() },
                                header: doText(view.graph, target.id, newValue) });
       } else {
         this.view.show(view, { ...options, header: "Click a concept to intervene on it." });
@@ -257,16 +341,21 @@ class GraphNodeController {
 
   // Check an edited graph with the server; write it to graph_json only if it is a valid graph.
   async commit(graph, { selectConcept = null, selectEdge = null, refusal = "" } = {}) {
-    const graphJson = JSON.stringify(graph, null, 2);
+    if (!this.view.restoreButton.hidden) { // graph_json holds the user's broken text: an edit would overwrite it
+      this.view.showMessage("Fix graph_json, or restore the last valid graph, before editing in the drawing.", "error");
+      return;
+    }
+    const graphJson = graphText(graph, widgetNamed(this.node, "graph_json").value);
     const answer = await requestView(graphJson);
     this.requestNumber += 1; // a refresh that started meanwhile read the graph before this edit: drop its answer
     if (answer.error) {
-      this.view.showMessage(`${refusal}${answer.error}`, "error");
+      this.view.showMessage(`${refusal}${namedCycle(answer.error, graph)}`, "error");
       this.draw(); // undo what the inputs show; the graph is as it was
       return;
     }
     this.writeWidget("graph_json", graphJson);
     this.shownView = answer.view;
+    this.lastValidJson = graphJson;
     this.selectedConceptId = selectConcept;
     this.selectedEdgeId = selectEdge;
     this.pickingEffectFor = null;
@@ -286,9 +375,11 @@ class GraphNodeController {
     const names = new Map(graph.concepts.map((c) => [c.id, c.name]));
     const refusal = `Edge ${names.get(causeId)} → ${names.get(effectId)} refused: `;
     this.pickingEffectFor = null;
-    if (findEdge(graph, causeId, effectId)) {
+    const problem = causeId === effectId ? "a concept cannot cause itself; click another concept."
+      : findEdge(graph, causeId, effectId) ? "that edge exists already." : null;
+    if (problem) {
       this.draw();
-      this.view.showMessage(`${refusal}that edge exists already.`, "error");
+      this.view.showMessage(`${refusal}${problem}`, "error");
       return;
     }
     const added = addRelationship(graph, causeId, effectId);
@@ -363,6 +454,7 @@ app.registerExtension({
       if (this.graph) controller.refresh();
     };
     controller.refresh();
+    setTimeout(() => warnIfNotShown(node, controller.view.element), RENDER_CHECK_MS);
   },
 
   // Loading a workflow (and undo or redo, which reload it) sets widget values and links after nodeCreated.

@@ -1,17 +1,20 @@
 // Draws a causal graph in a node's body as SVG: concepts as boxes (name, value), cause → effect arrows,
 // laid out top-down by the server (csg.render's layered layout, sent in the view), so the node and the
-// PNG preview agree. Wheel zooms, dragging the background pans, "Fit" (and every new graph) fits it in.
+// PNG preview agree. The graph is drawn at a fixed, legible size (at 100% canvas zoom its labels are 12-13 px)
+// and the stage scrolls where the graph is larger than the node: the wheel zooms, dragging the background
+// pans, "Fit" shrinks the whole graph into view and "100%" brings the legible size back.
 // Colours come from the frontend's CSS variables (causal_graph.css), so light and dark themes both read.
 
 const SVG = "http://www.w3.org/2000/svg";
-const BOX_WIDTH = 168; // one layout unit (the server's x is in box widths, gaps included)
+const BOX_WIDTH = 150; // one layout unit (the server's x is in box widths, gaps included), in CSS px at 100%
 const BOX_HEIGHT = 46;
 const NOTE_HEIGHT = 15; // one more line per stripped change
 const ROW_GAP = 58;
 const MARGIN = 24;
-const NAME_CHARACTERS = 24; // what fits in a box at the name's font size; the tooltip has the rest
-const VALUE_CHARACTERS = 27;
-const ZOOM_RANGE = 8; // the view may zoom in or out this many times from the fitted size
+const NAME_CHARACTERS = 20; // what fits in a box at the name's font size; the tooltip has the rest
+const VALUE_CHARACTERS = 24;
+const MAX_ZOOM = 3;
+const MIN_ZOOM = 0.05; // "Fit" on the largest graph allowed (100 rows) still shrinks it into a node
 
 let markerCount = 0; // marker ids must be unique in the page, and every graph node has its own SVG
 
@@ -31,6 +34,10 @@ const LEGENDS = {
     ["target", "target: old → new (click another concept to change it)"],
     ["may-change", "descendant: the VLM may change it"],
     ["unchanged", "keeps its value"],
+  ],
+  pendingAlone: [ // no VLM connected: the target alone changes
+    ["target", "target: old → new (click another concept to change it)"],
+    ["unchanged", "keeps its value (connect a VLM to change the target's descendants too)"],
   ],
 };
 
@@ -53,7 +60,8 @@ function shorten(text, characters) {
 }
 
 // Each concept's style, shown value and notes. "intervention" is an executed (checked) intervention;
-// "pending" a target and value chosen in the node that has not run yet: {targetId, newValue}.
+// "pending" a target and value chosen in the node that has not run yet: {targetId, newValue, propagates}, where
+// propagates says a VLM is connected to carry the change on to the target's descendants.
 function conceptStates(view, pending) {
   const { graph, intervention } = view;
   const states = new Map();
@@ -74,7 +82,7 @@ function conceptStates(view, pending) {
       states.set(concept.id, { ...state, stripped });
     }
   } else if (pending) {
-    const descendants = new Set(view.descendants[pending.targetId]);
+    const descendants = new Set(pending.propagates ? view.descendants[pending.targetId] : []);
     for (const concept of graph.concepts) {
       const role = concept.id === pending.targetId ? "target" : descendants.has(concept.id) ? "may-change" : "unchanged";
       const value = role === "target" ? `${concept.current_value} → ${pending.newValue || "?"}` : concept.current_value;
@@ -91,7 +99,8 @@ function editedIds(view, pending) {
   if (view.intervention) {
     return new Set([view.intervention.target_concept_id, ...view.intervention.propagated_changes.map((c) => c.concept_id)]);
   }
-  return pending ? new Set([pending.targetId, ...view.descendants[pending.targetId]]) : new Set();
+  if (!pending) return new Set();
+  return new Set([pending.targetId, ...(pending.propagates ? view.descendants[pending.targetId] : [])]);
 }
 
 function conceptTooltip(concept, state) {
@@ -124,7 +133,8 @@ export class GraphView {
     this.element = htmlElement("div", "csg-graph");
     this.header = htmlElement("div", "csg-header", this.element);
     this.toolbar = htmlElement("div", "csg-toolbar", this.element);
-    this.fitButton = this.addButton("Fit", () => this.fit(), "Fit the whole graph into the node");
+    this.addButton("Fit", () => this.fit(), "Shrink the whole graph into the node");
+    this.addButton("100%", () => this.zoomTo(1), "Back to the legible size (the graph scrolls in the node)");
     this.stage = htmlElement("div", "csg-stage", this.element);
     this.svg = svgElement("svg", { class: "csg-graph-svg" }, this.stage);
     this.panel = htmlElement("div", "csg-panel", this.element);
@@ -132,7 +142,8 @@ export class GraphView {
     this.legend = htmlElement("div", "csg-legend", this.element);
     this.placeholder = htmlElement("div", "csg-placeholder", this.stage);
     this.bounds = null; // the content's box in SVG units, set by show()
-    this.viewBox = null;
+    this.zoom = 1; // CSS px per SVG unit; kept across redraws, so an edit keeps the user's zoom
+    this.listenForClicks();
     this.listenForZoomAndPan();
   }
 
@@ -231,10 +242,6 @@ export class GraphView {
       const description = relationship.description ? `: ${relationship.description}` : "";
       svgElement("title", {}, group).textContent =
         `${relationship.id} ${names.get(relationship.cause_id)} → ${names.get(relationship.effect_id)}${description}`;
-      group.addEventListener("click", (event) => {
-        event.stopPropagation();
-        this.onEdgeClick?.(relationship.id);
-      });
     }
 
     const conceptLayer = svgElement("g", { class: "csg-concepts" }, this.svg);
@@ -254,23 +261,18 @@ export class GraphView {
           shorten(`stripped → ${violation.new_value || "(none)"}`, VALUE_CHARACTERS);
       });
       svgElement("title", {}, group).textContent = conceptTooltip(concept, state);
-      group.addEventListener("click", (event) => {
-        event.stopPropagation();
-        this.onConceptClick?.(concept.id);
-      });
     }
 
     this.header.textContent = header ?? "";
     this.header.title = graph.scene_summary ?? "";
-    this.drawLegend(view.intervention ? "intervention" : pending ? "pending" : "graph");
+    this.drawLegend(view.intervention ? "intervention" : pending ? (pending.propagates ? "pending" : "pendingAlone")
+                                                                 : "graph");
     const lefts = graph.concepts.map((c) => box(c.id).left);
     const bottom = Math.max(...graph.concepts.map((c) => box(c.id).top + box(c.id).height));
-    const bounds = { x: Math.min(...lefts) - MARGIN, y: -MARGIN,
-                     width: Math.max(...lefts) - Math.min(...lefts) + BOX_WIDTH + 2 * MARGIN, height: bottom + 2 * MARGIN };
-    const sameSize = this.bounds && this.bounds.width === bounds.width && this.bounds.height === bounds.height;
-    this.bounds = bounds;
-    if (sameSize && this.viewBox) this.applyViewBox(); // an edit that keeps the shape keeps the user's zoom and pan
-    else this.fit();
+    this.bounds = { x: Math.min(...lefts) - MARGIN, y: -MARGIN,
+                    width: Math.max(...lefts) - Math.min(...lefts) + BOX_WIDTH + 2 * MARGIN, height: bottom + 2 * MARGIN };
+    this.svg.setAttribute("viewBox", [this.bounds.x, this.bounds.y, this.bounds.width, this.bounds.height].join(" "));
+    this.applyZoom();
   }
 
   drawLegend(kind) {
@@ -285,54 +287,61 @@ export class GraphView {
 
   fit() {
     if (!this.bounds) return;
-    this.viewBox = { ...this.bounds };
-    this.applyViewBox();
+    const room = Math.min(this.stage.clientWidth / this.bounds.width, this.stage.clientHeight / this.bounds.height);
+    this.zoomTo(Math.min(1, room));
   }
 
-  applyViewBox() {
-    const { x, y, width, height } = this.viewBox;
-    this.svg.setAttribute("viewBox", `${x} ${y} ${width} ${height}`);
+  zoomTo(zoom) {
+    this.zoom = Math.min(Math.max(zoom, MIN_ZOOM), MAX_ZOOM);
+    this.applyZoom();
   }
 
-  // The SVG point under a mouse event, in viewBox units.
-  pointAt(event) {
-    const point = new DOMPoint(event.clientX, event.clientY).matrixTransform(this.svg.getScreenCTM().inverse());
-    return [point.x, point.y];
+  applyZoom() {
+    if (!this.bounds) return;
+    this.svg.setAttribute("width", this.bounds.width * this.zoom);
+    this.svg.setAttribute("height", this.bounds.height * this.zoom);
+  }
+
+  // One listener for every box and edge: a graph of 500 edges needs no 600 listeners of its own.
+  listenForClicks() {
+    this.svg.addEventListener("click", (event) => {
+      const concept = event.target.closest(".csg-concept");
+      const edge = event.target.closest(".csg-edge");
+      if (concept) this.onConceptClick?.(concept.dataset.conceptId);
+      else if (edge) this.onEdgeClick?.(edge.dataset.edgeId);
+    });
   }
 
   listenForZoomAndPan() {
-    this.svg.addEventListener("wheel", (event) => {
-      if (!this.viewBox) return;
+    this.stage.addEventListener("wheel", (event) => {
+      if (!this.bounds || this.svg.style.display === "none") return;
       event.preventDefault(); // the wheel zooms the graph, not the canvas behind the node
       event.stopPropagation();
-      const [px, py] = this.pointAt(event);
-      const fitted = this.bounds.width;
-      const factor = Math.exp(event.deltaY * 0.0015);
-      const width = Math.min(Math.max(this.viewBox.width * factor, fitted / ZOOM_RANGE), fitted * ZOOM_RANGE);
-      const scale = width / this.viewBox.width;
-      this.viewBox = { x: px - (px - this.viewBox.x) * scale, y: py - (py - this.viewBox.y) * scale,
-                       width, height: this.viewBox.height * scale };
-      this.applyViewBox();
+      // keep the point under the pointer where it is
+      const point = new DOMPoint(event.clientX, event.clientY).matrixTransform(this.svg.getScreenCTM().inverse());
+      this.zoomTo(this.zoom * Math.exp(-event.deltaY * 0.0015));
+      const moved = point.matrixTransform(this.svg.getScreenCTM());
+      this.stage.scrollLeft += moved.x - event.clientX;
+      this.stage.scrollTop += moved.y - event.clientY;
     }, { passive: false });
 
     let drag = null;
-    this.svg.addEventListener("pointerdown", (event) => {
-      if (event.button !== 0 || !this.viewBox || event.target.closest(".csg-concept, .csg-edge")) return;
+    this.stage.addEventListener("pointerdown", (event) => {
+      if (event.button !== 0 || !this.bounds || event.target.closest(".csg-concept, .csg-edge, .csg-placeholder")) return;
       event.stopPropagation();
-      drag = { start: this.pointAt(event), client: [event.clientX, event.clientY], moved: false };
-      this.svg.setPointerCapture(event.pointerId);
+      drag = { client: [event.clientX, event.clientY], scroll: [this.stage.scrollLeft, this.stage.scrollTop], moved: false };
+      this.stage.setPointerCapture(event.pointerId);
     });
-    this.svg.addEventListener("pointermove", (event) => {
+    this.stage.addEventListener("pointermove", (event) => {
       if (!drag) return;
-      drag.moved ||= Math.hypot(event.clientX - drag.client[0], event.clientY - drag.client[1]) > 3;
-      const [x, y] = this.pointAt(event);
-      this.viewBox.x -= x - drag.start[0];
-      this.viewBox.y -= y - drag.start[1];
-      this.applyViewBox();
+      const [dx, dy] = [event.clientX - drag.client[0], event.clientY - drag.client[1]];
+      drag.moved ||= Math.hypot(dx, dy) > 3;
+      this.stage.scrollLeft = drag.scroll[0] - dx;
+      this.stage.scrollTop = drag.scroll[1] - dy;
     });
-    this.svg.addEventListener("pointerup", (event) => {
+    this.stage.addEventListener("pointerup", (event) => {
       if (!drag) return;
-      this.svg.releasePointerCapture(event.pointerId);
+      this.stage.releasePointerCapture(event.pointerId);
       if (!drag.moved) this.onBackgroundClick?.();
       drag = null;
     });

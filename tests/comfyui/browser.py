@@ -6,6 +6,9 @@ gives a test module the ``server`` (URL of a ComfyUI with the pack), ``chromium_
 ``running_comfyui`` and ``open_frontend`` start more of either. Needs Playwright and a Chromium (Debian:
 ``apt-get install chromium``; or set CSG_CHROMIUM); skipped otherwise. Each server runs from a temporary base
 directory, so nothing is written into the ComfyUI checkout. Nothing is fetched from the network.
+
+The servers serve the frontend installed with ComfyUI (``comfyui-frontend-package``), or the one whose ``static``
+folder CSG_FRONTEND_ROOT names: CI runs the browser tests a second time with the newest frontend that way.
 """
 
 from __future__ import annotations
@@ -30,6 +33,18 @@ from tools.comfyui_harness import comfyui_path
 ROOT = Path(__file__).resolve().parents[2]
 PACK_FOLDER = "comfyui-causal-counterfactuals"  # the pack's folder in custom_nodes/, so its URL is /extensions/<this>/
 QUIET_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False}
+FRONTEND_ROOT_VARIABLE = "CSG_FRONTEND_ROOT"
+
+
+def frontend_arguments() -> list[str]:
+    root = os.environ.get(FRONTEND_ROOT_VARIABLE, "").strip()
+    if not root:
+        return []
+    if not (Path(root) / "index.html").is_file():
+        raise RuntimeError(f"{FRONTEND_ROOT_VARIABLE}={root} is not a ComfyUI frontend (it has no index.html): name "
+                           "the static folder of an installed comfyui-frontend-package, e.g. "
+                           "<target>/comfyui_frontend_package/static.")
+    return ["--front-end-root", root]
 
 
 def chromium() -> str | None:
@@ -59,7 +74,8 @@ def running_comfyui(base: Path, with_pack: bool = True) -> Iterator[str]:
     port = free_port()
     log = (base / "server.log").open("w")
     process = subprocess.Popen([sys.executable, str(comfyui_path() / "main.py"), "--cpu", "--listen", "127.0.0.1",
-                                "--port", str(port), "--base-directory", str(base), "--disable-auto-launch"],
+                                "--port", str(port), "--base-directory", str(base), "--disable-auto-launch",
+                                *frontend_arguments()],
                                cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

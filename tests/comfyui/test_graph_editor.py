@@ -160,24 +160,36 @@ def test_the_nodes_draw_the_graph_and_the_intervention_after_a_run(server, page)
     editor = graph_in(page, EDITOR)
     assert set(roles(editor).values()) == {"plain"} and len(roles(editor)) == len(PORTRAIT["concepts"])
 
-    # Wheel zooms and dragging pans; Fit brings the whole graph back.
+    # Wheel zooms and dragging the background pans (the stage scrolls); Fit shrinks the graph into the node and 100%
+    # brings the legible size back.
     graph = graph_in(page, INTERVENTION)
-    svg = graph.locator("svg")
-    fitted = svg.get_attribute("viewBox")
-    box = svg.bounding_box()
+    svg, stage = graph.locator("svg"), graph.locator(".csg-stage")
+    legible = svg.get_attribute("width")
+    box = stage.bounding_box()
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.mouse.wheel(0, -400)
-    expect(svg).not_to_have_attribute("viewBox", fitted)  # the wheel event is handled after wheel() returns
-    zoomed = svg.get_attribute("viewBox")
-    assert float(zoomed.split()[2]) < float(fitted.split()[2])  # zoomed in: a narrower view
-    page.mouse.move(box["x"] + 5, box["y"] + 5)
+    expect(svg).not_to_have_attribute("width", legible)  # the wheel event is handled after wheel() returns
+    assert float(svg.get_attribute("width")) > float(legible)  # zoomed in
+    scrolled = stage.evaluate("e => [e.scrollLeft, e.scrollTop]")
+    x, y = stage.evaluate("""stage => {  // a point of the background: no box, no edge, no scrollbar
+        const box = stage.getBoundingClientRect();
+        for (let y = box.top + 10; y < box.top + stage.clientHeight; y += 10) {
+            for (let x = box.left + 10; x < box.left + stage.clientWidth; x += 10) {
+                const hit = document.elementFromPoint(x, y);
+                if (stage.contains(hit) && !hit.closest(".csg-concept, .csg-edge")) return [x, y];
+            }
+        }
+    }""")
+    page.mouse.move(x, y)
     page.mouse.down()
-    page.mouse.move(box["x"] + 60, box["y"] + 40)
+    page.mouse.move(x + 40 if scrolled[0] > 40 else x - 40, y)
     page.mouse.up()
-    expect(svg).not_to_have_attribute("viewBox", zoomed)
-    assert svg.get_attribute("viewBox").split()[2:] == zoomed.split()[2:]  # panned, same zoom
+    assert stage.evaluate("e => [e.scrollLeft, e.scrollTop]") != scrolled  # panned
     graph.get_by_role("button", name="Fit").click()
-    expect(svg).to_have_attribute("viewBox", fitted)
+    fitted = stage.evaluate("e => [e.scrollWidth <= e.clientWidth, e.scrollHeight <= e.clientHeight]")
+    assert fitted == [True, True]
+    graph.get_by_role("button", name="100%").click()
+    expect(svg).to_have_attribute("width", legible)
 
     # A change to a non-descendant is stripped by the check, and drawn as such.
     rogue = json.loads(widget(page, INTERVENTION, "intervention_json"))
@@ -205,8 +217,10 @@ def test_clicking_a_concept_and_typing_a_value_is_the_intervention_that_runs(ser
     assert set(roles(graph)) == {c["id"] for c in PORTRAIT["concepts"]}  # drawn from the upstream widget,
                                                                          # before any run
     click_concept(graph, "c1")
-    assert roles(graph) == {"c1": "target", "c2": "may-change", "c3": "may-change", "c4": "unchanged",
+    # no VLM connected: the target alone changes, and the legend says how its descendants would change too
+    assert roles(graph) == {"c1": "target", "c2": "unchanged", "c3": "unchanged", "c4": "unchanged",
                             "c5": "unchanged", "c6": "unchanged"}
+    assert "connect a VLM" in graph.locator(".csg-legend").text_content()
     type_into(graph.locator(".csg-new-value"), "elderly")
     assert (widget(page, manual, "target"), widget(page, manual, "new_value")) == ("age", "elderly")
     saved = page.evaluate("(id) => app.graph.serialize().nodes.find(n => n.id === id).widgets_values", manual)
@@ -231,10 +245,15 @@ def test_the_graph_is_edited_in_the_node_and_an_edge_that_closes_a_cycle_is_refu
     click_concept(graph, "c1")
     message = graph.locator(".csg-message")
     # the server's answer
-    expect(message).to_have_text(re.compile(r"hair color → age refused: .*cycle: c1 -> c2 -> c1"))
+    expect(message).to_have_text(re.compile(r"hair color → age refused: .*cycle: age → hair color → age\."))
     assert message.get_attribute("data-kind") == "error"
     assert widget(page, EDITOR, "graph_json") == before
     assert graph.locator(".csg-edge").count() == 2
+    click_concept(graph, "c2")
+    graph.get_by_role("button", name="+ Effect…").click()
+    click_concept(graph, "c2")
+    expect(message).to_have_text("Edge hair color → hair color refused: a concept cannot cause itself; click another "
+                                 "concept.")
 
     graph.get_by_role("button", name="+ Concept").click()
     graph.locator('.csg-concept[data-concept-id="c7"]').wait_for()
@@ -244,6 +263,7 @@ def test_the_graph_is_edited_in_the_node_and_an_edge_that_closes_a_cycle_is_refu
     graph.get_by_role("button", name="+ Effect…").click()
     click_concept(graph, "c7")
     graph.locator('[data-cause-id="c1"][data-effect-id="c7"]').wait_for()
+    assert list(json.loads(widget(page, EDITOR, "graph_json"))) == list(json.loads(before))  # keys stay in place
     edited = json.loads(widget(page, EDITOR, "graph_json"))
     assert {"id": "c7", "name": "glasses", "current_value": "unknown", "description": ""} in edited["concepts"]
     assert {"id": "r3", "cause_id": "c1", "effect_id": "c7", "description": ""} in edited["relationships"]
@@ -268,21 +288,75 @@ def test_the_graph_is_edited_in_the_node_and_an_edge_that_closes_a_cycle_is_refu
     assert "c6" not in {c["id"] for c in edited["concepts"]}
 
 
-def test_a_graph_of_thirty_concepts_fits_in_the_node(page):
-    concepts = [{"id": f"c{k}", "name": f"concept {k}", "current_value": f"value {k}"} for k in range(1, 31)]
-    edges = [(k, k + 1) for k in range(1, 30, 3)] + [(k, k + 5) for k in range(1, 25, 4)] + [(1, 30)]
+def graph_of(count, edges):
+    concepts = [{"id": f"c{k}", "name": f"concept {k}", "current_value": f"value {k}"} for k in range(1, count + 1)]
     relationships = [{"id": f"r{n}", "cause_id": f"c{a}", "effect_id": f"c{b}"} for n, (a, b) in enumerate(edges, 1)]
+    return {"scene_summary": f"{count} concepts", "concepts": concepts, "relationships": relationships}
+
+
+def load_graph(page, graph):
+    """graph_part with the editor holding ``graph``; the editor's drawing at 100% canvas zoom."""
     workflow = graph_part(HAND_WRITTEN)
-    editor = next(n for n in workflow["nodes"] if n["id"] == EDITOR)
-    editor["widgets_values"][0] = json.dumps({"concepts": concepts, "relationships": relationships})
+    next(n for n in workflow["nodes"] if n["id"] == EDITOR)["widgets_values"][0] = json.dumps(graph, indent=2)
     load(page, workflow)
-    graph = graph_in(page, EDITOR)
-    assert len(roles(graph)) == 30 and graph.locator(".csg-edge").count() == len(edges)
-    x, y, width, height = (float(v) for v in graph.locator("svg").get_attribute("viewBox").split())
-    for box in graph.locator(".csg-box").all():
-        left, top = float(box.get_attribute("x")), float(box.get_attribute("y"))
-        right, bottom = left + float(box.get_attribute("width")), top + float(box.get_attribute("height"))
-        assert x <= left and right <= x + width and y <= top and bottom <= y + height
+    drawing = graph_in(page, EDITOR)
+    roles(drawing)
+    return drawing
+
+
+def label_sizes(drawing):
+    """The rendered font size of every concept label (names and values), in screen px."""
+    return drawing.locator(".csg-name, .csg-value").evaluate_all("""texts => texts.map(t => {
+        // SVG units to screen px, whatever scales the node (the canvas zoom, the SVG's own size)
+        const scale = t.getBoundingClientRect().height / t.getBBox().height;
+        return parseFloat(getComputedStyle(t).fontSize) * scale;
+    })""")
+
+
+TWELVE = graph_of(12, [(1, 2), (2, 3), (1, 4), (4, 5), (5, 6), (3, 7), (7, 8), (6, 9), (9, 10), (1, 11), (11, 12)])
+
+
+@pytest.mark.parametrize("graph", [PORTRAIT, TWELVE], ids=["example", "twelve concepts"])
+def test_concept_labels_are_legible_at_100_percent_canvas_zoom(page, graph):
+    sizes = label_sizes(load_graph(page, graph))
+    assert len(sizes) == 2 * len(graph["concepts"])
+    print(f"label sizes at 100% zoom: {min(sizes):.1f} to {max(sizes):.1f} px")
+    assert min(sizes) >= 11
+
+
+def test_a_graph_of_thirty_concepts_keeps_its_size_and_scrolls(page):
+    edges = [(k, k + 1) for k in range(1, 30, 3)] + [(k, k + 5) for k in range(1, 25, 4)] + [(1, 30)]
+    drawing = load_graph(page, graph_of(30, edges))
+    assert len(roles(drawing)) == 30 and drawing.locator(".csg-edge").count() == len(edges)
+    assert min(label_sizes(drawing)) >= 11  # not shrunk
+    stage = drawing.locator(".csg-stage")
+    assert stage.evaluate("e => e.scrollWidth > e.clientWidth || e.scrollHeight > e.clientHeight")
+    drawing.get_by_role("button", name="Fit").click()  # the whole graph in view, on request
+    assert stage.evaluate("e => e.scrollWidth <= e.clientWidth && e.scrollHeight <= e.clientHeight")
+
+
+def test_broken_json_keeps_the_last_drawing_says_where_and_restores_it(page):
+    load(page, graph_part(HAND_WRITTEN))
+    drawing = graph_in(page, EDITOR)
+    roles(drawing)
+    valid = widget(page, EDITOR, "graph_json")
+    broken = valid.replace('"name": "hair color",', '"name": "hair color"', 1)
+    page.evaluate("""([id, text]) => {
+        const widget = app.graph.getNodeById(id).widgets.find(w => w.name === "graph_json");
+        widget.value = text;
+        widget.callback?.(text);  // as typing does
+    }""", [EDITOR, broken])
+    message = drawing.locator(".csg-message")
+    expect(message).to_have_text(re.compile(r"not a valid graph, so the drawing shows the last valid one\. .*"
+                                            r'It is in or just after the entry with id "c2"\. The text there: '
+                                            r'….*"hair color" ⟶ here ⟵'))
+    assert len(roles(drawing)) == len(PORTRAIT["concepts"])  # the last valid drawing stays
+    drawing.get_by_role("button", name="+ Concept").click()  # no edit may overwrite the user's text
+    expect(message).to_have_text(re.compile("Fix graph_json, or restore the last valid graph"))
+    assert widget(page, EDITOR, "graph_json") == broken
+    drawing.get_by_role("button", name="Restore last valid graph").click()
+    expect(drawing.get_by_role("button", name="Restore last valid graph")).to_be_hidden()
+    assert widget(page, EDITOR, "graph_json") == valid
 
 
 def test_saved_edits_come_back_after_a_reload(server, page):
@@ -378,3 +452,40 @@ def test_every_node_has_a_help_page_and_the_help_panel_shows_it(server, page):
     help_page.locator("h1:text('Manual Intervention')").wait_for()
     assert "Click a concept to make it the target" in help_page.text_content()
     assert help_page.locator("code:text('new_value')").count() >= 1
+
+
+VUE_NODES_WITHOUT_DOM_WIDGETS = {"1.27.10"}  # frontends whose Vue nodes leave out an extension's DOM widgets
+
+
+def test_with_vue_nodes_on_the_graph_draws_and_edits_or_a_warning_says_why_not(server, chromium_browser):
+    """Vue nodes ("Nodes 2.0"): the graph renders, click-to-intervene and the cycle refusal work, and no page error
+    comes from the pack; in a frontend whose Vue nodes cannot show the graph, a warning says so."""
+    pack_scripts = f"/extensions/{PACK_FOLDER}/"
+    with open_frontend(chromium_browser, server) as (tab, _):
+        stacks = []
+        tab.on("pageerror", lambda error: stacks.append(error.stack or str(error)))
+        version = tab.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+        tab.evaluate("async () => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true); }")
+        try:
+            load(tab, graph_part(HAND_WRITTEN))
+            manual, _ = add_manual_intervention(tab)
+            if version in VUE_NODES_WITHOUT_DOM_WIDGETS:
+                warning = tab.locator(".p-toast-message", has_text="cannot show the causal graph inside the nodes")
+                warning.wait_for()
+                assert "Turn Vue nodes off" in warning.text_content()
+            else:
+                picker = graph_in(tab, manual)
+                click_concept(picker, "c1")
+                assert roles(picker)["c1"] == "target"
+                assert widget(tab, manual, "target") == "age"
+                editor = graph_in(tab, EDITOR)
+                assert min(label_sizes(editor)) >= 11
+                click_concept(editor, "c2")
+                editor.get_by_role("button", name="+ Effect…").click()
+                click_concept(editor, "c1")
+                expect(editor.locator(".csg-message")).to_have_text(re.compile("cycle: age → hair color → age"))
+            tab.wait_for_timeout(1000)
+        finally:
+            tab.evaluate("async () => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false); }")
+    print(f"frontend {version}, Vue nodes on")
+    assert not [stack for stack in stacks if pack_scripts in stack]
