@@ -235,7 +235,8 @@ def cache_input() -> io.Boolean.Input:
 
 
 def structured_input() -> io.Combo.Input:
-    return io.Combo.Input("structured", options=list(STRUCTURED_MODES), default="auto",
+    # optional, so workflows saved before it existed still validate (and get auto)
+    return io.Combo.Input("structured", options=list(STRUCTURED_MODES), default="auto", optional=True,
                           tooltip="How each answer is held to its stage's JSON Schema while it is decoded. auto: the "
                                   "schema where the backend can (falls back to a JSON object, then plain text, when "
                                   "a server refuses it); schema or json: only that (a refusal is an error); off: "
