@@ -46,7 +46,7 @@ MAX_CAPTION_CHARS = 1000  # a caption is a source prompt, bounded like a graph's
 
 _NOT_A_FILE = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a pipe (FIFO)", stat.S_IFCHR: "a device",
                stat.S_IFBLK: "a device", stat.S_IFSOCK: "a socket"}
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)  # to the end of the text if never closed
 _NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
 _BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 _PICKLE_STARTS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, or a bare pickle (protocol 2 and later)

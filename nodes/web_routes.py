@@ -20,14 +20,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 from aiohttp import web
 
 from ..csg.errors import GraphError
+from ..csg.files import json_depth
 from ..csg.graph import CausalGraph
 from ..csg.view import graph_view
 
@@ -39,7 +38,6 @@ MAX_BODY_BYTES = 3 * 2**20  # a graph file may have 1 MiB (csg.cli.MAX_JSON_BYTE
 MAX_NESTING = 32  # bracket levels; the request needs 1 and a graph 3
 
 USAGE = 'Send {"graph_json": "<the graph as JSON text>"}.'
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)  # to the end of the text if never closed
 
 _layout_threads = ThreadPoolExecutor(LAYOUT_WORKERS, thread_name_prefix="causal-graph-view")
 _pending = asyncio.Semaphore(MAX_PENDING)  # only ever tested and taken at once, so it never waits
@@ -62,21 +60,9 @@ def _too_large(size: str) -> _BadRequest:
                        "causal graph takes a few kB. " + USAGE, status=413)
 
 
-def nesting(text: str) -> int:
-    """How many brackets deep JSON text goes, its strings aside, without parsing it.
-
-    ``json.loads`` recurses once per level: checked first, no text can overflow the stack (where another
-    custom node raised the recursion limit, that would take the whole server down).
-    """
-    structure = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "surrogatepass"), dtype=np.uint8)
-    opens = np.isin(structure, np.frombuffer(b"[{", np.uint8))
-    closes = np.isin(structure, np.frombuffer(b"]}", np.uint8))
-    return int(np.cumsum(opens.astype(np.int64) - closes).max(initial=0))
-
-
 def _read_json(text: str, what: str) -> object:
     """json.loads for the route: any failure is a ``_BadRequest`` naming the problem."""
-    depth = nesting(text)
+    depth = json_depth(text)  # checked first, json.loads cannot overflow the stack
     if depth > MAX_NESTING:
         raise _BadRequest(f"The {what} is nested {depth:,} levels deep, more than the {MAX_NESTING} allowed. {USAGE}")
     try:
@@ -112,7 +98,7 @@ def _answer(body: bytes) -> tuple[int, str]:
         graph_json = _graph_json_in(body)
     except _BadRequest as refused:
         return refused.status, json.dumps({"error": str(refused)})
-    depth = nesting(graph_json)
+    depth = json_depth(graph_json)
     try:
         if depth > MAX_NESTING:
             raise GraphError(f"The graph JSON is nested {depth:,} levels deep, more than the {MAX_NESTING} allowed "

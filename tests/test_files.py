@@ -30,17 +30,14 @@ from csg.files import (
     MAX_CAPTION_CHARS,
     check_sdxl_checkpoint,
     check_sdxl_folder,
+    json_depth,
     open_image,
     read_csv,
     read_graph,
     read_interventions,
     read_json,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "csg" / "examples"
-PORTRAIT, GRAPH, INTERVENTION = (EXAMPLES / n for n in ("portrait.png", "portrait_graph.json",
-                                                         "portrait_intervention.json"))
+from tests.test_cli import GRAPH, INTERVENTION, PORTRAIT, ROOT
 
 
 def write_dataset(folder: Path, kind: str, raw: bytes) -> DatasetSpec:
@@ -419,3 +416,22 @@ def test_every_download_hint_names_a_command_the_installed_hub_has():
 
 def test_csv_module_bound_is_what_the_messages_say():
     assert csv.field_size_limit() == 131_072
+
+
+def depth(value):
+    if isinstance(value, list):
+        return 1 + max(map(depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(depth, value.values()), default=0)
+    return 0
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(alphabet=' "\\[]{}\nab\u00e9\ud800'),
+                           lambda inner: st.lists(inner) | st.dictionaries(st.text(alphabet='"[{\\a'), inner),
+                           max_leaves=30)
+
+
+@given(json_values, st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_json_depth_is_the_depth_json_loads_would_recurse_to(value, indent):
+    assert json_depth(json.dumps(value, indent=2 if indent else None, ensure_ascii=False)) == depth(value)

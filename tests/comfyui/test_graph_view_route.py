@@ -15,8 +15,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from csg.graph import MAX_CONCEPTS
 from csg.view import graph_view
@@ -146,22 +144,3 @@ def test_a_flood_of_the_largest_graphs_leaves_the_server_answering(server, route
     assert max(pings) < 1.0, f"/system_stats waited {max(pings):.2f} s behind the layouts"
     status, _, answer = post(server, body)
     assert status == 200 and "view" in json.loads(answer), "after the flood the route lays out again"
-
-
-def depth(value):
-    if isinstance(value, list):
-        return 1 + max(map(depth, value), default=0)
-    if isinstance(value, dict):
-        return 1 + max(map(depth, value.values()), default=0)
-    return 0
-
-
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(alphabet=' "\\[]{}\nab\u00e9\ud800'),
-                           lambda inner: st.lists(inner) | st.dictionaries(st.text(alphabet='"[{\\a'), inner),
-                           max_leaves=30)
-
-
-@given(json_values, st.booleans())
-@settings(max_examples=300, deadline=None)
-def test_nesting_is_the_depth_json_loads_would_recurse_to(routes, value, indent):
-    assert routes.nesting(json.dumps(value, indent=2 if indent else None, ensure_ascii=False)) == depth(value)
