@@ -222,9 +222,9 @@ def vlm_and_graph(canvas: Canvas, factual: Factual) -> Understanding:
     """Column 1: the VLM endpoint and the concept extractor with its graph preview."""
     vlm = canvas.add("CSGOpenAIVLM", (COLUMN, 0), title="VLM (OpenAI-compatible server)",
                      base_url="http://127.0.0.1:11434/v1", model="qwen2.5vl:7b")
-    extractor = canvas.add("CSGConceptExtractor", (COLUMN, 250), size=(320, 500), vlm=vlm.out("vlm"),
+    extractor = canvas.add("CSGConceptExtractor", (COLUMN, 280), size=(320, 500), vlm=vlm.out("vlm"),
                            image=factual.scaled.out("IMAGE"))  # tall enough for the graph drawn in it
-    graph = canvas.add("PreviewImage", (COLUMN, 788), title="Causal graph", size=(320, 340),
+    graph = canvas.add("PreviewImage", (COLUMN, 818), title="Causal graph", size=(320, 340),
                        images=extractor.out("preview"))
     canvas.group("1. Extract (VLM)", [vlm, extractor, graph], GROUP_COLORS["understanding"])
     return Understanding(vlm, extractor)
