@@ -57,7 +57,8 @@ def pack_module(name: str):
     """
     import_comfy()
     for loaded in list(sys.modules.values()):
-        if getattr(loaded, "__file__", None) == str(REPO / "__init__.py"):
+        # a package only: pytest imports the repository's own __init__.py as a plain module named "__init__"
+        if getattr(loaded, "__file__", None) == str(REPO / "__init__.py") and hasattr(loaded, "__path__"):
             return importlib.import_module(f"{loaded.__name__}.{name}")
     if PACK_MODULE not in sys.modules:
         package = types.ModuleType(PACK_MODULE)
