@@ -31,6 +31,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import InputError, WeightsMissingError
+from .images import rgb_channels, to_rgb
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -207,11 +208,12 @@ def load_lpips_vgg(vgg_weights: str | Path | None = None, lpips_weights: str | P
 # -- images in, distances out --------------------------------------------------------------------------
 
 def _as_batch(images: Any, name: str) -> torch.Tensor:
-    """PIL image(s) or a float tensor (3, H, W) / (N, 3, H, W) in [0, 1] → (N, 3, H, W) float32."""
+    """PIL image(s) or a float tensor (C, H, W) / (N, C, H, W) in [0, 1] → (N, 3, H, W) float32 RGB, converted
+    as every path converts (``csg.images``: grey to RGB, transparency onto white)."""
     if isinstance(images, Image.Image):
         images = [images]
     if isinstance(images, Sequence) and images and all(isinstance(i, Image.Image) for i in images):
-        arrays = [np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in images]
+        arrays = [np.asarray(to_rgb(i), dtype=np.float32) / 255.0 for i in images]
         if len({a.shape for a in arrays}) > 1:
             raise InputError(f"{name}: the images have different sizes {[a.shape[1::-1] for a in arrays]}; "
                              "resize them to one size.")
@@ -221,13 +223,14 @@ def _as_batch(images: Any, name: str) -> torch.Tensor:
     x = images.detach().float()
     if x.dim() == 3:
         x = x.unsqueeze(0)
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise InputError(f"{name} must have shape (N, 3, H, W) or (3, H, W), got {tuple(images.shape)}. "
+    if x.dim() != 4 or x.shape[1] not in (1, 2, 3, 4):
+        raise InputError(f"{name} must have shape (N, C, H, W) or (C, H, W) with C = 1 to 4 (grey, grey and alpha, "
+                         f"RGB, RGBA), got {tuple(images.shape)}. "
                          "Channels-last images (N, H, W, 3) need .permute(0, 3, 1, 2) first.")
     if x.numel() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
         raise InputError(f"{name} must hold values in [0, 1], got [{x.min():.3g}, {x.max():.3g}]. "
                          "Divide 8-bit images by 255; map [-1, 1] images with (x + 1) / 2.")
-    return x
+    return rgb_channels(x)
 
 
 @torch.inference_mode()

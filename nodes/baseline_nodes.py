@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..csg.abduction import check_image_size, image_to_tensor
+from ..csg.abduction import check_image_size
 from ..csg.baselines import DEFAULT_TARGET_GUIDANCE, invert_baseline, sample_with_guidance
 from ..csg.errors import InputError
+from ..csg.images import image_to_tensor
 from .comfy_host import ComfySDXLHost
 from .csg_common import CATEGORY, InterventionType, progress, single_image, to_comfy_images
 from .csg_nodes import model_inputs

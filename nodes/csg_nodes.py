@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..csg.abduction import check_image_size, image_to_tensor, invert_latents
+from ..csg.abduction import check_image_size, invert_latents
 from ..csg.errors import InputError
+from ..csg.images import image_to_tensor
 from .comfy_host import ComfySDXLHost
 from .comfy_sampling import CSGGuider, sample_counterfactual
 from .csg_common import (

@@ -23,10 +23,10 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from ..csg.abduction import image_to_tensor
 from ..csg.counterfactual import to_pil
 from ..csg.errors import InputError
 from ..csg.graph import CausalGraph, Intervention, check_intervention
+from ..csg.images import image_to_tensor, rgb_channels
 from ..csg.render import MIN_WIDTH, render_graph
 from ..csg.view import graph_view
 from .csg_common import CATEGORY, CausalGraphType, Interventions, InterventionType, to_comfy_images
@@ -40,15 +40,15 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "csg" / "examples"
 
 def pil_to_image(picture: Image.Image) -> torch.Tensor:
     """A PIL picture as a one-image ComfyUI IMAGE (1, H, W, 3) in [0, 1]."""
-    return to_comfy_images(image_to_tensor(picture.convert("RGB")))
+    return to_comfy_images(image_to_tensor(picture))
 
 
 def image_to_pil(image: torch.Tensor, what: str) -> Image.Image:
-    """The single picture in a ComfyUI IMAGE (1, H, W, C) in [0, 1], as PIL RGB."""
+    """The single picture in a ComfyUI IMAGE (1, H, W, C) in [0, 1], as PIL RGB (``csg.images``: alpha onto white)."""
     if image.dim() != 4 or image.shape[0] != 1:
         raise InputError(f"{what} takes one image, got a batch of shape {tuple(image.shape)}. Pick one image "
                          "(e.g. with 'Image From Batch').")
-    return to_pil(image[0, ..., :3].movedim(-1, 0).float())
+    return to_pil(rgb_channels(image[0].float(), dim=-1).movedim(-1, 0))
 
 
 def graph_preview(graph: CausalGraph, intervention: Intervention | None = None, width: int = 0) -> torch.Tensor:
