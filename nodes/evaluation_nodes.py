@@ -27,8 +27,17 @@ from comfy_api.latest import io, ui
 from ..csg.errors import InputError
 from ..csg.graph import CausalGraph, Intervention
 from ..csg.images import rgb_channels
-from ..csg.metrics import LPIPS_HEADS_FILE, VGG16_FILE, load_lpips_vgg, lpips_distance, vlm_effectiveness, weights_dir
-from ..csg.vlm.judge import VERDICTS, Judgement, judge_counterfactual
+from ..csg.metrics import (
+    LPIPS_HEADS_FILE,
+    VERDICTS,
+    VGG16_FILE,
+    Judgement,
+    load_lpips_vgg,
+    lpips_distance,
+    vlm_effectiveness,
+    weights_dir,
+)
+from ..csg.vlm.judge import judge_counterfactual
 from .csg_common import CATEGORY, CausalGraphType, Interventions, InterventionType
 from .graph_nodes import image_to_pil
 from .model_memory import held, load_for_use, managed, node_device
