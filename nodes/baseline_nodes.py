@@ -46,7 +46,8 @@ class BaselineEdit(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the DDPM inversion's independent noise."),
             ],
-            outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent")],
+            outputs=[io.Image.Output(display_name="image", tooltip="The baseline's edited image."),
+                     io.Latent.Output(display_name="latent", tooltip="Its latent.")],
         )
 
     @classmethod

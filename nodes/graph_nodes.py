@@ -121,7 +121,10 @@ class CausalGraphFromJSON(io.ComfyNode):
                 preview_width_input(),
             ],
             outputs=[
-                CausalGraphType.Output(display_name="causal_graph"),
+                CausalGraphType.Output(display_name="causal_graph", tooltip="The validated graph, for the "
+                                                                            "Intervention, Manual Intervention, "
+                                                                            "Causal Counterfactual and preview "
+                                                                            "nodes."),
                 io.String.Output(display_name="graph_json", tooltip="The graph as normalised JSON."),
                 io.Image.Output(display_name="preview", tooltip="The graph drawn cause above effect."),
             ],
@@ -182,10 +185,12 @@ class CausalGraphPreview(io.ComfyNode):
             inputs=[
                 CausalGraphType.Input("causal_graph", tooltip="The graph to draw."),
                 InterventionType.Input("intervention", optional=True,
-                                       tooltip="Optional: an intervention to highlight on the graph."),
+                                       tooltip="An intervention to highlight on the graph."),
                 preview_width_input(),
             ],
-            outputs=[io.Image.Output(display_name="image")],
+            outputs=[io.Image.Output(display_name="image", tooltip="The drawing as an IMAGE (the same picture the "
+                                                                   "other graph nodes give on their preview "
+                                                                   "socket); connect Save Image to keep it.")],
             is_output_node=True,
         )
 
@@ -211,8 +216,11 @@ class SelectIntervention(io.ComfyNode):
                                      "one that changes many concepts, one that changes few, one that changes none."),
             ],
             outputs=[
-                InterventionType.Output(display_name="intervention"),
-                io.String.Output(display_name="intervention_json"),
+                InterventionType.Output(display_name="intervention", tooltip="The chosen intervention, already "
+                                                                             "checked against the graph."),
+                io.String.Output(display_name="intervention_json", tooltip="The chosen intervention as JSON; paste "
+                                                                           "it into Intervention From JSON to edit "
+                                                                           "it."),
             ],
         )
 
