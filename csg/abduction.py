@@ -25,10 +25,10 @@ Two modes:
   (source-guided when a source prompt is given). With no edit the output equals the input latent
   to float precision.
 
-Input policy (what a bad image gets): grayscale is converted to RGB (lossless); an RGBA image
-whose alpha is fully opaque loses its alpha channel; a transparent one raises ``InputError``
-(composite it onto a background first); sides not divisible by vae_scale_factor x latent_multiple
-(32 for SDXL) raise ``InputError`` naming the nearest valid size; batches of several images raise.
+Input policy (what a bad image gets): images are converted by ``csg.images.image_to_tensor``
+(grayscale to RGB, transparency composited onto white, 16-bit scaled to 8 bits); sides not
+divisible by vae_scale_factor x latent_multiple (32 for SDXL) raise ``InputError`` naming the
+nearest valid size; batches of several images raise.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .errors import InputError
 from .host import DiffusionHost
+from .images import image_to_tensor
 from .schedule import Schedule, leading_timesteps, sde_dpmpp_2m_schedule
 
 
@@ -71,39 +71,6 @@ def uses_source_guidance(source_prompt: str, source_guidance: float) -> bool:
     ``do_classifier_free_guidance = source_guidance_scale > 1.0``), only a scale above 1 does; the
     empty prompt or a scale at or below 1 means plain unconditional prediction."""
     return source_prompt != "" and source_guidance > 1.0
-
-
-def image_to_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
-    """(1, 3, H, W) float32 RGB in [0, 1] from a PIL image or a (C, H, W) / (1, C, H, W) tensor in [0, 1]."""
-    if isinstance(image, Image.Image):
-        if "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            if rgba.getextrema()[3][0] < 255:
-                raise InputError("The image has transparent pixels. Composite it onto a background "
-                                 "(e.g. PIL: Image.alpha_composite) and pass an RGB image.")
-            image = rgba
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-        return torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous()
-    if not isinstance(image, torch.Tensor):
-        raise InputError(f"Expected a PIL image or a torch tensor, got {type(image).__name__}.")
-    pixels = image.float()
-    if pixels.dim() == 3:
-        pixels = pixels[None]
-    if pixels.dim() != 4 or pixels.shape[0] != 1:
-        raise InputError(f"Expected one image shaped (C, H, W) or (1, C, H, W), got {tuple(image.shape)}.")
-    channels = pixels.shape[1]
-    if channels not in (1, 3, 4):
-        raise InputError(f"Expected 1 (gray), 3 (RGB) or 4 (RGBA) channels first, got shape {tuple(image.shape)}.")
-    low, high = pixels.min().item(), pixels.max().item()
-    if low < 0.0 or high > 1.0:
-        raise InputError(f"Pixel values must lie in [0, 1]; got [{low:.3g}, {high:.3g}]. Rescale the image.")
-    if channels == 4:
-        if pixels[:, 3].min().item() < 1.0:
-            raise InputError("The image has transparent pixels. Composite it onto a background and pass RGB.")
-        pixels = pixels[:, :3]
-    if channels == 1:
-        pixels = pixels.expand(-1, 3, -1, -1)
-    return pixels.contiguous()
 
 
 def check_image_size(host: DiffusionHost, height: int, width: int) -> None:

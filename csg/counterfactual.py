@@ -32,11 +32,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .abduction import Inversion, image_to_tensor, invert
+from .abduction import Inversion, invert
 from .baselines import (
     DEFAULT_TARGET_GUIDANCE,
     BaselineInversion,
@@ -50,6 +49,7 @@ from .files import open_image
 from .graph import CausalGraph, EditConcept, Intervention, check_intervention
 from .guidance import ConceptTerm, EditSpec, GuidanceParams, MaskMode, check_specs, check_term_settings
 from .host import DiffusionHost
+from .images import image_to_tensor, to_rgb
 from .prediction import edit
 
 
@@ -193,32 +193,11 @@ def load_image(image: Image.Image | str | Path) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise InputError(f"Expected a PIL image or an image path, got {type(image).__name__}.")
     try:
-        image = eight_bit(ImageOps.exif_transpose(image))
-        has_alpha = "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info)
-        if has_alpha:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, TypeError, KeyError) as exc:  # a broken EXIF block, a mode with no RGB
-        raise InputError(f"The image cannot be converted to RGB ({type(exc).__name__}: {exc}). Save it as an 8-bit "
-                         "RGB PNG or JPEG.") from exc
-
-
-def eight_bit(image: Image.Image) -> Image.Image:
-    """An image of PIL's 16-bit, 32-bit integer or float modes scaled to 8-bit grey ("L"), which ``convert``
-    would clip instead: 16-bit by 65535, float from [0, 1], 32-bit integers by 65535 when they fit in 16 bits
-    (how some Pillow versions decode 16-bit PNGs) and by 2**31 - 1 otherwise. Other modes pass unchanged."""
-    if image.mode.startswith("I;16"):
-        full = 65535
-    elif image.mode == "I":
-        full = 65535 if image.getextrema()[1] <= 65535 else 2**31 - 1
-    elif image.mode == "F":
-        full = 1.0
-    else:
-        return image
-    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64) / full, nan=0.0)
-    return Image.fromarray((pixels.clip(0, 1) * 255).round().astype(np.uint8))
+        image = ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError) as exc:  # a broken EXIF block
+        raise InputError(f"The image's EXIF orientation cannot be read ({type(exc).__name__}: {exc}). Save it "
+                         "again as an 8-bit RGB PNG or JPEG.") from exc
+    return to_rgb(image)
 
 
 def fit_to_model(image: Image.Image, multiple: int, max_side: int | None) -> Image.Image:

@@ -31,6 +31,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import InputError, WeightsMissingError
+from .images import rgb_channels, to_rgb
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -207,11 +208,12 @@ def load_lpips_vgg(vgg_weights: str | Path | None = None, lpips_weights: str | P
 # -- images in, distances out --------------------------------------------------------------------------
 
 def _as_batch(images: Any, name: str) -> torch.Tensor:
-    """PIL image(s) or a float tensor (3, H, W) / (N, 3, H, W) in [0, 1] → (N, 3, H, W) float32."""
+    """PIL image(s) or a float tensor (C, H, W) / (N, C, H, W) in [0, 1] → (N, 3, H, W) float32 RGB, converted
+    as every path converts (``csg.images``: grey to RGB, transparency onto white)."""
     if isinstance(images, Image.Image):
         images = [images]
     if isinstance(images, Sequence) and images and all(isinstance(i, Image.Image) for i in images):
-        arrays = [np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in images]
+        arrays = [np.asarray(to_rgb(i), dtype=np.float32) / 255.0 for i in images]
         if len({a.shape for a in arrays}) > 1:
             raise InputError(f"{name}: the images have different sizes {[a.shape[1::-1] for a in arrays]}; "
                              "resize them to one size.")
@@ -221,13 +223,14 @@ def _as_batch(images: Any, name: str) -> torch.Tensor:
     x = images.detach().float()
     if x.dim() == 3:
         x = x.unsqueeze(0)
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise InputError(f"{name} must have shape (N, 3, H, W) or (3, H, W), got {tuple(images.shape)}. "
+    if x.dim() != 4 or x.shape[1] not in (1, 2, 3, 4):
+        raise InputError(f"{name} must have shape (N, C, H, W) or (C, H, W) with C = 1 to 4 (grey, grey and alpha, "
+                         f"RGB, RGBA), got {tuple(images.shape)}. "
                          "Channels-last images (N, H, W, 3) need .permute(0, 3, 1, 2) first.")
     if x.numel() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
         raise InputError(f"{name} must hold values in [0, 1], got [{x.min():.3g}, {x.max():.3g}]. "
                          "Divide 8-bit images by 255; map [-1, 1] images with (x + 1) / 2.")
-    return x
+    return rgb_channels(x)
 
 
 @torch.inference_mode()
@@ -264,13 +267,44 @@ def lpips_distance(model: LPIPS, image_a: Any, image_b: Any) -> torch.Tensor:
 # -- VLM effectiveness ----------------------------------------------------------------------------------
 
 VERDICTS = ("success", "partial", "failure")
-VERDICT_SCORE = {"success": 1.0, "partial": 0.5, "failure": 0.0}  # used only for an empty checklist
+VERDICT_SCORE = {"success": 1.0, "partial": 0.5, "failure": 0.0}  # the score of an empty checklist
 
 
 @dataclass(frozen=True)
-class _Judgement:
-    verdict: str
-    present: tuple[bool, ...]
+class ConceptCheck:
+    concept_name: str
+    expected_value: str
+    present: bool
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """The VLM judge's answer about one counterfactual (``csg.vlm.judge_counterfactual``, or
+    ``judge_preservation`` for what must not change): per checklist item whether the image shows it,
+    and a verdict. Every score of the pack reads judgements as this type (``read_judgement``)."""
+
+    intervention_id: str
+    concept_checks: tuple[ConceptCheck, ...]
+    verdict: str  # success | partial | failure
+    reasoning: str = ""
+
+    @property
+    def score(self) -> float:
+        """The share of checklist items present. The one rule for an empty checklist (the judge never asks
+        one, a hand-written judgement may hold one): the verdict decides, success 1, partial 0.5, failure 0."""
+        if not self.concept_checks:
+            return VERDICT_SCORE[self.verdict]
+        return sum(c.present for c in self.concept_checks) / len(self.concept_checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "intervention_id": self.intervention_id,
+            "concept_checks": [{"concept_name": c.concept_name, "expected_value": c.expected_value,
+                                "present": "yes" if c.present else "no"} for c in self.concept_checks],
+            "verdict": self.verdict,
+            "reasoning": self.reasoning,
+            "score": self.score,
+        }
 
 
 def _field(item: Any, *names: str) -> Any:
@@ -289,8 +323,15 @@ def _yes_no(value: Any, where: str) -> bool:
     raise InputError(f"{where}: 'present' must be yes or no, got {value!r}.")
 
 
-def _read_judgement(item: Any, index: int) -> _Judgement:
-    if isinstance(item, _Judgement):
+def read_judgement(item: Any, index: int = 0) -> Judgement:
+    """A ``Judgement`` from a dict in the judge's JSON shape (``Judgement.to_dict``, or the paper's) or an object
+    with the same fields; ``index`` numbers it in errors. The checklist is under ``concept_checks`` or ``checks``,
+    each item with ``present`` = yes/no (or a bool).
+
+    Raises:
+        InputError: the verdict, the checklist or an answer is malformed.
+    """
+    if isinstance(item, Judgement):
         return item
     where = f"judgement {index}"
     verdict = _field(item, "verdict")
@@ -302,26 +343,27 @@ def _read_judgement(item: Any, index: int) -> _Judgement:
         checks = ()
     if isinstance(checks, (str, bytes)) or not isinstance(checks, Iterable):
         raise InputError(f"{where}: the checklist must be a list of checks, got {type(checks).__name__}.")
-    present = tuple(_yes_no(_field(check, "present"), f"{where}, check {k}") for k, check in enumerate(checks))
-    return _Judgement(verdict.strip().lower(), present)
+    read = tuple(ConceptCheck(str(_field(check, "concept_name") or ""), str(_field(check, "expected_value") or ""),
+                              _yes_no(_field(check, "present"), f"{where}, check {k}"))
+                 for k, check in enumerate(checks))
+    reasoning = _field(item, "reasoning")
+    return Judgement(str(_field(item, "intervention_id") or ""), read, verdict.strip().lower(),
+                     reasoning if isinstance(reasoning, str) else "")
 
 
-def _read_judgements(judgements: Iterable[Any]) -> list[_Judgement]:
-    read = [_read_judgement(item, i) for i, item in enumerate(judgements)]
+def _read_judgements(judgements: Iterable[Any]) -> list[Judgement]:
+    read = [read_judgement(item, i) for i, item in enumerate(judgements)]
     if not read:
         raise InputError("There are no judgements to aggregate; run the VLM judge on at least one counterfactual.")
     return read
 
 
 def vlm_effectiveness(judgements: Iterable[Any]) -> float:
-    """VLM-Eff: the mean, over judged counterfactuals, of the fraction of checklist items present.
-
-    A judgement with an empty checklist falls back to its verdict: success 1, partial 0.5, failure 0.
+    """VLM-Eff: the mean ``Judgement.score`` over judged counterfactuals, each the fraction of its checklist
+    items present (an empty checklist scores its verdict).
 
     Args:
-        judgements: dicts or objects (``Judgement``) with ``verdict`` (success / partial / failure)
-            and a checklist under ``concept_checks`` (the paper's JSON key) or ``checks``, whose items
-            have ``present`` = yes/no (or a bool).
+        judgements: ``Judgement``s, or dicts or objects ``read_judgement`` reads.
 
     Returns:
         VLM-Eff in [0, 1].
@@ -329,7 +371,7 @@ def vlm_effectiveness(judgements: Iterable[Any]) -> float:
     Raises:
         InputError: there are no judgements, or one is malformed.
     """
-    scores = [effectiveness_score(j) for j in _read_judgements(judgements)]
+    scores = [j.score for j in _read_judgements(judgements)]
     return sum(scores) / len(scores)
 
 
@@ -342,20 +384,19 @@ def verdict_rates(judgements: Iterable[Any]) -> dict[str, float]:
 # -- per-counterfactual scores of the evaluation runner (csg.evaluation) -------------------------------
 
 def effectiveness_score(judgement: Any) -> float:
-    """One counterfactual's VLM-Eff: the fraction of its checklist (the changed concepts' new
-    values) the judge saw; an empty checklist falls back to the verdict (see vlm_effectiveness)."""
-    read = _read_judgement(judgement, 0)
-    return sum(read.present) / len(read.present) if read.present else VERDICT_SCORE[read.verdict]
+    """One counterfactual's VLM-Eff: the ``Judgement.score`` of its checklist (the changed concepts' new
+    values)."""
+    return read_judgement(judgement).score
 
 
-def preservation_score(judgement: Any) -> float | None:
+def preservation_score(judgement: Any) -> float:
     """Preservation: the share of the non-descendants of the target that kept their value.
 
     ``judgement`` is the judge's answer to a checklist of every non-descendant with its *current*
-    value (``csg.vlm.judge_preservation``). None when the target has no non-descendants.
+    value (``csg.vlm.judge_preservation``, which asks nothing when the target has no non-descendants);
+    its ``Judgement.score``.
     """
-    read = _read_judgement(judgement, 0)
-    return sum(read.present) / len(read.present) if read.present else None
+    return read_judgement(judgement).score
 
 
 def causal_consistency_score(judgement: Any, is_target: Sequence[bool]) -> float | None:
@@ -365,11 +406,11 @@ def causal_consistency_score(judgement: Any, is_target: Sequence[bool]) -> float
     ``is_target[k]`` says whether its k-th item is the intervened concept. None when the
     intervention changes no descendant.
     """
-    read = _read_judgement(judgement, 0)
-    if len(read.present) != len(is_target):
-        raise InputError(f"The judgement has {len(read.present)} checklist items but {len(is_target)} edit concepts "
+    checks = read_judgement(judgement).concept_checks
+    if len(checks) != len(is_target):
+        raise InputError(f"The judgement has {len(checks)} checklist items but {len(is_target)} edit concepts "
                          "were given; pass the intervention's edit_concepts in the judge's order.")
-    shown = [present for present, target in zip(read.present, is_target) if not target]
+    shown = [check.present for check, target in zip(checks, is_target) if not target]
     return sum(shown) / len(shown) if shown else None
 
 

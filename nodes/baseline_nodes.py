@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..csg.abduction import check_image_size, image_to_tensor
+from ..csg.abduction import check_image_size
 from ..csg.baselines import DEFAULT_TARGET_GUIDANCE, invert_baseline, sample_with_guidance
 from ..csg.errors import InputError
+from ..csg.images import image_to_tensor
 from .comfy_host import ComfySDXLHost
 from .csg_common import CATEGORY, InterventionType, progress, single_image, to_comfy_images
 from .csg_nodes import model_inputs
@@ -45,7 +46,8 @@ class BaselineEdit(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the DDPM inversion's independent noise."),
             ],
-            outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent")],
+            outputs=[io.Image.Output(display_name="image", tooltip="The baseline's edited image."),
+                     io.Latent.Output(display_name="latent", tooltip="Its latent.")],
         )
 
     @classmethod

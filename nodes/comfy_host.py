@@ -167,7 +167,7 @@ class CrossAttentionCapture:
             self.collector = None
 
 
-def with_attention_capture(model, capture: CrossAttentionCapture) -> tuple[object, list[BlockKey]]:
+def with_attention_capture(model, capture: CrossAttentionCapture):
     """A clone of ``model`` whose latent/4 cross-attention layers report to ``capture``."""
     patched = model.clone()
     blocks = latent4_attention_blocks(model.get_model_object("diffusion_model"))
@@ -175,7 +175,7 @@ def with_attention_capture(model, capture: CrossAttentionCapture) -> tuple[objec
     for name, number, index in blocks:
         previous = existing.get((name, number, index), existing.get((name, number)))
         patched.set_model_attn2_replace(capture.layer_patch(previous), name, number, index)
-    return patched, blocks
+    return patched
 
 
 # -- conditioning ------------------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ class ComfySDXLHost:
         if clip is None:
             raise InputError("The CLIP input is missing; connect the CLIP output of the SDXL checkpoint loader.")
         self.capture = CrossAttentionCapture()
-        self.model, self.attention_blocks = with_attention_capture(model, self.capture)
+        self.model = with_attention_capture(model, self.capture)
         self.clip, self.vae = clip, vae
         self.on_prediction = on_prediction
         diffusion_model = model.get_model_object("diffusion_model")

@@ -29,11 +29,11 @@ Interventions = io.Custom("CSG_INTERVENTIONS")  # list[csg.graph.Intervention]
 
 
 def single_image(image: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE (1, H, W, C) in [0, 1] to (3, H, W)."""
+    """ComfyUI IMAGE (1, H, W, C) in [0, 1] to (C, H, W), for ``csg.images.image_to_tensor``."""
     if image.dim() != 4 or image.shape[0] != 1:
         raise InputError(f"Expected one image, got a batch of {image.shape[0]}. Pick one image "
                          "(e.g. with 'Image From Batch') before inverting.")
-    return image[0, ..., :3].movedim(-1, 0).float()
+    return image[0].movedim(-1, 0).float()
 
 
 def to_comfy_images(pixels: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..csg.abduction import check_image_size, image_to_tensor, invert_latents
+from ..csg.abduction import check_image_size, invert_latents
 from ..csg.errors import InputError
+from ..csg.images import image_to_tensor
 from .comfy_host import ComfySDXLHost
 from .comfy_sampling import CSGGuider, sample_counterfactual
 from .csg_common import (
@@ -81,7 +82,10 @@ class CausalInversion(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the independent noise drawn for every kept step."),
             ],
-            outputs=[Inversion.Output(display_name="inversion")],
+            outputs=[Inversion.Output(display_name="inversion", tooltip="x_T, the noise maps and the schedule, "
+                                                                        "for Causal Counterfactual(s), CSG "
+                                                                        "Guider, Inversion Sigmas & Noise and "
+                                                                        "Edit-Friendly DPM++ Sampler.")],
         )
 
     @classmethod
@@ -119,8 +123,9 @@ def predict(model, clip, vae, inversion, interventions: list, graph, scale, thre
 
 def prediction_outputs() -> list:
     return [
-        io.Image.Output(display_name="image"),
-        io.Latent.Output(display_name="latent"),
+        io.Image.Output(display_name="image", tooltip="The counterfactual image(s): one per intervention, in order."),
+        io.Latent.Output(display_name="latent", tooltip="The counterfactual latent(s), in the same order (decode "
+                                                        "them or refine them further)."),
         io.Mask.Output(display_name="masks", tooltip="Per changed concept, the share of guided steps that edited "
                                                      "each pixel."),
         io.Image.Output(display_name="mask_preview", tooltip="Each concept's mask over its counterfactual."),

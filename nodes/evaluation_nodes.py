@@ -26,8 +26,18 @@ from comfy_api.latest import io, ui
 
 from ..csg.errors import InputError
 from ..csg.graph import CausalGraph, Intervention
-from ..csg.metrics import LPIPS_HEADS_FILE, VGG16_FILE, load_lpips_vgg, lpips_distance, vlm_effectiveness, weights_dir
-from ..csg.vlm.judge import VERDICTS, Judgement, judge_counterfactual
+from ..csg.images import rgb_channels
+from ..csg.metrics import (
+    LPIPS_HEADS_FILE,
+    VERDICTS,
+    VGG16_FILE,
+    Judgement,
+    load_lpips_vgg,
+    lpips_distance,
+    vlm_effectiveness,
+    weights_dir,
+)
+from ..csg.vlm.judge import judge_counterfactual
 from .csg_common import CATEGORY, CausalGraphType, Interventions, InterventionType
 from .graph_nodes import image_to_pil
 from .model_memory import held, load_for_use, managed, node_device
@@ -168,11 +178,11 @@ def shared_lpips(vgg_weights: str | None, lpips_weights: str | None, device: tor
 
 
 def _channels_first(image: torch.Tensor, name: str) -> torch.Tensor:
-    """A ComfyUI IMAGE (B, H, W, C) in [0, 1] as (B, 3, H, W) float32 on the CPU."""
-    if image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
+    """A ComfyUI IMAGE (B, H, W, C) in [0, 1] as (B, 3, H, W) float32 RGB on the CPU (``csg.images``: alpha onto
+    white)."""
+    if image.dim() != 4 or image.shape[-1] not in (1, 2, 3, 4):
         raise InputError(f"{name} must be a ComfyUI IMAGE (B, H, W, C), got shape {tuple(image.shape)}.")
-    pixels = image[..., :3] if image.shape[-1] != 1 else image.expand(*image.shape[:-1], 3)
-    return pixels.movedim(-1, 1).float().clamp(0.0, 1.0).cpu()
+    return rgb_channels(image.float().clamp(0.0, 1.0), dim=-1).movedim(-1, 1).cpu()
 
 
 def check_pairs(factual: torch.Tensor, counterfactual: torch.Tensor) -> None:

@@ -23,10 +23,10 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from ..csg.abduction import image_to_tensor
 from ..csg.counterfactual import to_pil
 from ..csg.errors import InputError
 from ..csg.graph import CausalGraph, Intervention, check_intervention
+from ..csg.images import image_to_tensor, rgb_channels
 from ..csg.render import MIN_WIDTH, render_graph
 from ..csg.view import graph_view
 from .csg_common import CATEGORY, CausalGraphType, Interventions, InterventionType, to_comfy_images
@@ -40,15 +40,15 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "csg" / "examples"
 
 def pil_to_image(picture: Image.Image) -> torch.Tensor:
     """A PIL picture as a one-image ComfyUI IMAGE (1, H, W, 3) in [0, 1]."""
-    return to_comfy_images(image_to_tensor(picture.convert("RGB")))
+    return to_comfy_images(image_to_tensor(picture))
 
 
 def image_to_pil(image: torch.Tensor, what: str) -> Image.Image:
-    """The single picture in a ComfyUI IMAGE (1, H, W, C) in [0, 1], as PIL RGB."""
+    """The single picture in a ComfyUI IMAGE (1, H, W, C) in [0, 1], as PIL RGB (``csg.images``: alpha onto white)."""
     if image.dim() != 4 or image.shape[0] != 1:
         raise InputError(f"{what} takes one image, got a batch of shape {tuple(image.shape)}. Pick one image "
                          "(e.g. with 'Image From Batch').")
-    return to_pil(image[0, ..., :3].movedim(-1, 0).float())
+    return to_pil(rgb_channels(image[0].float(), dim=-1).movedim(-1, 0))
 
 
 def graph_preview(graph: CausalGraph, intervention: Intervention | None = None, width: int = 0) -> torch.Tensor:
@@ -121,7 +121,10 @@ class CausalGraphFromJSON(io.ComfyNode):
                 preview_width_input(),
             ],
             outputs=[
-                CausalGraphType.Output(display_name="causal_graph"),
+                CausalGraphType.Output(display_name="causal_graph", tooltip="The validated graph, for the "
+                                                                            "Intervention, Manual Intervention, "
+                                                                            "Causal Counterfactual and preview "
+                                                                            "nodes."),
                 io.String.Output(display_name="graph_json", tooltip="The graph as normalised JSON."),
                 io.Image.Output(display_name="preview", tooltip="The graph drawn cause above effect."),
             ],
@@ -182,10 +185,12 @@ class CausalGraphPreview(io.ComfyNode):
             inputs=[
                 CausalGraphType.Input("causal_graph", tooltip="The graph to draw."),
                 InterventionType.Input("intervention", optional=True,
-                                       tooltip="Optional: an intervention to highlight on the graph."),
+                                       tooltip="An intervention to highlight on the graph."),
                 preview_width_input(),
             ],
-            outputs=[io.Image.Output(display_name="image")],
+            outputs=[io.Image.Output(display_name="image", tooltip="The drawing as an IMAGE (the same picture the "
+                                                                   "other graph nodes give on their preview "
+                                                                   "socket); connect Save Image to keep it.")],
             is_output_node=True,
         )
 
@@ -211,8 +216,11 @@ class SelectIntervention(io.ComfyNode):
                                      "one that changes many concepts, one that changes few, one that changes none."),
             ],
             outputs=[
-                InterventionType.Output(display_name="intervention"),
-                io.String.Output(display_name="intervention_json"),
+                InterventionType.Output(display_name="intervention", tooltip="The chosen intervention, already "
+                                                                             "checked against the graph."),
+                io.String.Output(display_name="intervention_json", tooltip="The chosen intervention as JSON; paste "
+                                                                           "it into Intervention From JSON to edit "
+                                                                           "it."),
             ],
         )
 

@@ -32,9 +32,12 @@ class InversionSigmasAndNoise(io.ComfyNode):
                 Inversion.Input("inversion", tooltip="From 'Causal Inversion'."),
             ],
             outputs=[
-                io.Sigmas.Output(display_name="sigmas"),
-                io.Noise.Output(display_name="noise"),
-                io.Latent.Output(display_name="latent"),
+                io.Sigmas.Output(display_name="sigmas", tooltip="The inversion's schedule, for "
+                                                                "SamplerCustomAdvanced's sigmas."),
+                io.Noise.Output(display_name="noise", tooltip="A NOISE that makes sampling start exactly at the "
+                                                              "inversion's x_T."),
+                io.Latent.Output(display_name="latent", tooltip="The image latent, for SamplerCustomAdvanced's "
+                                                                "latent_image."),
             ],
         )
 
@@ -64,7 +67,7 @@ class CSGGuiderNode(io.ComfyNode):
                 CausalGraphType.Input("causal_graph", optional=True, tooltip="The image's causal graph."),
                 *edit_inputs(),
             ],
-            outputs=[io.Guider.Output(display_name="guider")],
+            outputs=[io.Guider.Output(display_name="guider", tooltip="CSG as a GUIDER for SamplerCustomAdvanced.")],
         )
 
     @classmethod
@@ -87,7 +90,8 @@ class EditFriendlySampler(io.ComfyNode):
             description="SDE-DPM-Solver++(2M) whose noise at each step is the inversion's stored noise map, so an "
                         "unguided run retraces the factual image. Needs the inversion's SIGMAS.",
             inputs=[Inversion.Input("inversion", tooltip="From 'Causal Inversion': the noise maps to replay.")],
-            outputs=[io.Sampler.Output(display_name="sampler")],
+            outputs=[io.Sampler.Output(display_name="sampler", tooltip="A SAMPLER that replays the inversion's "
+                                                                       "noise maps, for SamplerCustomAdvanced.")],
         )
 
     @classmethod

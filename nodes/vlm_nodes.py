@@ -278,7 +278,9 @@ class LocalVLM(io.ComfyNode):
                 structured_input(),
                 cache_input(),
             ],
-            outputs=[VLMType.Output(display_name="vlm")],
+            outputs=[VLMType.Output(display_name="vlm", tooltip="The model, for Concept Extractor, Intervention "
+                                                                "Proposer, Manual Intervention and Counterfactual "
+                                                                "Judge.")],
         )
 
     @classmethod
@@ -320,7 +322,9 @@ class OpenAICompatibleVLMNode(io.ComfyNode):
                 structured_input(),
                 cache_input(),
             ],
-            outputs=[VLMType.Output(display_name="vlm")],
+            outputs=[VLMType.Output(display_name="vlm", tooltip="The server connection, for Concept Extractor, "
+                                                                "Intervention Proposer, Manual Intervention and "
+                                                                "Counterfactual Judge.")],
         )
 
     @classmethod
@@ -357,8 +361,9 @@ class ConceptExtractor(io.ComfyNode):
                 preview_width_input(),
             ],
             outputs=[
-                CausalGraphType.Output(display_name="causal_graph"),
-                io.Image.Output(display_name="preview"),
+                CausalGraphType.Output(display_name="causal_graph", tooltip="The extracted graph (a DAG of "
+                                                                            "concepts with their current values)."),
+                io.Image.Output(display_name="preview", tooltip="The graph drawn as a picture, cause above effect."),
                 io.String.Output(display_name="graph_json", tooltip="Edit it in 'Causal Graph From JSON' if needed."),
                 io.String.Output(display_name="base_prompt", tooltip="The caption, or the VLM's scene description."),
             ],
@@ -397,7 +402,8 @@ class InterventionProposer(io.ComfyNode):
             ],
             outputs=[
                 Interventions.Output(display_name="interventions", tooltip="Pick one with 'Select Intervention'."),
-                io.String.Output(display_name="interventions_json"),
+                io.String.Output(display_name="interventions_json", tooltip="The three proposals as JSON (edit one "
+                                                                            "in Intervention From JSON)."),
             ],
         )
 
@@ -430,7 +436,7 @@ class ManualIntervention(io.ComfyNode):
                                 tooltip="The value it takes. Without a VLM this phrase also guides the edit, so "
                                         "'black hair' works better than 'black'."),
                 VLMType.Input("vlm", optional=True,
-                              tooltip="Optional: a VLM that propagates the change to the target's descendants."),
+                              tooltip="A VLM that propagates the change to the target's descendants."),
                 io.Image.Input("image", optional=True,
                                tooltip="The factual image; needed when a VLM is connected."),
                 io.String.Input("base_prompt", multiline=True, default="", optional=True,
@@ -439,11 +445,15 @@ class ManualIntervention(io.ComfyNode):
                 preview_width_input(),
             ],
             outputs=[
-                InterventionType.Output(display_name="intervention"),
-                io.String.Output(display_name="intervention_json"),
+                InterventionType.Output(display_name="intervention", tooltip="Your intervention, checked against "
+                                                                             "the graph, with the changes the VLM "
+                                                                             "propagated."),
+                io.String.Output(display_name="intervention_json", tooltip="The same as JSON (edit it further in "
+                                                                           "Intervention From JSON)."),
                 io.String.Output(display_name="report", tooltip="What changes, and every causal violation stripped; "
                                                                 "read it with a Preview Any node."),
-                io.Image.Output(display_name="preview"),
+                io.Image.Output(display_name="preview", tooltip="The graph drawn as a picture with the target and "
+                                                                "its changes marked."),
             ],
         )
 

@@ -48,6 +48,7 @@ def compiled(tiny_components):
         torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_compiled_matches_eager_and_compiles_once_per_call_shape(tiny_host, tiny_components, compiled):
     eager_inversion, eager_edit = run(tiny_host)
     host, backend = compiled

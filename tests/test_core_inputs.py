@@ -5,11 +5,12 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from csg.abduction import image_to_tensor, invert, invert_latents
+from csg.abduction import invert, invert_latents
 from csg.diffusers_host import DiffusersSDXLHost
 from csg.errors import CSGError, InputError, WeightsMissingError
 from csg.guidance import ConceptTerm, EditSpec, GuidanceParams, check_specs
 from csg.host import AttentionRequest, DiffusionHost
+from csg.images import image_to_tensor
 from csg.prediction import edit
 from tests.sdxl_fixtures import sample_image
 
@@ -36,23 +37,21 @@ def test_grayscale_is_converted_to_rgb():
     assert torch.equal(image_to_tensor(expected[0, :1]), expected)
 
 
-def test_opaque_rgba_drops_alpha_and_transparent_rgba_is_refused():
+def test_opaque_rgba_drops_alpha_and_transparent_rgba_goes_onto_white():
     rgb = sample_image()
     opaque = rgb.convert("RGBA")
     assert torch.equal(image_to_tensor(opaque), image_to_tensor(rgb))
     assert torch.equal(image_to_tensor(torch.cat([image_to_tensor(rgb)[0], torch.ones(1, 64, 64)])),
                        image_to_tensor(rgb))
     transparent = opaque.copy()
-    transparent.putpixel((3, 3), (0, 0, 0, 10))
-    with pytest.raises(InputError, match="transparent"):
-        image_to_tensor(transparent)
-    with pytest.raises(InputError, match="transparent"):
-        image_to_tensor(torch.zeros(4, 64, 64))
+    transparent.putpixel((3, 3), (0, 0, 0, 0))
+    assert torch.equal(image_to_tensor(transparent)[0, :, 3, 3], torch.ones(3))
+    assert torch.equal(image_to_tensor(torch.zeros(4, 64, 64)), torch.ones(1, 3, 64, 64))
 
 
 @pytest.mark.parametrize("bad, message", [
     (torch.rand(2, 3, 64, 64), "one image"),
-    (torch.rand(2, 64, 64), "channels"),
+    (torch.rand(5, 64, 64), "channels"),
     (torch.rand(3, 64, 64) * 255, r"\[0, 1\]"),
     ("image.png", "PIL image or a torch tensor"),
 ])

@@ -62,6 +62,7 @@ def write_plans(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_three_layouts_end_to_end(datasets, sdxl_folder, weight_files, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EVAL_TEST_KEY", "sk-secret-never-written")
     out = tmp_path / "eval"
@@ -208,6 +209,7 @@ def finished_ids(out):
     return sorted(r["item_id"] for r in load_results(out).records if "error" not in r)
 
 
+@pytest.mark.slow
 def test_sigkill_after_the_first_item_loses_nothing_finished(datasets, sdxl_folder, weight_files, tmp_path):
     out = tmp_path / "eval"
     with evaluation_server() as server:
@@ -241,6 +243,7 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_machine
 MPI_AS_ROOT = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}  # CI runs as root
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mpirun") is None,
                     reason="accelerate's --cpu launcher starts several processes through MPI: "
                            "apt-get install openmpi-bin")

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from csg import evaluate
 from csg.cli import main
-from csg.counterfactual import eight_bit, load_image
+from csg.counterfactual import load_image
 from csg.errors import InputError
 from csg.evaluation.datasets import DatasetSpec, load_items, load_plans
 from csg.files import (
@@ -37,6 +37,7 @@ from csg.files import (
     read_interventions,
     read_json,
 )
+from csg.images import eight_bit
 from tests.test_cli import GRAPH, INTERVENTION, PORTRAIT, ROOT
 
 

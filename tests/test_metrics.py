@@ -15,6 +15,7 @@ from csg.metrics import (
     LPIPS_SCALE,
     LPIPS_SHIFT,
     VGG16_FILE,
+    ConceptCheck,
     causal_consistency_score,
     effectiveness_score,
     load_lpips_vgg,
@@ -22,11 +23,13 @@ from csg.metrics import (
     lpips_heads,
     masked_lpips_distance,
     preservation_score,
+    read_judgement,
     verdict_rates,
     vgg16_features,
     vlm_effectiveness,
     weights_dir,
 )
+from csg.metrics import Judgement as MetricsJudgement
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +235,21 @@ def test_objects_and_bools_are_read_like_json():
 
 def test_empty_checklist_falls_back_to_the_verdict():
     assert vlm_effectiveness([judge("success"), judge("partial"), judge("failure")]) == pytest.approx(0.5)
+    for verdict, score in (("success", 1.0), ("partial", 0.5), ("failure", 0.0)):  # one rule, wherever it is read
+        judgement = read_judgement(judge(verdict))
+        assert judgement.score == effectiveness_score(judgement) == preservation_score(judgement) == score
+        assert vlm_effectiveness([judgement]) == vlm_effectiveness([judgement.to_dict()]) == score
+
+
+def test_the_judges_type_is_the_one_the_metrics_read():
+    from csg.vlm import judge as vlm_judge
+
+    assert vlm_judge.Judgement is MetricsJudgement and vlm_judge.ConceptCheck is ConceptCheck
+    answer = judge("partial", "yes", "no", "yes")
+    read = read_judgement(answer)
+    assert read.intervention_id == "i1" and read.reasoning == "..." and read.score == pytest.approx(2 / 3)
+    assert [c.concept_name for c in read.concept_checks] == ["n0", "n1", "n2"]
+    assert read_judgement(read.to_dict()) == read and read_judgement(read) is read
 
 
 def test_verdict_rates():
@@ -280,6 +298,6 @@ def test_preservation_and_causal_consistency_count_the_right_checks():
     assert causal_consistency_score(effect, [True, False, False, False]) == pytest.approx(2 / 3)
     assert causal_consistency_score(judgement(True), [True]) is None  # no descendant changes
     assert preservation_score(judgement(True, True, False)) == pytest.approx(2 / 3)
-    assert preservation_score({"verdict": "success", "concept_checks": []}) is None
+    assert preservation_score({"verdict": "partial", "concept_checks": []}) == 0.5  # the one empty-checklist rule
     with pytest.raises(InputError, match="edit concepts"):
         causal_consistency_score(effect, [True])

@@ -84,8 +84,9 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if "pytest" in line)
-    top = readme.split("\n## ", 1)[0]  # the commands come first, before any section
+    top = readme.split("\n## What it does", 1)[0]  # installation in ComfyUI first, then the CLI and the tests
     assert command.strip() in top, "the README's top must give the test command .ci/run runs"
+    assert top.index("\n## Installation\n") < top.index(command.strip()), "the README opens with installation"
 
 
 # -- requirements.txt: what ComfyUI-Manager installs for a git-cloned pack ----------------------------

@@ -309,6 +309,7 @@ def ask_stage(vlm, stage, seed: int, max_tokens: int | None = None) -> tuple[str
     return answer, len(vlm._processor.tokenizer(answer)["input_ids"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", SCHEMA_STAGES, ids=lambda stage: stage.name)
 def test_the_grammar_makes_the_random_model_fit_the_schema_and_free_decoding_does_not(qwen_folder, stage):
     """Constrained, the random model's answers fit the stage's schema, or stop at the token budget (its strings

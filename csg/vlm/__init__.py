@@ -15,7 +15,7 @@ from .judge import ConceptCheck, Judgement, checklist, judge_counterfactual, jud
 from .manipulator import manual_intervention, propagate_intervention, propose_interventions
 from .openai_backend import OpenAICompatibleVLM, chat_completions_url
 from .parsing import VLMOutputError, extract_json
-from .protocol import VLM, Turn, prepare_image
+from .protocol import VLM, Turn, image_for_vlm
 from .transformers_backend import MemoryNeed, TransformersVLM, check_fits, check_model_folder, memory_needed
 
 __all__ = [
@@ -26,6 +26,6 @@ __all__ = [
     "manual_intervention", "propagate_intervention", "propose_interventions",
     "OpenAICompatibleVLM", "chat_completions_url",
     "VLMOutputError", "extract_json",
-    "VLM", "Turn", "prepare_image",
+    "VLM", "Turn", "image_for_vlm",
     "TransformersVLM", "check_model_folder", "MemoryNeed", "memory_needed", "check_fits",
 ]

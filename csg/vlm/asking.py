@@ -14,7 +14,7 @@ from PIL import Image
 from ..errors import GraphError, InputError
 from .parsing import VLMOutputError
 from .prompts import Stage, correction_user
-from .protocol import VLM, Turn, prepare_image
+from .protocol import VLM, Turn, image_for_vlm
 
 log = logging.getLogger("csg.vlm")
 
@@ -47,7 +47,7 @@ def ask_until_valid(vlm: VLM, stage: Stage, user: str, images: Sequence[Image.Im
     """
     if max_attempts < 1:
         raise InputError(f"max_attempts must be at least 1, got {max_attempts}.")
-    pictures = [prepare_image(image) for image in images]
+    pictures = [image_for_vlm(image) for image in images]
     question = [Turn("user", user)]
     turns = question
     problem, answer = "", ""

@@ -1,54 +1,25 @@
 """VLM effectiveness (paper Fig. 6): does the counterfactual show every value the intervention set?
 
 The checklist is the set E that CSG edits: the target and each changed descendant, with the value
-phrase it should now show. The VLM answers yes/no per item and gives a verdict; the score is the
-fraction of items answered yes (``csg.metrics.vlm_effectiveness`` averages it over images).
+phrase it should now show. The VLM answers yes/no per item and gives a verdict, read into
+``csg.metrics.Judgement``, whose score is the fraction of items answered yes
+(``csg.metrics.vlm_effectiveness`` averages it over images).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from ..graph import CausalGraph, Intervention, check_intervention
+from ..metrics import ConceptCheck, Judgement
 from . import prompts
 from .asking import DEFAULT_ATTEMPTS, ask_until_valid
 from .parsing import VLMOutputError, extract_json_object
 from .protocol import VLM
 from .schemas import VERDICTS
-
-
-@dataclass(frozen=True)
-class ConceptCheck:
-    concept_name: str
-    expected_value: str
-    present: bool
-
-
-@dataclass(frozen=True)
-class Judgement:
-    intervention_id: str
-    concept_checks: tuple[ConceptCheck, ...]
-    verdict: str  # success | partial | failure
-    reasoning: str = ""
-
-    @property
-    def score(self) -> float:
-        """Fraction of checklist items present (1.0 only when every changed concept shows its new value)."""
-        return sum(c.present for c in self.concept_checks) / len(self.concept_checks) if self.concept_checks else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "intervention_id": self.intervention_id,
-            "concept_checks": [{"concept_name": c.concept_name, "expected_value": c.expected_value,
-                                "present": "yes" if c.present else "no"} for c in self.concept_checks],
-            "verdict": self.verdict,
-            "reasoning": self.reasoning,
-            "score": self.score,
-        }
 
 
 def checklist(intervention: Intervention, graph: CausalGraph) -> list[tuple[str, str]]:

@@ -52,7 +52,7 @@ from PIL import Image
 
 from ..errors import InputError, VLMError
 from .parsing import quote
-from .protocol import MAX_IMAGE_SIDE, Turn, prepare_image
+from .protocol import MAX_IMAGE_SIDE, Turn, image_for_vlm
 from .schemas import STRUCTURED_MODES, Schema, check_mode, strict_form
 
 log = logging.getLogger("csg.vlm")
@@ -132,7 +132,7 @@ def chat_messages(system: str, turns: Sequence[Turn], images: Sequence[Image.Ima
                   max_side: int | None) -> list[dict]:
     """OpenAI chat messages; the images ride on the first user turn, before its text."""
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
-    pictures = [{"type": "image_url", "image_url": {"url": image_data_url(prepare_image(i, max_side))}} for i in images]
+    pictures = [{"type": "image_url", "image_url": {"url": image_data_url(image_for_vlm(i, max_side))}} for i in images]
     for turn in turns:
         if turn.role == "user" and pictures:
             messages.append({"role": "user", "content": [*pictures, {"type": "text", "text": turn.text}]})

@@ -13,6 +13,7 @@ from typing import Literal, Protocol, runtime_checkable
 from PIL import Image
 
 from ..errors import InputError
+from ..images import to_rgb
 from .schemas import Schema
 
 MAX_IMAGE_SIDE = 1536  # larger images only cost tokens; the Qwen-VL processors shrink them anyway
@@ -47,17 +48,11 @@ class VLM(Protocol):
                  temperature: float, max_tokens: int, schema: Schema | None = None) -> str: ...
 
 
-def prepare_image(image: Image.Image, max_side: int | None = MAX_IMAGE_SIDE) -> Image.Image:
-    """An RGB copy, no side above ``max_side``. Transparency is flattened onto white, as a viewer shows it."""
+def image_for_vlm(image: Image.Image, max_side: int | None = MAX_IMAGE_SIDE) -> Image.Image:
+    """An RGB copy (``csg.images.to_rgb``: transparency on white), no side above ``max_side``."""
     if not isinstance(image, Image.Image):
         raise InputError(f"Expected a PIL image for the VLM, got {type(image).__name__}. Load it with PIL.Image.open.")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        flat.alpha_composite(rgba)
-        image = flat.convert("RGB")
-    else:
-        image = image.convert("RGB")
+    image = to_rgb(image)
     if max_side and max(image.size) > max_side:
         scale = max_side / max(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from ..errors import InputError, VLMError, WeightsMissingError
-from .protocol import MAX_IMAGE_SIDE, Turn, prepare_image
+from .protocol import MAX_IMAGE_SIDE, Turn, image_for_vlm
 from .schemas import ANY_OBJECT, Schema, check_mode
 
 log = logging.getLogger("csg.vlm")
@@ -457,7 +457,7 @@ class TransformersVLM:
     def generate(self, system: str, turns: Sequence[Turn], images: Sequence[Image.Image], *,
                  temperature: float, max_tokens: int, schema: Schema | None = None) -> str:
         self.load()
-        pictures = [prepare_image(image, self.max_image_side) for image in images]
+        pictures = [image_for_vlm(image, self.max_image_side) for image in images]
         prompt = self._processor.apply_chat_template(qwen_messages(system, turns, len(pictures)), tokenize=False,
                                                      add_generation_prompt=True)
         inputs = self._processor(text=[prompt], images=pictures or None, return_tensors="pt").to(self.device)

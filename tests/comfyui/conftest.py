@@ -10,7 +10,7 @@ test that skips (e.g. the frontend test without Playwright or Chromium) fails in
 
 Fixtures:
     comfyui          (session) a started ComfyUI with this pack loaded; ``comfyui.run(prompt_or_workflow,
-                     outputs=[node ids])`` -> ``Execution`` (see harness.py)
+                     outputs=[node ids])`` -> ``Execution`` (see tools/comfyui_harness.py)
     memory_requests  every call to ComfyUI's load_models_gpu during one test (``MemoryRequest``)
     sdxl_checkpoint  (session) the ckpt_name of a random-weight SDXL checkpoint that CheckpointLoaderSimple
                      loads; built once into $CSG_TEST_CACHE (default ~/.cache/csg-tests) and reused
@@ -76,7 +76,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
 @pytest.fixture(scope="session", autouse=True)
 def comfyui_imports():
-    """Before any test here touches ComfyUI: import it in the order its main.py does (see harness.py)."""
+    """Before any test here touches ComfyUI: import it in the order its main.py does (see tools/comfyui_harness.py)."""
     from tools.comfyui_harness import import_comfy_like_main
 
     import_comfy_like_main()

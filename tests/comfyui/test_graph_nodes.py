@@ -133,3 +133,24 @@ def test_manual_intervention_names_what_is_wrong(comfyui, target, value, fragmen
         "causal_graph": ["1", 0], "target": target, "new_value": value, "max_attempts": 3, "preview_width": 0}}}
     with pytest.raises(WorkflowFailed, match=fragment):
         comfyui.run(prompt, outputs=["2"])
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_the_nodes_convert_images_as_the_core_does(comfyui, channels):
+    """A grey, grey-and-alpha, RGB or RGBA ComfyUI IMAGE reaches the VLM, the judge, LPIPS and the inversion as the
+    picture on white that csg.images makes of it."""
+    pixels = torch.rand(1, 16, 16, channels, generator=torch.Generator().manual_seed(channels))
+    if channels in (2, 4):
+        color, alpha = pixels[..., :-1], pixels[..., -1:]
+        expected = (color * alpha + 1 - alpha).expand(1, 16, 16, 3)
+    else:
+        expected = pixels.expand(1, 16, 16, 3)
+    graph_nodes = comfyui.pack_module("nodes.graph_nodes")
+    picture = graph_nodes.image_to_pil(pixels, "test")
+    assert picture.mode == "RGB"
+    assert torch.allclose(as_image(picture), expected, atol=0.5 / 255 + 1e-6)
+    lpips_input = comfyui.pack_module("nodes.evaluation_nodes")._channels_first(pixels, "test")
+    assert torch.allclose(lpips_input, expected.movedim(-1, 1), atol=1e-6)
+    single = comfyui.pack_module("nodes.csg_common").single_image(pixels)
+    inverted = comfyui.pack_module("csg.images").image_to_tensor(single)
+    assert torch.allclose(inverted, expected.movedim(-1, 1), atol=1e-6)
