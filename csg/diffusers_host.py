@@ -52,12 +52,12 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from .attention import ATTENTION_LEVEL, attention_map_size, selected_attention, token_selector
 from .errors import CSGError, InputError, WeightsMissingError
 from .host import AttentionRequest
+from .weights import SDXL_CONFIG_FILES, SDXL_SUBFOLDERS
 
 SDXL_DOWNLOAD_HINT = (
     "Download the SDXL base 1.0 model in diffusers format, e.g. "
     "`hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir {folder}`"
 )
-SDXL_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
 def scaled_linear_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -329,9 +329,7 @@ class DiffusersSDXLHost:
                 f"The SDXL checkpoint {path} does not exist. Put an SDXL base checkpoint there, e.g. "
                 "sd_xl_base_1.0.safetensors from stabilityai/stable-diffusion-xl-base-1.0."
             )
-        needed = ["model_index.json", *(f"{s}/config.json" for s in ("unet", "vae", "text_encoder", "text_encoder_2")),
-                  "tokenizer/vocab.json", "tokenizer_2/vocab.json"]
-        missing = [n for n in needed if not (config_folder / n).is_file()]
+        missing = [n for n in SDXL_CONFIG_FILES if not (config_folder / n).is_file()]
         if missing:
             raise WeightsMissingError(
                 f"The SDXL config folder {config_folder} lacks {', '.join(missing)}. Get the configs and tokenizers "

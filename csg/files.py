@@ -251,40 +251,6 @@ def check_caption(caption: Any, where: str) -> str:
     return caption
 
 
-def read_graph(path: str | Path):
-    """The causal graph in a hand-written graph file (``--graph-json``, a dataset's graph column)."""
-    from .errors import GraphError
-    from .graph import CausalGraph
-
-    try:
-        return CausalGraph.from_dict(read_json(path, "graph file"))
-    except GraphError as exc:
-        raise InputError(f"The graph file {path}: {exc}") from exc
-
-
-def read_interventions(path: str | Path) -> list:
-    """The interventions in a hand-written intervention file: one intervention object, or the proposal
-    stage's ``{"interventions": [...]}``."""
-    from .errors import GraphError
-    from .graph import Intervention
-
-    data = read_json(path, "intervention file")
-    try:
-        if isinstance(data, dict) and "interventions" in data:
-            items = data["interventions"]
-            if not isinstance(items, list) or not items:
-                raise InputError(f'In the intervention file {path}, "interventions" must be a non-empty list of '
-                                 "intervention objects.")
-            return [Intervention.from_dict(item) for item in items]
-        if isinstance(data, dict):
-            return [Intervention.from_dict(data)]
-    except GraphError as exc:
-        raise InputError(f"The intervention file {path}: {exc}") from exc
-    raise InputError(f"The intervention file {path} holds a JSON {type(data).__name__}; expected one intervention "
-                     '({"id": ..., "target_concept_id": ..., "new_value": ...}) or {"interventions": [...]} '
-                     "(see csg/examples/portrait_intervention.json).")
-
-
 SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 

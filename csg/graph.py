@@ -15,9 +15,11 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
-from .errors import NAME_LIMIT, NAMED_IDS, GraphError, brief, quote, some
+from .errors import NAME_LIMIT, NAMED_IDS, GraphError, InputError, brief, quote, some
+from .files import read_json
 
 MAX_CONCEPTS = 100  # concepts in one graph; the paper's graphs have about 20
 MAX_RELATIONSHIPS = 500  # relationships (edges) in one graph: five per concept on average at the most
@@ -666,3 +668,34 @@ def check_intervention(graph: CausalGraph, intervention: Intervention) -> Interv
         final_concept_states=states,
         violations=tuple(violations),
     )
+
+
+# -- the hand-written files (--graph-json, --intervention-json, a dataset's graph column) ---------------
+
+
+def read_graph(path: str | Path) -> CausalGraph:
+    """The causal graph in a hand-written graph file (``--graph-json``, a dataset's graph column)."""
+    try:
+        return CausalGraph.from_dict(read_json(path, "graph file"))
+    except GraphError as exc:
+        raise InputError(f"The graph file {path}: {exc}") from exc
+
+
+def read_interventions(path: str | Path) -> list[Intervention]:
+    """The interventions in a hand-written intervention file: one intervention object, or the proposal
+    stage's ``{"interventions": [...]}``."""
+    data = read_json(path, "intervention file")
+    try:
+        if isinstance(data, dict) and "interventions" in data:
+            items = data["interventions"]
+            if not isinstance(items, list) or not items:
+                raise InputError(f'In the intervention file {path}, "interventions" must be a non-empty list of '
+                                 "intervention objects.")
+            return [Intervention.from_dict(item) for item in items]
+        if isinstance(data, dict):
+            return [Intervention.from_dict(data)]
+    except GraphError as exc:
+        raise InputError(f"The intervention file {path}: {exc}") from exc
+    raise InputError(f"The intervention file {path} holds a JSON {type(data).__name__}; expected one intervention "
+                     '({"id": ..., "target_concept_id": ..., "new_value": ...}) or {"interventions": [...]} '
+                     "(see csg/examples/portrait_intervention.json).")

@@ -15,20 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from csg.cli import (
-    SDXL_REPO,
-    Plan,
-    find_sdxl,
-    find_vlm,
-    main,
-    output_layout,
-    plan_layout,
-    save_plan,
-    write_outputs,
-)
+from csg.cli import main
+from csg.commands.outputs import output_layout, plan_layout, save_plan, write_outputs
 from csg.errors import WeightsMissingError
 from csg.files import MAX_JSON_BYTES, read_json
 from csg.graph import MAX_TEXT_CHARS, CausalGraph, Intervention, check_intervention
+from csg.plan import Plan
+from csg.weights import SDXL_REPO, find_sdxl, find_vlm
 from tests.test_vlm_stages import load_scene, scene_server
 from tests.vlm_server import Reply, VLMServer
 
@@ -574,7 +567,7 @@ def hostile_plans(draw) -> Plan:
         interventions.append(check_intervention(graph, Intervention.from_dict({
             "id": draw(hostile_id), "target_concept_id": ids[target], "new_value": draw(named),
             "propagated_changes": [{"concept_id": cid, "new_value": "then"} for cid in ids[target + 1:]]})))
-    return Plan(graph, interventions, "a photo", None)
+    return Plan(graph, interventions, "a photo")
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -33,10 +33,9 @@ from csg.files import (
     json_depth,
     open_image,
     read_csv,
-    read_graph,
-    read_interventions,
     read_json,
 )
+from csg.graph import read_graph, read_interventions
 from csg.images import eight_bit
 from tests.test_cli import GRAPH, INTERVENTION, PORTRAIT, ROOT
 

@@ -40,12 +40,10 @@ from ..files import (
     check_caption,
     read_bytes,
     read_csv,
-    read_graph,
-    read_interventions,
     read_json,
     read_text,
 )
-from ..graph import check_intervention
+from ..graph import check_intervention, read_graph, read_interventions
 
 KINDS = ("folder", "coco", "celebahq")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -35,9 +35,9 @@ from PIL import Image
 
 from ..counterfactual import CSGParams, baseline_counterfactuals, counterfactuals, load_image
 from ..errors import OutputError
-from ..graph import CausalGraph, Intervention, check_intervention
 from ..metrics import LPIPS
 from ..output import make_folder, save_image
+from ..plan import Plan, make_plan
 from ..render import render_graph
 from .datasets import Item, read_hand_written
 from .results import ResultsWriter
@@ -45,14 +45,6 @@ from .scoring import edit_region, image_scores, judge_scores
 
 METHODS = ("csg", "ddpm", "ddim")
 MAX_ITEMS_JUDGED = 2  # edited items waiting for the judge; a crash loses at most these and the one being edited
-
-
-@dataclass(frozen=True)
-class Plan:
-    graph: CausalGraph
-    interventions: list[Intervention]  # checked against the graph
-    source_prompt: str  # the caption the inversions are guided by
-    seconds: float  # VLM time spent planning
 
 
 @dataclass
@@ -99,21 +91,12 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
-def plan_item(vlm, item: Item) -> Plan:
-    """The graph and interventions of one item: hand-written, or from the VLM (extract, then propose)."""
-    from .. import vlm as stages
-
+def plan_item(vlm, item: Item) -> tuple[Plan, float]:
+    """The plan of one item (hand-written, or from the VLM: extract, then propose) and the seconds it took."""
     started = time.monotonic()
     graph, interventions = read_hand_written(item.graph, item.interventions)
-    image = load_image(item.image)
-    caption = item.caption
-    if graph is None:
-        extraction = stages.extract_graph(vlm, image, caption or None)
-        graph, caption = extraction.graph, extraction.base_prompt
-    if interventions is None:
-        interventions = stages.propose_interventions(vlm, image, graph, caption)
-    checked = [check_intervention(graph, i) for i in interventions]
-    return Plan(graph, checked, caption or graph.scene_summary, time.monotonic() - started)
+    plan = make_plan(vlm, load_image(item.image), item.caption or None, graph, interventions)
+    return plan, time.monotonic() - started
 
 
 @dataclass
@@ -164,10 +147,10 @@ class Runner:
             started = time.monotonic()
             self._judging.acquire()  # released when the item's line is written
             try:
-                plan = future.result()
+                plan, seconds = future.result()
                 waited = time.monotonic() - started
                 refill()
-                self.edit(pool, item, plan, waited)
+                self.edit(pool, item, plan, {"plan": seconds, "wait for VLM": waited})
             except OutputError:  # a full disk or a lost folder: every next item would fail the same way
                 raise
             except Exception as exc:  # one bad item must not end a run of hundreds: record it, go on
@@ -187,7 +170,7 @@ class Runner:
                 "inputs_id": item.inputs_id, "settings_id": self.settings_id, "settings": self.settings,
                 "rank": self.rank, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-    def edit(self, pool: ThreadPoolExecutor, item: Item, plan: Plan, waited: float) -> None:
+    def edit(self, pool: ThreadPoolExecutor, item: Item, plan: Plan, timings: dict[str, float]) -> None:
         """Every method's counterfactuals of one item, their images and image scores; the judge's questions go
         to the pool, and the item's line is written when its last answer arrives (``judged``)."""
         started = time.monotonic()
@@ -195,7 +178,6 @@ class Runner:
         make_folder(folder)
         rel = lambda path: str(path.relative_to(self.out))  # noqa: E731
         image = load_image(item.image)
-        timings = {"plan": plan.seconds, "wait for VLM": waited}
         outputs: dict[str, list] = {}
         for method in self.methods:
             t0 = time.monotonic()

@@ -23,12 +23,14 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from PIL import Image
 
+from .. import devices
 from ..errors import InputError, VLMError, WeightsMissingError
 from .protocol import MAX_IMAGE_SIDE, Turn, image_for_vlm
 from .schemas import ANY_OBJECT, Schema, check_mode
@@ -158,25 +160,8 @@ def check_fits(need: MemoryNeed, device_total: int, device: Any, model: str) -> 
                      f"{device_total / GIB:.1f} GiB in all. Use {', or '.join(fixes)}.")
 
 
-def resolve_device_dtype(device: Any = "auto", dtype: Any = "auto") -> tuple[torch.device, torch.dtype]:
-    """Device and dtype; "auto" means CUDA with bf16 (fp16 where bf16 is unsupported), else the CPU with fp32."""
-    if device is None or device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"Unknown device {device!r}. Use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
-    if dtype is None or dtype == "auto":
-        if device.type == "cuda":
-            return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return device, torch.float16 if device.type == "mps" else torch.float32
-    given = dtype
-    if isinstance(dtype, str):
-        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
-        dtype = getattr(torch, dtype, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise InputError(f"Unknown dtype {given!r}; use 'auto', 'bfloat16', 'float16' or 'float32'.")
-    return device, dtype
+# the VLM's device and dtype: the pack's one choice, with Qwen-VL's bf16 for "auto"
+resolve_device_dtype = partial(devices.resolve_device_dtype, model="vlm")
 
 
 # -- the processor -----------------------------------------------------------------------------------
