@@ -29,7 +29,8 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from ..errors import InputError, VLMError, WeightsMissingError
+from ..errors import InputError, VLMError, WeightsError, WeightsMissingError
+from ..files import MAX_CONFIG_BYTES, read_json, tensor_shapes
 from .protocol import MAX_IMAGE_SIDE, Turn, prepare_image
 from .schemas import ANY_OBJECT, Schema, check_mode
 
@@ -46,6 +47,9 @@ GIB = 2**30
 WORKING_MEMORY_BASE = GIB
 WORKING_MEMORY_SHARE = 0.1  # of the weights: bigger models have wider activations and caches
 SMALLER_MODELS = "Qwen2.5-VL-3B-Instruct or Qwen3-VL-4B-Instruct (about 9 and 10 GiB in bfloat16)"
+# The config.json model_type of the models this backend runs, and how to name them to a user.
+SUPPORTED_MODEL_TYPES = {"qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE", "qwen2_5_vl": "Qwen2.5-VL"}
+SUPPORTED = "a Qwen3-VL or Qwen2.5-VL instruct model (e.g. Qwen/Qwen3-VL-8B-Instruct)"
 
 
 # -- the folder ------------------------------------------------------------------------------------
@@ -89,7 +93,27 @@ def check_model_folder(folder: str | Path) -> Path:
         raise WeightsMissingError(f"The VLM model folder {path} is incomplete: it lacks {', '.join(missing)}. It must "
                                   "hold a whole Hugging Face snapshot of the model; download it again, "
                                   f"e.g. with: {hint}")
+    check_model_files(path)
     return path
+
+
+def check_model_files(folder: Path) -> None:
+    """Every JSON file of the folder parses to an object, config.json names a model this backend runs, and
+    every safetensors file's header reads: a broken or foreign file is named now, not by a traceback from
+    deep inside transformers after minutes of loading."""
+    hint = f"Download the model snapshot again, e.g. with: {DOWNLOAD_HINT.format(folder=folder)}"
+    for path in sorted(folder.glob("*.json")):
+        data = read_json(path, "VLM model file", MAX_CONFIG_BYTES, WeightsError)
+        if not isinstance(data, dict):
+            raise WeightsError(f"The VLM model file {path} holds a JSON {type(data).__name__}, not an object. {hint}")
+    model_type = read_json(folder / "config.json", "VLM config", MAX_CONFIG_BYTES, WeightsError).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        named = f"a {model_type!r} model" if isinstance(model_type, str) else "a config without a model_type"
+        raise WeightsError(f"The VLM model folder {folder} holds {named}, which the local backend does not run: it "
+                           f"runs {SUPPORTED} (config.json model_type {', '.join(SUPPORTED_MODEL_TYPES)}). Point it "
+                           "at such a folder, or serve other models with an OpenAI-compatible server.")
+    for path in _safetensors_files(folder):
+        tensor_shapes(path, "VLM weight file")
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -427,12 +451,20 @@ class TransformersVLM:
         try:
             model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
                                                                 dtype=self.dtype)
-        except (OSError, ValueError, KeyError) as exc:
-            raise VLMError(f"transformers could not load the VLM in {folder}: {exc}. It needs a Qwen3-VL or Qwen2.5-VL "
-                           "instruct model and a transformers version that knows it "
-                           "(Qwen3-VL needs transformers >= 4.57).") from exc
-        model.eval()
-        return model, load_processor(folder, model)
+            model.eval()
+            return model, load_processor(folder, model)
+        except (torch.OutOfMemoryError, VLMError):
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+            # The files parse (check_model_folder), so they do not fit each other: weights of other shapes
+            # than config.json says, or a tokenizer or image processor of another layout.
+            problem = " ".join(f"{type(exc).__name__}: {exc}".split())[:600]
+            if "mismatched_sizes" in problem:  # transformers logs the shapes and raises "see the report above"
+                problem = "the weights' shapes are not the ones config.json describes"
+            raise WeightsError(f"transformers could not load the VLM in {folder} ({problem}). Its files do not fit "
+                               f"together: it needs {SUPPORTED}, whole, and a transformers version that knows it "
+                               "(Qwen3-VL needs transformers >= 4.57). Download the snapshot again, e.g. with: "
+                               f"{DOWNLOAD_HINT.format(folder=folder)}") from exc
 
     def unload(self) -> None:
         """Free the model's memory (and the CUDA cache) so other models can use it; reloads on next use."""
