@@ -294,6 +294,20 @@ class OpenAICompatibleVLM:
         self.max_image_side = max_image_side
         self.structured = check_mode(structured)
 
+    def check_setting(self, wait: float = 5.0) -> None:
+        """Raise now what the first question would: the API key variable unset or unusable, or nothing
+        listening at the URL's host and port (a TCP connection, at most ``wait`` seconds; nothing is sent).
+
+        A host calls this where the setting is made, so the error lands there and not on the first stage."""
+        self._key()
+        parts = urlsplit(self._endpoint)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=min(wait, self.timeout)).close()
+        except OSError as exc:
+            problem, hint, _ = self._transport_failure(urllib.error.URLError(exc), isinstance(exc, TimeoutError))
+            raise VLMError(self._redact(f"The VLM server at {self.url} {problem}. {hint}")) from None
+
     def __repr__(self) -> str:
         return f"OpenAICompatibleVLM(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
