@@ -10,6 +10,7 @@ a stage's JSON Schema.
 import inspect
 import json
 import shutil
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -40,7 +41,6 @@ from csg.vlm.transformers_backend import (
     load_processor,
     qwen_messages,
 )
-from tests.test_cli import FAST, PORTRAIT, sdxl_folder  # noqa: F401 (a fixture)
 
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -420,12 +420,24 @@ def test_a_broken_or_foreign_folder_gets_a_typed_error_naming_the_file_and_the_f
     assert "Config, " not in text  # not transformers' list of every config class it knows
 
 
+PORTRAIT = Path(__file__).resolve().parents[1] / "csg" / "examples" / "portrait.png"
+CLI_FAST = ["--steps", "6", "--warmup", "2", "--max-side", "64", "--device", "cpu", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory, tiny_components):
+    folder = tmp_path_factory.mktemp("sdxl")
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        getattr(tiny_components, sub).save_pretrained(folder / sub)
+    return folder
+
+
 @pytest.mark.parametrize("case", ["null config", "a text-only LLaMA", "shapes unlike the config"])
 def test_the_cli_exits_2_for_a_broken_vlm_folder_without_a_traceback(case, qwen_folder, sdxl_folder, tmp_path,
                                                                       capsys):
     folder = broken_copy(qwen_folder, tmp_path, BROKEN_FOLDERS[case][0])
     code = main([str(PORTRAIT), "--do", "age=old", "--vlm-model", str(folder), "--sdxl", str(sdxl_folder),
-                 "--out", str(tmp_path / "out"), *FAST])
+                 "--out", str(tmp_path / "out"), *CLI_FAST])
     err = capsys.readouterr().err
     assert code == 2 and str(folder) in err and "Traceback" not in err
 
