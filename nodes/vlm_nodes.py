@@ -338,6 +338,7 @@ class OpenAICompatibleVLMNode(io.ComfyNode):
                              "and do not share this workflow with the key in it.")
         backend = OpenAICompatibleVLM(base_url, model, api_key_env=variable or None, timeout=timeout, retries=retries,
                                       structured=structured)
+        backend.check_setting()  # a bad key variable or URL is this node's error, not the first stage's
         return io.NodeOutput(VLMHandle(cached(backend, cache_answers)))
 
 

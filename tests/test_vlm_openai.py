@@ -99,6 +99,29 @@ def test_a_client_error_is_not_retried():
     assert len(server.requests) == 1
 
 
+@pytest.mark.parametrize("reply", [
+    Reply(404, "404: Not Found"),  # aiohttp's page, e.g. ComfyUI's own port given as the VLM server
+    Reply(404, "<html><body><h1>Not Found</h1></body></html>"),
+    Reply(405, "405: Method Not Allowed"),  # a route there that takes GET only
+], ids=["404-text", "404-html", "405"])
+def test_a_server_that_is_not_openai_compatible_is_named_so_with_the_v1_hint(reply):
+    with VLMServer(lambda request: reply) as server:
+        vlm = OpenAICompatibleVLM(server.base_url.removesuffix("/v1") + "/api", "m", retries=3, **FAST)
+        with pytest.raises(VLMError) as caught:
+            ask(vlm)
+    message = str(caught.value)
+    assert f"HTTP {reply.status}" in message and "is not an OpenAI-compatible chat completions endpoint" in message
+    assert "usually ends in /v1" in message and "model name" not in message
+    assert len(server.requests) == 1  # no retry changes the path
+
+
+def test_an_unknown_model_is_a_404_that_names_the_model():
+    body = {"object": "error", "message": "The model `qwen9` does not exist.", "type": "NotFoundError", "code": 404}
+    with VLMServer(lambda request: Reply(404, json.dumps(body))) as server:  # vLLM's answer
+        with pytest.raises(VLMError, match="does not exist.*serves the model 'qwen9'.*/v1/models"):
+            ask(OpenAICompatibleVLM(server.base_url, "qwen9", **FAST))
+
+
 def test_a_transient_failure_recovers():
     replies = iter([Reply(503, "warming up"), completion("fine")])
     with VLMServer(lambda request: next(replies)) as server:

@@ -294,6 +294,20 @@ class OpenAICompatibleVLM:
         self.max_image_side = max_image_side
         self.structured = check_mode(structured)
 
+    def check_setting(self, wait: float = 5.0) -> None:
+        """Raise now what the first question would: the API key variable unset or unusable, or nothing
+        listening at the URL's host and port (a TCP connection, at most ``wait`` seconds; nothing is sent).
+
+        A host calls this where the setting is made, so the error lands there and not on the first stage."""
+        self._key()
+        parts = urlsplit(self._endpoint)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=min(wait, self.timeout)).close()
+        except OSError as exc:
+            problem, hint, _ = self._transport_failure(urllib.error.URLError(exc), isinstance(exc, TimeoutError))
+            raise VLMError(self._redact(f"The VLM server at {self.url} {problem}. {hint}")) from None
+
     def __repr__(self) -> str:
         return f"OpenAICompatibleVLM(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
@@ -391,7 +405,7 @@ class OpenAICompatibleVLM:
                     raise FormRefused(self._redact(f"The VLM server at {self.url} refused the response_format "
                                                    f"{'json_schema' if form == 'schema' else 'json_object'}: "
                                                    f"HTTP {status} {reason}: {page}"))
-                hint, final = self._status_hint(status), status not in RETRY_STATUSES
+                hint, final = self._status_hint(status, text), status not in RETRY_STATUSES
                 asked = (retry_after_seconds(reply_headers.get("Retry-After")) if status in RETRY_AFTER_STATUSES
                          else None)
                 if asked is not None and asked > MAX_RETRY_AFTER:
@@ -445,12 +459,18 @@ class OpenAICompatibleVLM:
             return f"is not reachable ({cause})", "Start the server or fix the URL.", False
         return f"dropped the connection ({type(cause).__name__}: {cause})", SERVER_LOG_HINT, False
 
-    def _status_hint(self, status: int) -> str:
+    def _status_hint(self, status: int, body: str) -> str:
         if status in (401, 403):
             where = f"the environment variable {self.api_key_env}" if self.api_key_env else "api_key_env"
             return f"Check the API key in {where}."
-        if status == 404:
-            return f"Check the URL (the endpoint was {self.url}) and that the server serves the model {self.model!r}."
+        # OpenAI, vLLM and Ollama answer an unknown model with a 404 whose body names the model; a 404 without
+        # one, or a 405 (no POST there), comes from a server that has no chat completions at that path.
+        if status == 404 and "model" in body.lower():
+            return f"Check that the server serves the model {self.model!r} (its /v1/models lists what it serves)."
+        if status in (404, 405):
+            return (f"{self.url} is not an OpenAI-compatible chat completions endpoint. Check the URL: the base_url "
+                    "usually ends in /v1 (e.g. http://127.0.0.1:8000/v1 for vLLM, http://127.0.0.1:11434/v1 for "
+                    "Ollama), and the server must be an OpenAI-compatible one.")
         if status in RETRY_STATUSES:
             return "The server failed; look at its log."
         return "Check the model name and the server's limits (image size, max_tokens)."

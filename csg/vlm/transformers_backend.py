@@ -10,8 +10,12 @@ cancels by raising from it (any exception stops generation and propagates unchan
 
 Given a stage's JSON Schema, decoding is constrained to it with llguidance: before each token, the
 tokens that cannot continue a schema-valid answer are masked out, so the answer parses and fits
-the schema on the first try (unless ``max_tokens`` cuts it off). The grammar for each schema is
-compiled once per model and copied for each answer.
+the schema on the first try. The grammar for each schema is compiled once per model and copied for
+each answer. So that ``max_tokens`` does not cut a valid answer off, decoding hurries to its end
+once the tokens left come down to the schema's closing reserve: then only tokens that close a
+string, list or object may come where the grammar allows one (a long answer ends with shorter texts
+and fewer items, never cut off). The reserve is the length of the longest-tokenized shortest answer
+the schema allows, which bounds what closing takes from any point.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import torch
 from PIL import Image
 
 from .. import devices
-from ..errors import InputError, VLMError, WeightsMissingError
+from ..errors import InputError, VLMError, WeightsError, WeightsMissingError
+from ..files import MAX_CONFIG_BYTES, read_json, tensor_shapes
 from .protocol import MAX_IMAGE_SIDE, Turn, image_for_vlm
 from .schemas import ANY_OBJECT, Schema, check_mode
 
@@ -48,6 +53,9 @@ GIB = 2**30
 WORKING_MEMORY_BASE = GIB
 WORKING_MEMORY_SHARE = 0.1  # of the weights: bigger models have wider activations and caches
 SMALLER_MODELS = "Qwen2.5-VL-3B-Instruct or Qwen3-VL-4B-Instruct (about 9 and 10 GiB in bfloat16)"
+# The config.json model_type of the models this backend runs, and how to name them to a user.
+SUPPORTED_MODEL_TYPES = {"qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE", "qwen2_5_vl": "Qwen2.5-VL"}
+SUPPORTED = "a Qwen3-VL or Qwen2.5-VL instruct model (e.g. Qwen/Qwen3-VL-8B-Instruct)"
 
 
 # -- the folder ------------------------------------------------------------------------------------
@@ -91,7 +99,27 @@ def check_model_folder(folder: str | Path) -> Path:
         raise WeightsMissingError(f"The VLM model folder {path} is incomplete: it lacks {', '.join(missing)}. It must "
                                   "hold a whole Hugging Face snapshot of the model; download it again, "
                                   f"e.g. with: {hint}")
+    check_model_files(path)
     return path
+
+
+def check_model_files(folder: Path) -> None:
+    """Every JSON file of the folder parses to an object, config.json names a model this backend runs, and
+    every safetensors file's header reads: a broken or foreign file is named now, not by a traceback from
+    deep inside transformers after minutes of loading."""
+    hint = f"Download the model snapshot again, e.g. with: {DOWNLOAD_HINT.format(folder=folder)}"
+    for path in sorted(folder.glob("*.json")):
+        data = read_json(path, "VLM model file", MAX_CONFIG_BYTES, WeightsError)
+        if not isinstance(data, dict):
+            raise WeightsError(f"The VLM model file {path} holds a JSON {type(data).__name__}, not an object. {hint}")
+    model_type = read_json(folder / "config.json", "VLM config", MAX_CONFIG_BYTES, WeightsError).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        named = f"a {model_type!r} model" if isinstance(model_type, str) else "a config without a model_type"
+        raise WeightsError(f"The VLM model folder {folder} holds {named}, which the local backend does not run: it "
+                           f"runs {SUPPORTED} (config.json model_type {', '.join(SUPPORTED_MODEL_TYPES)}). Point it "
+                           "at such a folder, or serve other models with an OpenAI-compatible server.")
+    for path in _safetensors_files(folder):
+        tensor_shapes(path, "VLM weight file")
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -270,17 +298,26 @@ JSON_LAYOUT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexib
 _BIT = torch.arange(8, dtype=torch.uint8)
 
 
+CLOSERS, OPENERS = set('"]}'), set("[{\\")  # a token that ends a text, list or object, and what disqualifies one
+RESERVE_MARGIN = 8  # tokens beyond the closing reserve: a string's closing quote and rounding in the tokenization
+
+
 class Grammars:
-    """The llguidance grammar of each schema, compiled once for one tokenizer; ``matcher`` gives a fresh copy."""
+    """The llguidance grammar of each schema, compiled once for one tokenizer; ``matcher`` gives a fresh copy
+    and ``reserve`` the tokens its answers keep for closing."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: list[int]):
         import llguidance.hf
 
         self.vocab_size = vocab_size
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos_token_ids)
-        self._compiled: dict[str, Any] = {}
+        texts = [tokenizer.decode([token]) for token in range(len(tokenizer))]
+        self.closing = torch.zeros(vocab_size, dtype=torch.bool)
+        self.closing[:len(texts)] = torch.tensor([bool(CLOSERS & set(text)) and not OPENERS & set(text)
+                                                  for text in texts])
+        self._compiled: dict[str, tuple[Any, int]] = {}
 
-    def matcher(self, schema: Schema) -> Any:
+    def _compiled_schema(self, schema: Schema) -> tuple[Any, int]:
         import llguidance
 
         key = json.dumps(schema, sort_keys=True)
@@ -289,27 +326,53 @@ class Grammars:
             compiled = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
             if compiled.is_error():
                 raise VLMError(f"llguidance cannot compile the answer's JSON Schema: {compiled.get_error()}")
-            self._compiled[key] = compiled
-        return self._compiled[key].deep_copy()
+            self._compiled[key] = compiled, self._shortest_answer(compiled.deep_copy()) + RESERVE_MARGIN
+        return self._compiled[key]
+
+    def matcher(self, schema: Schema) -> Any:
+        return self._compiled_schema(schema)[0].deep_copy()
+
+    def reserve(self, schema: Schema) -> int:
+        return self._compiled_schema(schema)[1]
+
+    def _shortest_answer(self, matcher: Any) -> int:
+        """Tokens of the shortest answer the grammar allows, spelt with the lowest-numbered tokens it allows (single
+        bytes, the longest spelling), hurrying as ``hurried`` does: what closing can take from any point."""
+        tokens = 0
+        while not matcher.is_stopped():
+            choice = self.hurried(matcher).nonzero()
+            if not len(choice) or not matcher.consume_token(int(choice[0])):
+                raise VLMError(f"llguidance found no shortest answer of the JSON Schema: {matcher.get_error()}")
+            tokens += 1
+        return tokens
 
     def allowed(self, matcher: Any) -> torch.Tensor:
         """The tokens that may come next, as a boolean mask over the vocabulary."""
         words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.uint8)
         return ((words.unsqueeze(-1) >> _BIT) & 1).bool().flatten()[:self.vocab_size]
 
+    def hurried(self, matcher: Any) -> torch.Tensor:
+        """The allowed tokens that close a text, list or object, where there are any; else every allowed token."""
+        allowed = self.allowed(matcher)
+        closing = allowed & self.closing
+        return closing if closing.any() else allowed
 
-def _constraint(grammars: Grammars, schema: Schema, prompt_length: int):
+
+def _constraint(grammars: Grammars, schema: Schema, prompt_length: int, max_tokens: int):
     from transformers import LogitsProcessor, LogitsProcessorList
 
     matcher = grammars.matcher(schema)
+    hurry_from = max_tokens - grammars.reserve(schema)  # generated tokens after which the answer closes
 
     class FollowSchema(LogitsProcessor):
-        """Masks every token that would leave the schema; runs before temperature and top-k/top-p."""
+        """Masks every token that would leave the schema (or, near the budget's end, not close it); runs before
+        temperature and top-k/top-p."""
 
         def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-            if input_ids.shape[-1] > prompt_length and not matcher.consume_token(int(input_ids[0, -1])):
+            generated = input_ids.shape[-1] - prompt_length
+            if generated and not matcher.consume_token(int(input_ids[0, -1])):
                 raise VLMError(f"The constrained decoder left the JSON Schema: {matcher.get_error()}")
-            allowed = grammars.allowed(matcher).to(scores.device)
+            allowed = (grammars.hurried if generated >= hurry_from else grammars.allowed)(matcher).to(scores.device)
             return scores.masked_fill(~allowed[:scores.shape[-1]], float("-inf"))
 
     return LogitsProcessorList([FollowSchema()])
@@ -412,12 +475,20 @@ class TransformersVLM:
         try:
             model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
                                                                 dtype=self.dtype)
-        except (OSError, ValueError, KeyError) as exc:
-            raise VLMError(f"transformers could not load the VLM in {folder}: {exc}. It needs a Qwen3-VL or Qwen2.5-VL "
-                           "instruct model and a transformers version that knows it "
-                           "(Qwen3-VL needs transformers >= 4.57).") from exc
-        model.eval()
-        return model, load_processor(folder, model)
+            model.eval()
+            return model, load_processor(folder, model)
+        except (torch.OutOfMemoryError, VLMError):
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+            # The files parse (check_model_folder), so they do not fit each other: weights of other shapes
+            # than config.json says, or a tokenizer or image processor of another layout.
+            problem = " ".join(f"{type(exc).__name__}: {exc}".split())[:600]
+            if "mismatched_sizes" in problem:  # transformers logs the shapes and raises "see the report above"
+                problem = "the weights' shapes are not the ones config.json describes"
+            raise WeightsError(f"transformers could not load the VLM in {folder} ({problem}). Its files do not fit "
+                               f"together: it needs {SUPPORTED}, whole, and a transformers version that knows it "
+                               "(Qwen3-VL needs transformers >= 4.57). Download the snapshot again, e.g. with: "
+                               f"{DOWNLOAD_HINT.format(folder=folder)}") from exc
 
     def unload(self) -> None:
         """Free the model's memory (and the CUDA cache) so other models can use it; reloads on next use."""
@@ -456,7 +527,7 @@ class TransformersVLM:
             options["stopping_criteria"] = _token_callback(self.on_token, prompt_length, int(max_tokens))
         if schema is not None and self.structured != "off":
             held_to = ANY_OBJECT if self.structured == "json" else schema
-            options["logits_processor"] = _constraint(self.grammars(), held_to, prompt_length)
+            options["logits_processor"] = _constraint(self.grammars(), held_to, prompt_length, int(max_tokens))
         tokenizer = getattr(self._processor, "tokenizer", None)
         if getattr(tokenizer, "pad_token_id", None) is not None:
             options["pad_token_id"] = tokenizer.pad_token_id

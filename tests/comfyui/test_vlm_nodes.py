@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.test_vlm_stages import load_scene, scene_server, stage_of, wrap
 from tests.test_vlm_transformers import build_tiny_qwen25_vl
-from tests.vlm_server import VLMServer, completion
+from tests.vlm_server import Reply, VLMServer, closed_port_url, completion
 from tools.comfyui_harness import WorkflowFailed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,15 +217,37 @@ def test_a_pasted_key_is_refused_without_being_repeated(comfyui, scene, portrait
         with pytest.raises(WorkflowFailed, match="name of an environment variable") as refused:
             comfyui.run(prompt, outputs=["3"], fresh=True)
         assert not server.requests
+    assert raised_by_the_vlm_node(refused)
     assert pasted not in refused.value.error["exception_message"]
 
 
-def test_an_unset_key_variable_is_named(comfyui, scene, portrait, monkeypatch, answer_cache):
+def raised_by_the_vlm_node(failed: pytest.ExceptionInfo) -> bool:
+    """ComfyUI's execution error names the node that raised: the VLM node ("2"), which ComfyUI then outlines."""
+    return failed.value.error["node_id"] == "2" and failed.value.error["node_type"] == "CSGOpenAIVLM"
+
+
+def test_an_unset_key_variable_is_named_by_the_vlm_node(comfyui, scene, portrait, monkeypatch, answer_cache):
     monkeypatch.delenv(KEY_VARIABLE, raising=False)
     with scene_server(scene) as server:
-        with pytest.raises(WorkflowFailed, match=f"{KEY_VARIABLE}.*is not set"):
+        with pytest.raises(WorkflowFailed, match=f"{KEY_VARIABLE}.*is not set") as failed:
             comfyui.run(understanding_prompt(server, portrait, preview=False), outputs=["3"], fresh=True)
         assert not server.requests
+    assert raised_by_the_vlm_node(failed) and failed.value.error["exception_type"].endswith("InputError")
+
+
+def test_an_unreachable_server_is_the_vlm_nodes_error(comfyui, scene, portrait, api_key, answer_cache):
+    with scene_server(scene) as server:
+        prompt = understanding_prompt(server, portrait, preview=False)
+    prompt["2"]["inputs"]["base_url"] = closed_port_url()
+    with pytest.raises(WorkflowFailed, match="is not reachable.*Start the server or fix the URL") as failed:
+        comfyui.run(prompt, outputs=["3"], fresh=True)
+    assert raised_by_the_vlm_node(failed) and failed.value.error["exception_type"].endswith("VLMError")
+
+
+def test_a_server_that_is_not_openai_compatible_is_named_so(comfyui, portrait, api_key, answer_cache):
+    with VLMServer(lambda request: Reply(404, "404: Not Found")) as server:  # e.g. ComfyUI's own port
+        with pytest.raises(WorkflowFailed, match="not an OpenAI-compatible.*usually ends in /v1"):
+            comfyui.run(understanding_prompt(server, portrait, preview=False), outputs=["3"], fresh=True)
 
 
 def test_manual_intervention_with_a_vlm_needs_the_image(comfyui, scene, api_key, answer_cache):
