@@ -136,7 +136,8 @@ def _flux_kontext(changed: Sequence[ConceptChange], kept: Sequence[KeptConcept])
 
 def _qwen_image_edit(changed: Sequence[ConceptChange], kept: Sequence[KeptConcept]) -> str:
     # Qwen-Image-Edit's instruction rewriter: short "Change X to Y" clauses, then what stays unchanged.
-    text = "; ".join(f"Change {_the(c.concept_name)} to {c.new_value}" for c in changed) + "."
+    text = "; ".join(f"change {_the(c.concept_name)} to {c.new_value}" for c in changed) + "."
+    text = text[0].upper() + text[1:]
     if kept:
         text += f" Keep {_series([f'{_the(k.concept_name)} ({k.value})' for k in kept])} unchanged."
     return text + " Keep the rest of the image unchanged."
