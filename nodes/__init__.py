@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import baseline_nodes, csg_nodes, evaluation_nodes, graph_nodes, sampling_nodes, vlm_nodes
+from . import baseline_nodes, csg_nodes, evaluation_nodes, graph_nodes, instruction_nodes, sampling_nodes, vlm_nodes
 from .vlm_nodes import register_llm_folder
 from .web_routes import register_routes
 
@@ -26,6 +26,7 @@ NODES: list[type[io.ComfyNode]] = [
     *sampling_nodes.NODES,
     *baseline_nodes.NODES,
     *evaluation_nodes.NODES,
+    *instruction_nodes.NODES,
 ]
 
 
