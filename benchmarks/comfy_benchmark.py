@@ -3,10 +3,10 @@
     COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python benchmarks/comfy_benchmark.py
     ... --size 128 --steps 10 --warmup 2 --repeats 2 --profile
 
-The model is the random-weight SDXL test checkpoint (``tests/comfyui/sdxl_checkpoint.py``, built into
+The model is the random-weight SDXL test checkpoint (``tools/sdxl_checkpoint.py``, built into
 ~/.cache/csg-tests on first use), loaded as CheckpointLoaderSimple loads it; ``--model full`` builds
 the full SDXL UNet instead (in memory, random weights, in the dtype ComfyUI picks for the device, fp16
-on a GPU) and ``--model tiny`` the tests' narrow one (``tests/comfyui/csg_fixtures.py``), both with
+on a GPU) and ``--model tiny`` the tests' narrow one (``tools/comfy_sdxl.py``), both with
 SDXL's text encoders and VAE, for a GPU run and a CPU dry run. The example portrait is
 inverted once with the Causal Inversion node (the paper's skip 0.15 and source guidance 3.5, fewer
 steps). Then two things are timed, each after one untimed run, their runs interleaved:
@@ -45,9 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from tests.comfyui.csg_fixtures import UNET_CONFIG, build_comfy_sdxl, node_output, pack_module  # noqa: E402
-from tests.comfyui.sdxl_checkpoint import SMALL_SDXL_UNET, ensure_checkpoint  # noqa: E402
+from tools.comfy_sdxl import UNET_CONFIG, build_comfy_sdxl, node_output, pack_module  # noqa: E402
 from tools.comfyui_harness import import_comfy_like_main  # noqa: E402
+from tools.sdxl_checkpoint import SMALL_SDXL_UNET, ensure_checkpoint  # noqa: E402
 
 EXAMPLES = ROOT / "csg" / "examples"
 SOURCE_PROMPT = "a portrait photo of a smiling woman astronaut with short brown hair"

@@ -96,7 +96,7 @@ def comfyui(tmp_path_factory):
 def sdxl_checkpoint(comfyui) -> str:
     import folder_paths
 
-    from tests.comfyui.sdxl_checkpoint import ensure_checkpoint
+    from tools.sdxl_checkpoint import ensure_checkpoint
 
     path = ensure_checkpoint()
     folder_paths.add_model_folder_path("checkpoints", str(path.parent))

@@ -16,7 +16,7 @@ edit (the scale-8 terms move the latent by O(1) relative, asserted too).
 import pytest
 import torch
 
-from tests.comfyui.csg_fixtures import build_comfy_sdxl, diffusers_host_of, pack_module
+from tools.comfy_sdxl import build_comfy_sdxl, diffusers_host_of, pack_module
 
 TOLERANCE = 3e-4
 

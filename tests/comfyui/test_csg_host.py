@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-from tests.comfyui.csg_fixtures import build_comfy_sdxl, diffusers_host_of, node_output, pack_module
+from tools.comfy_sdxl import build_comfy_sdxl, diffusers_host_of, node_output, pack_module
 
 SIZE = 64  # pixels: an 8x8 latent, 2x2 attention maps at latent/4
 STEPS = 6

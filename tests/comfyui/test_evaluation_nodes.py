@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.comfyui.csg_fixtures import write_random_lpips_weights
 from tests.test_vlm_stages import load_scene, stage_of, wrap
 from tests.vlm_server import VLMServer, completion
+from tools.comfy_sdxl import write_random_lpips_weights
 from tools.comfyui_harness import WorkflowFailed
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "csg" / "examples"

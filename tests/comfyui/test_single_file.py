@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.comfyui.csg_fixtures import VAE_CONFIG, pack_module
+from tools.comfy_sdxl import VAE_CONFIG, pack_module
 
 SIZE = 64
-DIFFUSERS_UNET = dict(  # the test checkpoint's UNet (tests/comfyui/sdxl_checkpoint.py) in diffusers' terms
+DIFFUSERS_UNET = dict(  # the test checkpoint's UNet (tools/sdxl_checkpoint.py) in diffusers' terms
     _class_name="UNet2DConditionModel", sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
     block_out_channels=[320, 320, 320],
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.comfyui.csg_fixtures import write_random_lpips_weights
 from tests.comfyui.test_evaluation_nodes import judge_reply
 from tests.test_vlm_stages import load_scene, scene_server
+from tools.comfy_sdxl import write_random_lpips_weights
 from tools.comfyui_harness import WorkflowFailed
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from tests.comfyui.csg_fixtures import build_comfy_sdxl
+from tools.comfy_sdxl import build_comfy_sdxl
 
 CHECKPOINT_NAME = "csg-test-sdxl-random-v1.safetensors"
 

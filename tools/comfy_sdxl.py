@@ -10,8 +10,8 @@ diffusers key map (``comfy.utils.unet_to_diffusers``), the CLIP encoders by thei
 names, the VAE from the state dict the ComfyUI VAE was made from, the tokenizers from the real
 CLIP vocabulary shipped in ComfyUI. So the two hosts differ only in their code paths.
 
-Imported by the CSG test modules; nothing here is committed as weights, and building takes about
-20 s on one CPU core.
+Imported by the ComfyUI tests and benchmarks/comfy_benchmark.py; nothing here is committed as weights,
+and building takes about 20 s on one CPU core.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from tools.comfyui_harness import import_comfy
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PACK_MODULE = "csg_comfy_pack"
 
 UNET_CONFIG = dict(
