@@ -316,7 +316,9 @@ def build_counterfactual(canvas: Canvas) -> None:
 1. **Concept Extractor**: the VLM names the scene's concepts and the causal graph between them.
 2. **Intervention Proposer**: three interventions do(concept = value), each with the changes it
    causes downstream; **Pick one** chooses which to render. Changes outside the target's
-   descendants are stripped and reported.
+   descendants are stripped and reported. After the run **Concept Extractor** draws the graph
+   in its node (the wheel zooms the drawing; **Fit**, **100%**); to choose the target yourself,
+   click it in **Manual Intervention** (the manual_intervention template).
 3. **Causal Inversion** (abduction) recovers the photo's noise.
 4. **Causal Counterfactual** (action + prediction) edits the target and its changed
    descendants, each inside its own mask; everything else stays as it was.
@@ -344,7 +346,8 @@ Type the concept (its name as the graph shows it, e.g. `age`, or its id `c1`) an
 in **do(target = new value)**. The VLM works out how the target's *descendants* in the causal
 graph change (e.g. older -> gray hair, wrinkles); anything it proposes for a non-descendant is
 stripped and listed in the report. Disconnect the VLM from that node to edit the target alone.
-The graph preview shows the concept names to choose from.
+Or click a concept in the graph drawn in that node: it becomes the target; type its new value
+below the graph (the drawing marks what may change).
 {SETUP}{PAPER}""")
 
 
@@ -427,6 +430,8 @@ texture) and the intervention do(age = old). Edit them for your photo: concepts 
 names and current values; relationships cause -> effect (no cycles); an intervention with its
 target, new value, the changes it propagates to descendants, and a generation prompt. Errors
 name the culprit (unknown id, cycle, ...); changes to non-descendants are stripped and reported.
+Or edit the graph in its node's drawing: **+ Concept**, click a concept to rename it or
+**+ Effect…** to draw an edge (a cycle is refused on the spot), click an edge to delete it.
 Use the graph's scene summary, or your own caption, as the inversion's source prompt.
 """ + SETUP.split("- *VLM*")[0] + PAPER)
 

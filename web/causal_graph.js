@@ -61,13 +61,25 @@ document.head.appendChild(stylesheet);
 
 // The server's view of a graph written as JSON text: {view} or {error}.
 async function requestView(graphJson) {
-  const response = await api.fetchApi(GRAPH_VIEW_ROUTE, {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ graph_json: graphJson }),
-  });
-  if (!response.ok) return { error: `The server did not draw the graph (HTTP ${response.status}).` };
-  return response.json();
+  let response;
+  try {
+    response = await api.fetchApi(GRAPH_VIEW_ROUTE, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ graph_json: graphJson }),
+    });
+  } catch (error) {
+    return { error: `The ComfyUI server could not be reached to draw the graph (${error.message}); is it running?` };
+  }
+  if (response.ok) return response.json();
+  // A refused request (400, 413, 503 when busy) says why in {error}; show that, not just the status.
+  let reason = "";
+  try {
+    reason = (await response.json()).error ?? "";
+  } catch {
+    // no JSON answer (a proxy's error page): the status alone
+  }
+  return { error: `The server did not draw the graph (HTTP ${response.status}). ${reason}`.trim() };
 }
 
 function widgetNamed(node, name) {
