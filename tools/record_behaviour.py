@@ -108,7 +108,7 @@ def comfyui_story(graph_module):
 
 def comfyui_runs() -> dict[str, torch.Tensor]:
     """The pack's nodes on the small ComfyUI SDXL (see the module docstring)."""
-    from tests.comfyui.csg_fixtures import build_comfy_sdxl, node_output, pack_module
+    from tools.comfy_sdxl import build_comfy_sdxl, node_output, pack_module
     from tools.comfyui_harness import import_comfy_like_main
 
     import_comfy_like_main()
