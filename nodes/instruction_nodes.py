@@ -66,11 +66,11 @@ class CausalEditInstruction(io.ComfyNode):
                              tooltip="At most this many unchanged concepts are named as kept, in the graph's order; "
                                      "0 names none."),
                 VLMType.Input("vlm", optional=True,
-                              tooltip="Optional: a VLM rewrites the instruction. The rewrite is used only when it "
+                              tooltip="A VLM rewrites the instruction. The rewrite is used only when it "
                                       "still names every changed and every kept value; else the deterministic "
                                       "text stays and the node says why."),
                 io.Image.Input("image", optional=True,
-                               tooltip="Optional: the image to edit, shown to the VLM for the rewrite."),
+                               tooltip="The image to edit, shown to the VLM for the rewrite."),
             ],
             outputs=[
                 io.String.Output(display_name="instruction", is_output_list=True,
