@@ -55,7 +55,8 @@ def test_every_custom_socket_type_carries_the_pack_prefix(pack):
     assert sorted(name for name in custom if not name.startswith(SOCKET_PREFIX)) == []
 
 
-NODE_MODULES = ("graph_nodes", "vlm_nodes", "csg_nodes", "sampling_nodes", "baseline_nodes", "evaluation_nodes")
+NODE_MODULES = ("graph_nodes", "vlm_nodes", "csg_nodes", "sampling_nodes", "baseline_nodes", "evaluation_nodes",
+                "instruction_nodes")
 
 
 def test_the_pack_registers_exactly_the_nodes_each_module_lists(comfyui, pack):
