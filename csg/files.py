@@ -41,7 +41,9 @@ MAX_PLANS_BYTES = 64 * 2**20  # a plans file names two files per item
 MAX_CONFIG_BYTES = 64 * 2**20  # a model's JSON files: Qwen3-VL's tokenizer.json is 11 MB, a config.json a few kB
 MAX_IMAGE_BYTES = 256 * 2**20  # an image file; a 50-megapixel photo is a few tens of MB
 MAX_IMAGE_PIXELS = 2**26  # 67 megapixels (8192 x 8192); the edit downscales to --max-side anyway
-MAX_JSON_DEPTH = 64  # bracket levels: a graph file needs 4, a model's tokenizer.json about 8
+# Bracket levels, for every JSON the pack reads (files, VLM answers, the graph view's requests): a graph needs 4,
+# a VLM answer 5, a model's tokenizer.json about 8. Checked before json.loads, which would overflow the stack.
+MAX_JSON_DEPTH = 32
 MAX_CAPTION_CHARS = 1000  # a caption is a source prompt, bounded like a graph's text fields (CLIP reads ~300)
 
 _NOT_A_FILE = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a pipe (FIFO)", stat.S_IFCHR: "a device",

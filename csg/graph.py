@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NAME_LIMIT, NAMED_IDS, GraphError, InputError, brief, quote, some
-from .files import read_json
+from .files import MAX_JSON_DEPTH, json_depth, read_json
 
 MAX_CONCEPTS = 100  # concepts in one graph; the paper's graphs have about 20
 MAX_RELATIONSHIPS = 500  # relationships (edges) in one graph: five per concept on average at the most
@@ -61,14 +61,15 @@ def parse_json(text: str | bytes, what: str) -> Any:
                              "Save the file as UTF-8.") from None
     if not isinstance(text, str):
         raise GraphError(f"The {what} must be JSON text, got {type(text).__name__}.")
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise GraphError(f"The {what} JSON is nested too deeply ({depth:,} levels; at most {MAX_JSON_DEPTH} are "
+                         "allowed, and a graph needs 4). Fix the brackets.")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise GraphError(f"The {what} is not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno}). "
                          "Fix the JSON syntax.") from None
-    except RecursionError:
-        raise GraphError(f"The {what} JSON is nested too deeply to read (hundreds of levels; a valid one needs 4). "
-                         "Fix the brackets.") from None
     except ValueError as exc:  # an integer of more digits than Python converts
         raise GraphError(f"The {what} JSON cannot be read: {str(exc).split(';')[0]}. Shorten that value.") from None
 

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from ..csg.errors import GraphError
-from ..csg.files import json_depth
+from ..csg.files import MAX_JSON_DEPTH, json_depth
 from ..csg.graph import CausalGraph
 from ..csg.view import graph_view
 
@@ -35,7 +35,6 @@ LAYOUT_WORKERS = 2  # the layout holds the GIL most of the time: more threads wo
 MAX_PENDING = 32  # requests laid out or waiting; the largest graphs take about 10 s to drain at this depth
 RETRY_AFTER_S = 1
 MAX_BODY_BYTES = 3 * 2**20  # a graph file may have 1 MiB (csg.cli.MAX_JSON_BYTES); escaping at most doubles it
-MAX_NESTING = 32  # bracket levels; the request needs 1 and a graph 3
 
 USAGE = 'Send {"graph_json": "<the graph as JSON text>"}.'
 
@@ -63,8 +62,9 @@ def _too_large(size: str) -> _BadRequest:
 def _read_json(text: str, what: str) -> object:
     """json.loads for the route: any failure is a ``_BadRequest`` naming the problem."""
     depth = json_depth(text)  # checked first, json.loads cannot overflow the stack
-    if depth > MAX_NESTING:
-        raise _BadRequest(f"The {what} is nested {depth:,} levels deep, more than the {MAX_NESTING} allowed. {USAGE}")
+    if depth > MAX_JSON_DEPTH:
+        raise _BadRequest(f"The {what} is nested {depth:,} levels deep, more than the {MAX_JSON_DEPTH} allowed. "
+                          f"{USAGE}")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -98,11 +98,7 @@ def _answer(body: bytes) -> tuple[int, str]:
         graph_json = _graph_json_in(body)
     except _BadRequest as refused:
         return refused.status, json.dumps({"error": str(refused)})
-    depth = json_depth(graph_json)
     try:
-        if depth > MAX_NESTING:
-            raise GraphError(f"The graph JSON is nested {depth:,} levels deep, more than the {MAX_NESTING} allowed "
-                             "(a graph needs 3). Fix the brackets.")
         graph = CausalGraph.from_json(graph_json)
     except GraphError as error:
         return 200, json.dumps({"error": str(error)})

@@ -23,9 +23,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 from ..errors import VLMError, quote
+from ..files import MAX_JSON_DEPTH
 
 MAX_REPLY_CHARS = 200_000  # about 50,000 tokens; no stage asks for more than 3,072
-MAX_JSON_DEPTH = 32  # bracket levels; the stages' answers need 5
 
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)```", re.DOTALL)
 _LEADING_THINK = re.compile(r"\s*<think>", re.IGNORECASE)

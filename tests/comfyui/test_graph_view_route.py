@@ -91,9 +91,9 @@ def test_a_body_that_is_not_a_request_gets_400_naming_the_problem(server, body, 
 
 def test_a_graph_nested_100000_deep_is_refused_as_a_graph(server, routes):
     status, _, answer = post(server, request_for(DEEP))
-    assert (status, json.loads(answer)) == (200, {"error": "The graph JSON is nested 100,000 levels deep, more than "
-                                                           f"the {routes.MAX_NESTING} allowed (a graph needs 3). Fix "
-                                                           "the brackets."})
+    expected = (f"The graph JSON is nested too deeply (100,000 levels; at most {routes.MAX_JSON_DEPTH} are allowed, "
+                "and a graph needs 4). Fix the brackets.")
+    assert (status, json.loads(answer)) == (200, {"error": expected})
 
 
 def test_a_body_over_the_limit_gets_413_unread(server, routes):
