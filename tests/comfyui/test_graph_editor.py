@@ -404,7 +404,7 @@ def test_saved_edits_come_back_after_a_reload(server, page):
 
 
 # Newer frontends ask ComfyUI 0.3.64 for routes it does not have after a run (the bare baseline runs nothing).
-FRONTEND_BACKEND_MISMATCH = ("[Jobs API] Error fetching jobs",)
+FRONTEND_BACKEND_MISMATCH = ("[Jobs API] Error fetching jobs", "JobsApiError: Failed to fetch jobs: 404")
 
 
 def normalised(problems, url):
