@@ -10,7 +10,6 @@ a stage's JSON Schema.
 import inspect
 import json
 import shutil
-from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -41,6 +40,7 @@ from csg.vlm.transformers_backend import (
     load_processor,
     qwen_messages,
 )
+from tests.test_cli import PORTRAIT, sdxl_folder  # noqa: F401 (sdxl_folder: a fixture shared with test_cli)
 
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -421,16 +421,9 @@ def test_a_broken_or_foreign_folder_gets_a_typed_error_naming_the_file_and_the_f
     assert "Config, " not in text  # not transformers' list of every config class it knows
 
 
-PORTRAIT = Path(__file__).resolve().parents[1] / "csg" / "examples" / "portrait.png"
 CLI_FAST = ["--steps", "6", "--warmup", "2", "--max-side", "64", "--device", "cpu", "--dtype", "float32"]
 
 
-@pytest.fixture(scope="module")
-def sdxl_folder(tmp_path_factory, tiny_components):
-    folder = tmp_path_factory.mktemp("sdxl")
-    for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-        getattr(tiny_components, sub).save_pretrained(folder / sub)
-    return folder
 
 
 @pytest.mark.parametrize("case", ["null config", "a text-only LLaMA", "shapes unlike the config"])

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tools.comfy_sdxl import build_comfy_sdxl, diffusers_host_of, node_output, pack_module
+from tools.record_behaviour import comfyui_story
 
 SIZE = 64  # pixels: an 8x8 latent, 2x2 attention maps at latent/4
 STEPS = 6
@@ -36,21 +37,8 @@ def modules():
 
 @pytest.fixture(scope="module")
 def story(modules):
-    graph_module = modules["csg.graph"]
-    graph = graph_module.CausalGraph.from_dict({
-        "concepts": [{"id": "c1", "name": "hair color", "current_value": "blond"},
-                     {"id": "c2", "name": "beard", "current_value": "no beard"},
-                     {"id": "c3", "name": "sky", "current_value": "blue"}],
-        "relationships": [{"id": "r1", "cause_id": "c1", "effect_id": "c2"}],
-        "scene_summary": "a photo of a man"})
-    intervention = graph_module.Intervention.from_dict({
-        "id": "i1", "target_concept_id": "c1", "target_concept_name": "hair color",
-        "intervention_description": "make the hair black", "original_value": "blond", "new_value": "black",
-        "propagated_changes": [{"concept_id": "c2", "concept_name": "beard", "original_value": "no beard",
-                                "new_value": "black beard"}],
-        "final_concept_states": {"c1": "black hair", "c2": "black beard"},
-        "generation_prompt": "a photo of a man with black hair and a black beard"})
-    return graph, intervention
+    graph, hair, _ = comfyui_story(modules["csg.graph"])  # the story the behaviour record uses
+    return graph, hair
 
 
 @pytest.fixture(scope="module")
