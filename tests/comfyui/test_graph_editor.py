@@ -456,7 +456,7 @@ def test_every_node_has_a_help_page_and_the_help_panel_shows_it(server, page):
         app.canvas.setDirty(true, true);
     }""")
     page.locator('[data-testid="info-button"]').click()
-    help_page = page.locator(".markdown-content, .node-help-content")  # 1.27's class, newer frontends' one
+    help_page = page.locator(".markdown-content, .node-help-content").first  # 1.27 nests the two; newer has the outer
     help_page.locator("h1:text('Manual Intervention')").wait_for()
     assert "Click a concept to make it the target" in help_page.text_content()
     assert help_page.locator("code:text('new_value')").count() >= 1
