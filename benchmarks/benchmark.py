@@ -27,8 +27,9 @@ Default: eager and "reduce-overhead" on CUDA, eager elsewhere. Each variant is w
 short runs (3 steps) of every row's shapes, which is where compilation happens, so the timed runs
 never compile; the warm-up time is printed. Inductor compiles each new shape for minutes on full
 SDXL, so choose ``--rows`` to fit a time budget. On CUDA the warm-up also counts host syncs
-(``torch.cuda.set_sync_debug_mode``) of an inversion and an edit at two step counts: equal counts
-mean no per-step sync. The summary checks the issue's targets against the fastest variant.
+(``torch.cuda.set_sync_debug_mode``) of an inversion and an edit at two step counts, elsewhere the
+host reads that would sync there (``HostReads``): equal counts mean no per-step sync. The summary
+checks the issue's targets against the fastest variant.
 
 Ours runs as the CLI does on a GPU: text encoders offloaded (``offload_text_encoders``) and, in an
 fp16 run, the VAE in bfloat16 where the GPU supports it (``sdxl_vae_dtype``); ``memory_model.py``
@@ -59,6 +60,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
@@ -192,8 +194,31 @@ def make_host(components: SDXLComponents, variant: str) -> DiffusersSDXLHost:
     return DiffusersSDXLHost.from_components(components, **options)
 
 
+# Ops that read a tensor's value back to the host; item and is_nonzero reach a dispatch mode undecomposed
+# under inference_mode, _local_scalar_dense outside it.
+HOST_READ_OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+                 torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default, torch.ops.aten.nonzero.default)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts host reads (``.item()``, ``bool()``, ``nonzero``): off CUDA, the ops that would sync there, so a
+    CPU dry run checks the same property."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in HOST_READ_OPS
+        return func(*args, **(kwargs or {}))
+
+
 def count_syncs(run: Callable[[], object], device: torch.device) -> int:
-    """Host syncs (blocking copies, ``.item()``, stream syncs) that ``run`` makes, on CUDA."""
+    """Host syncs (blocking copies, ``.item()``, stream syncs) that ``run`` makes on CUDA; elsewhere its host reads."""
+    if device.type != "cuda":
+        with HostReads() as reads:
+            run()
+        return reads.count
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -209,7 +234,7 @@ def count_syncs(run: Callable[[], object], device: torch.device) -> int:
 class OursResult:
     rows: dict[str, Timing]  # titled rows, floors included
     warmup_seconds: float
-    syncs: dict[str, list[int]] | None  # on CUDA: run -> its host syncs at WARMUP_STEPS and twice as many steps
+    syncs: dict[str, list[int]]  # run -> its host syncs (off CUDA: host reads) at WARMUP_STEPS and twice the steps
 
 
 def format_syncs(syncs: dict[str, list[int]]) -> str:
@@ -243,16 +268,14 @@ def time_ours(host: DiffusersSDXLHost, image: Image.Image, s: Settings, device: 
     synchronize(device)
     warmup_seconds = time.perf_counter() - started
 
-    syncs = None
-    if device.type == "cuda":
-        probe = next((r for r in ("edit-3", "edit-1", "batched", "separate") if r in edit_rows), None)
-        syncs = {"inversion": []} | ({f"{probe} edit": []} if probe else {})
-        for steps in (WARMUP_STEPS, 2 * WARMUP_STEPS):
-            inverted = inversion(short(s, steps))
-            syncs["inversion"].append(count_syncs(lambda: inversion(short(s, steps)), device))
-            if probe:
-                syncs[f"{probe} edit"].append(count_syncs(
-                    lambda: edit(host, inverted, row_specs(probe, short(s, steps))[0], params), device))
+    probe = next((r for r in ("edit-3", "edit-1", "batched", "separate") if r in edit_rows), None)
+    syncs = {"inversion": []} | ({f"{probe} edit": []} if probe else {})
+    for steps in (WARMUP_STEPS, 2 * WARMUP_STEPS):
+        inverted = inversion(short(s, steps))
+        syncs["inversion"].append(count_syncs(lambda: inversion(short(s, steps)), device))
+        if probe:
+            syncs[f"{probe} edit"].append(count_syncs(
+                lambda: edit(host, inverted, row_specs(probe, short(s, steps))[0], params), device))
 
     timings: dict[str, Timing] = {}
     inverted = inversion()
