@@ -28,9 +28,9 @@ from ..graph import (
     PropagatedChange,
     Relationship,
 )
+from ..metrics import VERDICTS  # one list of verdicts: the schema's enum is what the metrics score
 
 PROPOSALS = 3  # the paper's "three diverse interventions"
-VERDICTS = ("success", "partial", "failure")
 MAX_DESCRIPTION_CHARS = 600  # the scene description: one sentence of at most 40 words
 ANSWERS = ("yes", "no")  # a judge's "present"
 
